@@ -1,0 +1,315 @@
+"""The embedded default corpus: four text domains that every CPython installation carries.
+
+Nothing is downloaded. The text comes from the running interpreter's own files, located
+with ``sysconfig``:
+
+- ``python_code``: standard-library ``.py`` sources (tests, idlelib, lib2to3 and
+  site-packages left out),
+- ``c_headers``: the C headers of the Python include directory,
+- ``reference``: the reference-manual topics of ``pydoc_data.topics``,
+- ``docstrings``: prose of module, class and function docstrings, read with ``ast``
+  (never by importing the modules).
+
+Data flows: sources (domain, source id, text) -> per-domain size cap -> split by a hash
+of the source id -> chunks cut at line boundaries -> ``datasets.DatasetDict``.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import datasets
+
+DOMAINS: tuple[str, ...] = ("python_code", "c_headers", "reference", "docstrings")
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+# Fractions of sources per split; train gets the rest.
+_SPLIT_FRACTIONS = {"validation": 0.1, "test": 0.1}
+# Bump when the corpus content changes for the same arguments, so stale caches are skipped.
+_CORPUS_VERSION = 1
+_EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "lib2to3",
+                            "__pycache__", "turtledemo"})
+_MIN_DOCSTRING_CHARS = 40
+
+Source = tuple[str, str]  # (source id, text)
+
+
+# --- sources -------------------------------------------------------------------------
+
+
+def _stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _stdlib_py_files() -> list[str]:
+    """Relative paths (POSIX) of the stdlib ``.py`` files that make up the corpus, sorted."""
+    root = _stdlib_dir()
+    rel_paths = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if not _EXCLUDED_DIRS.intersection(rel.parts[:-1]):
+            rel_paths.append(rel.as_posix())
+    return sorted(rel_paths)
+
+
+def _read(path: Path) -> str:
+    # A few stdlib files carry latin-1 bytes; replace rather than skip them.
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _python_code_sources() -> Iterator[Source]:
+    root = _stdlib_dir()
+    for rel in _stdlib_py_files():
+        yield rel, _read(root / rel)
+
+
+def _c_header_sources() -> Iterator[Source]:
+    root = Path(sysconfig.get_paths()["include"])
+    for path in sorted(root.rglob("*.h")):
+        yield path.relative_to(root).as_posix(), _read(path)
+
+
+def _reference_sources() -> Iterator[Source]:
+    from pydoc_data.topics import topics
+
+    for topic in sorted(topics):
+        yield topic, topics[topic]
+
+
+def module_docstrings(code: str) -> str:
+    """Docstrings of a module, its classes and functions, joined by blank lines.
+
+    Parameters
+    ----------
+    code : str
+        Python source text; parsed with ``ast``, never executed.
+
+    Returns
+    -------
+    str
+        The docstrings longer than a one-liner stub, in ``ast.walk`` order; ``""`` when the
+        code does not parse or has none.
+    """
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return ""
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docs = [ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds)]
+    return "\n\n".join(doc for doc in docs if doc and len(doc) >= _MIN_DOCSTRING_CHARS)
+
+
+def _docstring_sources() -> Iterator[Source]:
+    root = _stdlib_dir()
+    for rel in _stdlib_py_files():
+        text = module_docstrings(_read(root / rel))
+        if text:
+            yield rel, text
+
+
+_SOURCE_READERS: dict[str, Callable[[], Iterator[Source]]] = {
+    "python_code": _python_code_sources,
+    "c_headers": _c_header_sources,
+    "reference": _reference_sources,
+    "docstrings": _docstring_sources,
+}
+
+
+# --- split assignment and size cap --------------------------------------------------
+
+
+def _unit_hash(key: str) -> float:
+    """A stable number in [0, 1) for ``key`` (sha256; Python's ``hash`` is salted)."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _split_of(u: float) -> str:
+    if u < _SPLIT_FRACTIONS["validation"]:
+        return "validation"
+    if u < _SPLIT_FRACTIONS["validation"] + _SPLIT_FRACTIONS["test"]:
+        return "test"
+    return "train"
+
+
+def _assign_splits(source_ids: list[str], seed: int) -> dict[str, str]:
+    """Map each source id to a split, by hash, with every split non-empty.
+
+    The hash is of ``seed`` and the source id only, not the domain: a stdlib module's code
+    (``python_code``) and its docstrings (``docstrings``) share the source id, so they land
+    in the same split and docstrings seen in training never reappear in evaluation.
+    If a split comes out empty (a domain with few sources), the train sources whose hashes
+    lie nearest to that split's interval move there.
+    """
+    u = {sid: _unit_hash(f"{seed}/{sid}") for sid in source_ids}
+    split = {sid: _split_of(u[sid]) for sid in source_ids}
+    for name, centre in (("validation", 0.05), ("test", 0.15)):
+        if name not in split.values():
+            donors = sorted((sid for sid in source_ids if split[sid] == "train"),
+                            key=lambda sid: (abs(u[sid] - centre), sid))
+            if donors:
+                split[donors[0]] = name
+    return split
+
+
+def _capped_sources(domain: str, max_bytes: int, seed: int) -> list[Source]:
+    """The domain's sources in hash order until ``max_bytes`` of UTF-8 text is reached.
+
+    Hash order (not path order) spreads the cap over the whole stdlib instead of taking
+    only the modules that sort first; the last source is cut at a line boundary.
+    """
+    sources = sorted(_SOURCE_READERS[domain](), key=lambda s: (_unit_hash(f"{seed}/{s[0]}"), s[0]))
+    kept, total = [], 0
+    for sid, text in sources:
+        size = len(text.encode("utf-8"))
+        if total + size > max_bytes:
+            text = _cut_at_line(text, max_bytes - total)
+            size = len(text.encode("utf-8"))
+        if text.strip():
+            kept.append((sid, text))
+            total += size
+        if total >= max_bytes or size == 0:
+            break
+    return kept
+
+
+def _cut_at_line(text: str, max_bytes: int) -> str:
+    """The longest prefix of whole lines of ``text`` within ``max_bytes`` UTF-8 bytes."""
+    prefix = text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+    return prefix[: prefix.rfind("\n") + 1]
+
+
+# --- chunking -------------------------------------------------------------------------
+
+
+def chunk_text(text: str, chunk_chars: int) -> list[str]:
+    """Cut ``text`` into chunks of at most ``chunk_chars`` characters at line boundaries.
+
+    Lines longer than ``chunk_chars`` (rare: minified tables) are cut hard. Chunks that are
+    only whitespace are dropped.
+    """
+    chunks, current, size = [], [], 0
+    for line in text.splitlines(keepends=True):
+        pieces = [line[i : i + chunk_chars] for i in range(0, len(line), chunk_chars)]
+        for piece in pieces:
+            if size + len(piece) > chunk_chars:
+                chunks.append("".join(current))
+                current, size = [], 0
+            current.append(piece)
+            size += len(piece)
+    chunks.append("".join(current))
+    return [chunk for chunk in chunks if chunk.strip()]
+
+
+# --- building and caching -------------------------------------------------------------
+
+
+def _build_rows(max_mb_per_domain: float, chunk_chars: int, seed: int) -> dict[str, dict]:
+    """Column dicts per split, domains in ``DOMAINS`` order, sources sorted within."""
+    rows = {split: {"text": [], "domain": [], "source": []} for split in SPLITS}
+    max_bytes = int(max_mb_per_domain * 1e6)
+    for domain in DOMAINS:
+        sources = sorted(_capped_sources(domain, max_bytes, seed))
+        split_of = _assign_splits([sid for sid, _ in sources], seed)
+        for sid, text in sources:
+            columns = rows[split_of[sid]]
+            for chunk in chunk_text(text, chunk_chars):
+                columns["text"].append(chunk)
+                columns["domain"].append(domain)
+                columns["source"].append(sid)
+    return rows
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("FEDMOE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fedmoe")
+    return Path(base) / "corpus"
+
+
+def _cache_key(max_mb_per_domain: float, chunk_chars: int, seed: int) -> str:
+    spec = {"version": _CORPUS_VERSION, "domains": DOMAINS, "python": sys.version,
+            "max_mb_per_domain": float(max_mb_per_domain), "chunk_chars": chunk_chars,
+            "seed": seed}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_corpus(
+    max_mb_per_domain: float = 2.0,
+    chunk_chars: int = 2000,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+) -> datasets.DatasetDict:
+    """Build (or load from cache) the embedded multi-domain corpus.
+
+    Parameters
+    ----------
+    max_mb_per_domain : float
+        Cap on the UTF-8 text per domain, in MB (1e6 bytes), over all splits. Domains that
+        hold less (``reference`` has about 0.46 MB) are taken whole.
+    chunk_chars : int
+        Maximum characters per row; rows are cut at line boundaries.
+    seed : int
+        Salt of the hash that orders sources and assigns them to splits.
+    cache_dir : str | Path | None
+        Where built corpora are saved (``save_to_disk``), keyed by the arguments and the
+        Python version. ``None`` uses ``$FEDMOE_CACHE_DIR`` or ``~/.cache/fedmoe``.
+
+    Returns
+    -------
+    datasets.DatasetDict
+        Splits ``train``/``validation``/``test`` (about 80/10/10 of the sources of each
+        domain, no source in two splits), columns ``text``, ``domain``, ``source``.
+        The same arguments give identical datasets.
+    """
+    if max_mb_per_domain <= 0 or chunk_chars <= 0:
+        raise ValueError(f"build_corpus needs max_mb_per_domain > 0 and chunk_chars > 0, got "
+                         f"{max_mb_per_domain} and {chunk_chars}")
+    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    path = root / _cache_key(max_mb_per_domain, chunk_chars, seed)
+    if (path / "dataset_dict.json").exists():
+        return datasets.load_from_disk(str(path))
+    features = datasets.Features({name: datasets.Value("string")
+                                  for name in ("text", "domain", "source")})
+    rows = _build_rows(max_mb_per_domain, chunk_chars, seed)
+    dd = datasets.DatasetDict({split: datasets.Dataset.from_dict(rows[split], features=features)
+                               for split in SPLITS})
+    # Save under a temporary name then rename, so a killed build never looks complete.
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    dd.save_to_disk(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return datasets.load_from_disk(str(path))
+
+
+def corpus_stats(dd: datasets.DatasetDict) -> dict[str, dict[str, dict[str, float]]]:
+    """Size of each domain in each split.
+
+    Returns
+    -------
+    dict
+        ``{split: {domain: {"mb": MB of UTF-8 text, "chunks": rows, "sources": sources}}}``.
+    """
+    stats: dict[str, dict[str, dict[str, float]]] = {}
+    for split, ds in dd.items():
+        per_domain: dict[str, dict] = {}
+        for text, domain, source in zip(ds["text"], ds["domain"], _sources(ds), strict=True):
+            entry = per_domain.setdefault(domain, {"mb": 0.0, "chunks": 0, "sources": set()})
+            entry["mb"] += len(text.encode("utf-8")) / 1e6
+            entry["chunks"] += 1
+            entry["sources"].add(source)
+        stats[split] = {domain: {"mb": round(e["mb"], 4), "chunks": e["chunks"],
+                                 "sources": len(e["sources"])}
+                        for domain, e in sorted(per_domain.items())}
+    return stats
+
+
+def _sources(ds: datasets.Dataset) -> list[str]:
+    # User datasets (``load_text_dataset``) have no source column: count rows instead.
+    return ds["source"] if "source" in ds.column_names else list(map(str, range(len(ds))))
