@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 import sysconfig
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import datasets
@@ -37,6 +37,7 @@ _CORPUS_VERSION = 1
 _EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "lib2to3",
                             "__pycache__", "turtledemo"})
 _MIN_DOCSTRING_CHARS = 40
+_STDLIB_DOMAINS = frozenset({"python_code", "docstrings"})
 
 Source = tuple[str, str]  # (source id, text)
 
@@ -131,51 +132,72 @@ def _unit_hash(key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _split_of(u: float) -> str:
-    if u < _SPLIT_FRACTIONS["validation"]:
+def _split_of(position: float) -> str:
+    if position < _SPLIT_FRACTIONS["validation"]:
         return "validation"
-    if u < _SPLIT_FRACTIONS["validation"] + _SPLIT_FRACTIONS["test"]:
+    if position < _SPLIT_FRACTIONS["validation"] + _SPLIT_FRACTIONS["test"]:
         return "test"
     return "train"
 
 
-def _assign_splits(source_ids: list[str], seed: int) -> dict[str, str]:
-    """Map each source id to a split, by hash, with every split non-empty.
+def _assign_splits(sizes: dict[str, int], seed: int) -> dict[str, str]:
+    """Map each source id to a split so that each split gets its share of the *bytes*.
 
-    The hash is of ``seed`` and the source id only, not the domain: a stdlib module's code
-    (``python_code``) and its docstrings (``docstrings``) share the source id, so they land
-    in the same split and docstrings seen in training never reappear in evaluation.
-    If a split comes out empty (a domain with few sources), the train sources whose hashes
-    lie nearest to that split's interval move there.
+    Sources are shuffled by a hash of ``seed`` and their id, then laid end to end; a source
+    goes to the split whose interval (validation [0, .1), test [.1, .2), train) holds the
+    midpoint of its byte range. Counting bytes rather than sources matters for
+    ``reference``, where a few topics hold most of the text.
     """
-    u = {sid: _unit_hash(f"{seed}/{sid}") for sid in source_ids}
-    split = {sid: _split_of(u[sid]) for sid in source_ids}
-    for name, centre in (("validation", 0.05), ("test", 0.15)):
-        if name not in split.values():
-            donors = sorted((sid for sid in source_ids if split[sid] == "train"),
-                            key=lambda sid: (abs(u[sid] - centre), sid))
-            if donors:
-                split[donors[0]] = name
+    order = _split_order(sizes, seed)
+    total, done, split = max(sum(sizes.values()), 1), 0, {}
+    for sid in order:
+        split[sid] = _split_of((done + sizes[sid] / 2) / total)
+        done += sizes[sid]
+    return _ensure_nonempty(split, order)
+
+
+def _split_order(source_ids: Iterable[str], seed: int) -> list[str]:
+    return sorted(source_ids, key=lambda sid: (_unit_hash(f"split/{seed}/{sid}"), sid))
+
+
+def _ensure_nonempty(split: dict[str, str], order: list[str]) -> dict[str, str]:
+    """Move the first train sources (in hash ``order``) into empty held-out splits."""
+    split = dict(split)
+    for name in ("validation", "test"):
+        donors = [sid for sid in order if split[sid] == "train"]
+        if name not in split.values() and donors:
+            split[donors[0]] = name
     return split
+
+
+def _stdlib_splits(seed: int) -> dict[str, str]:
+    """One split map for all stdlib files, shared by ``python_code`` and ``docstrings``.
+
+    A module's code and its docstrings thus land in the same split, so docstrings seen in
+    training (inside the code) never reappear in evaluation.
+    """
+    root = _stdlib_dir()
+    return _assign_splits({rel: (root / rel).stat().st_size for rel in _stdlib_py_files()}, seed)
 
 
 def _capped_sources(domain: str, max_bytes: int, seed: int) -> list[Source]:
     """The domain's sources in hash order until ``max_bytes`` of UTF-8 text is reached.
 
     Hash order (not path order) spreads the cap over the whole stdlib instead of taking
-    only the modules that sort first; the last source is cut at a line boundary.
+    only the modules that sort first; the last source is cut at a line boundary. The hash
+    is salted apart from the split hash, so the cap does not favour one split.
     """
-    sources = sorted(_SOURCE_READERS[domain](), key=lambda s: (_unit_hash(f"{seed}/{s[0]}"), s[0]))
+    sources = sorted(((sid, text) for sid, text in _SOURCE_READERS[domain]() if text.strip()),
+                     key=lambda s: (_unit_hash(f"order/{seed}/{s[0]}"), s[0]))
     kept, total = [], 0
     for sid, text in sources:
-        size = len(text.encode("utf-8"))
-        if total + size > max_bytes:
+        if total + len(text.encode("utf-8")) > max_bytes:
             text = _cut_at_line(text, max_bytes - total)
-            size = len(text.encode("utf-8"))
-        if text.strip():
-            kept.append((sid, text))
-            total += size
-        if total >= max_bytes or size == 0:
+            if not text.strip():
+                break
+        kept.append((sid, text))
+        total += len(text.encode("utf-8"))
+        if total >= max_bytes:
             break
     return kept
 
@@ -215,9 +237,14 @@ def _build_rows(max_mb_per_domain: float, chunk_chars: int, seed: int) -> dict[s
     """Column dicts per split, domains in ``DOMAINS`` order, sources sorted within."""
     rows = {split: {"text": [], "domain": [], "source": []} for split in SPLITS}
     max_bytes = int(max_mb_per_domain * 1e6)
+    stdlib_splits = _stdlib_splits(seed)
     for domain in DOMAINS:
         sources = sorted(_capped_sources(domain, max_bytes, seed))
-        split_of = _assign_splits([sid for sid, _ in sources], seed)
+        if domain in _STDLIB_DOMAINS:
+            order = _split_order((sid for sid, _ in sources), seed)
+            split_of = _ensure_nonempty({sid: stdlib_splits[sid] for sid in order}, order)
+        else:
+            split_of = _assign_splits({sid: len(text.encode()) for sid, text in sources}, seed)
         for sid, text in sources:
             columns = rows[split_of[sid]]
             for chunk in chunk_text(text, chunk_chars):

@@ -1,0 +1,60 @@
+"""Build the data of a run from the ``data`` config group (``conf/data/*.yaml``)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import datasets
+
+from fedmoe.data.corpus import SPLITS, build_corpus
+from fedmoe.data.hf import load_text_dataset
+
+DATA_NAMES: tuple[str, ...] = ("embedded", "hf")
+
+
+def split_by_hash(ds: datasets.Dataset, validation: float = 0.1,
+                  test: float = 0.1) -> datasets.DatasetDict:
+    """Split rows into train/validation/test by a sha256 hash of their text.
+
+    Equal texts always share a split, so duplicates never leak from train into evaluation;
+    the split does not depend on row order.
+    """
+    def split_of(text: str) -> str:
+        u = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+        return "validation" if u < validation else "test" if u < validation + test else "train"
+
+    labels = [split_of(text) for text in ds["text"]]
+    return datasets.DatasetDict({
+        split: ds.select([i for i, label in enumerate(labels) if label == split])
+        for split in SPLITS})
+
+
+def load_data(cfg: Mapping[str, Any]) -> datasets.DatasetDict:
+    """The train/validation/test text of a run, chosen by ``cfg.name`` (``data.name``).
+
+    Parameters
+    ----------
+    cfg : Mapping
+        The ``data`` config: ``embedded`` uses ``max_mb_per_domain``, ``chunk_chars`` and
+        optional ``seed``/``cache_dir``; ``hf`` uses ``path``, ``split``, ``text_field``,
+        ``domain_field`` and optional ``data_files``.
+
+    Returns
+    -------
+    datasets.DatasetDict
+        Splits ``train``, ``validation``, ``test``, each with ``text`` and ``domain``.
+    """
+    name = cfg.get("name")
+    if name == "embedded":
+        return build_corpus(max_mb_per_domain=cfg.get("max_mb_per_domain", 2.0),
+                            chunk_chars=cfg.get("chunk_chars", 2000), seed=cfg.get("seed", 0),
+                            cache_dir=cfg.get("cache_dir"))
+    if name == "hf":
+        ds = load_text_dataset(cfg["path"], split=cfg.get("split", "train"),
+                               text_field=cfg.get("text_field"),
+                               domain_field=cfg.get("domain_field"),
+                               data_files=cfg.get("data_files"))
+        return split_by_hash(ds)
+    raise ValueError(f"Unknown data.name {name!r}; expected one of {list(DATA_NAMES)}")

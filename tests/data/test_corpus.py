@@ -1,0 +1,135 @@
+"""The embedded corpus: content, splits without leakage, determinism, cache."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fedmoe.data import DOMAINS, build_corpus, chunk_text, corpus_stats
+from fedmoe.data.corpus import module_docstrings
+
+SMALL_MB = 0.5  # as the small_corpus fixture (conftest.py)
+
+
+def test_domains_are_four_distinct_kinds_of_text(small_corpus):
+    # Prepare
+    train = small_corpus["train"]
+    first = {d: train[train["domain"].index(d)]["text"] for d in DOMAINS}
+
+    # Execute / Assert: each domain looks like what it claims to be
+    assert len(DOMAINS) >= 4
+    assert set(train["domain"]) == set(DOMAINS)
+    assert all(s.endswith(".py") for s, d in zip(train["source"], train["domain"], strict=True)
+               if d == "python_code")
+    assert all(s.endswith(".h") for s, d in zip(train["source"], train["domain"], strict=True)
+               if d == "c_headers")
+    assert "#" in first["c_headers"]
+    assert first["docstrings"].strip()
+
+
+@pytest.mark.slow
+def test_default_size_has_at_least_04_mb_per_domain(corpus_cache):
+    # Execute
+    stats = corpus_stats(build_corpus(cache_dir=corpus_cache))
+
+    # Assert
+    for domain in DOMAINS:
+        total_mb = sum(stats[split][domain]["mb"] for split in stats)
+        assert 0.4 <= total_mb <= 2.0 + 0.01, (domain, total_mb)
+
+
+def test_size_cap_is_respected(small_corpus):
+    # Execute
+    stats = corpus_stats(small_corpus)
+
+    # Assert: the 0.5 MB cap holds (chunking only drops whitespace)
+    for domain in DOMAINS:
+        total_mb = sum(stats[split][domain]["mb"] for split in stats)
+        assert 0.3 < total_mb <= SMALL_MB, (domain, total_mb)
+
+
+def test_no_source_in_two_splits(small_corpus):
+    # Prepare
+    keys = {split: set(zip(ds["domain"], ds["source"], strict=True))
+            for split, ds in small_corpus.items()}
+
+    # Assert
+    assert not keys["train"] & keys["validation"]
+    assert not keys["train"] & keys["test"]
+    assert not keys["validation"] & keys["test"]
+
+
+def test_code_and_docstrings_of_a_module_share_a_split(small_corpus):
+    # Prepare: module path -> split, per stdlib domain
+    split_of = {domain: {} for domain in ("python_code", "docstrings")}
+    for split, ds in small_corpus.items():
+        for domain, source in zip(ds["domain"], ds["source"], strict=True):
+            if domain in split_of:
+                split_of[domain][source] = split
+
+    # Execute
+    shared = split_of["python_code"].keys() & split_of["docstrings"].keys()
+
+    # Assert
+    assert shared
+    assert all(split_of["python_code"][s] == split_of["docstrings"][s] for s in shared)
+
+
+def test_every_domain_has_validation_and_test_rows(small_corpus):
+    # Execute
+    stats = corpus_stats(small_corpus)
+
+    # Assert
+    for split in ("validation", "test"):
+        for domain in DOMAINS:
+            assert stats[split][domain]["chunks"] > 0, (split, domain)
+
+
+def test_chunks_respect_chunk_chars(small_corpus):
+    # Execute
+    lengths = [len(t) for ds in small_corpus.values() for t in ds["text"]]
+
+    # Assert
+    assert max(lengths) <= 2000
+    assert min(lengths) > 0
+
+
+def test_build_is_deterministic_and_cached(small_corpus, tmp_path):
+    # Execute: a fresh build in another cache, then a cached reload
+    fresh = build_corpus(max_mb_per_domain=SMALL_MB, cache_dir=tmp_path)
+    start = time.perf_counter()
+    cached = build_corpus(max_mb_per_domain=SMALL_MB, cache_dir=tmp_path)
+    reload_s = time.perf_counter() - start
+
+    # Assert
+    for split in small_corpus:
+        assert fresh[split].to_dict() == small_corpus[split].to_dict()
+        assert cached[split].to_dict() == small_corpus[split].to_dict()
+    assert reload_s < 1.0
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_chunk_text_cuts_at_line_boundaries():
+    # Prepare
+    text = "aaaa\nbbbb\ncccc\n" + "x" * 9 + "\n"
+
+    # Execute
+    chunks = chunk_text(text, chunk_chars=10)
+
+    # Assert: whole lines are kept together; the 10-char line is cut hard
+    assert chunks == ["aaaa\nbbbb\n", "cccc\n", "xxxxxxxxx\n"]
+    assert "".join(chunks) == text
+
+
+def test_module_docstrings_reads_without_importing():
+    # Prepare: importing this code would raise
+    code = ('"""Module doc that is long enough to keep here."""\nraise SystemExit\n'
+            'def f():\n    """Function doc, long enough to pass the filter."""\n')
+
+    # Execute
+    text = module_docstrings(code)
+
+    # Assert
+    assert text == ("Module doc that is long enough to keep here.\n\n"
+                    "Function doc, long enough to pass the filter.")
