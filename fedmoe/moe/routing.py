@@ -129,7 +129,8 @@ def capture_routing(
     handles = []
     for rec in recorders:
         handles.append(rec.layer.router.register_forward_hook(rec.on_router))
-        handles.append(rec.layer.experts.register_forward_pre_hook(rec.on_experts, with_kwargs=True))
+        experts = rec.layer.experts
+        handles.append(experts.register_forward_pre_hook(rec.on_experts, with_kwargs=True))
     try:
         yield trace
     finally:

@@ -1,0 +1,53 @@
+"""The one bridge between the Hydra config and Flower's run config.
+
+Flower's run config holds scalars only, so the whole Hydra configuration travels as the list of
+Hydra overrides that produced it, under one key (``hydra-overrides``); every app re-composes
+the same config from it. Nothing else reads ``context.run_config``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+
+from omegaconf import DictConfig, OmegaConf
+
+RUN_CONFIG_KEY = "hydra-overrides"
+PRIMARY_CONFIG = "simulate"
+
+
+def to_run_config(overrides: Sequence[str]) -> dict[str, str]:
+    """Flower run config carrying ``overrides`` (each shell-quoted, space separated)."""
+    return {RUN_CONFIG_KEY: " ".join(shlex.quote(o) for o in overrides)}
+
+
+def overrides_from_run_config(run_config: Mapping[str, object]) -> list[str]:
+    """The Hydra overrides a run config carries (none when the key is absent or empty)."""
+    return shlex.split(str(run_config.get(RUN_CONFIG_KEY, "") or ""))
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose the ``simulate`` primary config with ``overrides`` (read-only result)."""
+    return _compose(tuple(overrides))
+
+
+@lru_cache(maxsize=8)
+def _compose(overrides: tuple[str, ...]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fedmoe.cli import conf_dir
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose(PRIMARY_CONFIG, overrides=list(overrides))
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def config_from_run_config(run_config: Mapping[str, object]) -> DictConfig:
+    """The Hydra config a Flower app runs with (cached per process)."""
+    return compose(overrides_from_run_config(run_config))

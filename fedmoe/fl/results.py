@@ -1,0 +1,97 @@
+"""`results.json` of a federated run, built from the strategy's round log (no Flower import)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def round_entry(server_round: int, log, payload_bytes: int) -> dict:
+    """One round of ``results.json`` from a ``RoundLog``."""
+    ppl = {int(c): float(m["eval_ppl"]) for c, m in log.eval_by_client.items() if "eval_ppl" in m}
+    return {
+        "round": server_round,
+        "train_loss": _num(log.train_metrics.get("train_loss")),
+        "eval_ppl": _num(log.eval_metrics.get("eval_ppl")),  # weighted by held-out examples
+        "eval_ppl_mean": _mean(ppl.values()),
+        "eval_ppl_worst": max(ppl.values()) if ppl else None,
+        "eval_ppl_by_client": {str(c): v for c, v in sorted(ppl.items())},
+        "bytes_down": int(log.bytes_down),
+        "bytes_up": int(log.bytes_up),
+        "payload_bytes": int(payload_bytes),
+        "wall_seconds": float(log.wall_s),
+        "accepted": sorted(int(c) for c in log.accepted),
+        "rejected": {str(c): r for c, r in log.rejected.items()},
+    }
+
+
+def client_entries(history: dict, payload_bytes: int) -> dict[str, dict]:
+    """Per client: final held-out perplexity, examples, bytes sent and received in total."""
+    clients: dict[str, dict] = {}
+    for _, log in sorted(history.items()):
+        trained = set(log.accepted) | set(log.rejected)
+        for c in trained:
+            entry = clients.setdefault(str(c), _empty_client())
+            entry["bytes_sent"] += int(log.bytes_up_by_client.get(c, 0))
+            entry["bytes_received"] += payload_bytes
+            entry["rounds_trained"] += 1
+        for c, m in log.eval_by_client.items():
+            entry = clients.setdefault(str(c), _empty_client())
+            entry["bytes_received"] += payload_bytes
+            entry["final_ppl"] = float(m["eval_ppl"])
+            entry["examples"] = int(m.get("num-examples", 0))
+    return dict(sorted(clients.items(), key=lambda kv: int(kv[0])))
+
+
+def _empty_client() -> dict:
+    return {"final_ppl": None, "examples": 0, "bytes_sent": 0, "bytes_received": 0,
+            "rounds_trained": 0}
+
+
+def _num(x) -> float | None:
+    return None if x is None else float(x)
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def print_summary(results: dict) -> None:
+    """The per-client table and per-round line a user reads at the end of a run."""
+    console = Console(width=120)
+    rounds = Table(title=f"rounds ({results['strategy']['name']})")
+    for col in ("round", "train loss", "ppl (mean)", "ppl (worst)", "MB down", "MB up", "s"):
+        rounds.add_column(col, justify="right")
+    for r in results["rounds"]:
+        rounds.add_row(str(r["round"]), _fmt(r["train_loss"]), _fmt(r["eval_ppl_mean"]),
+                       _fmt(r["eval_ppl_worst"]), f"{r['bytes_down'] / 2**20:.2f}",
+                       f"{r['bytes_up'] / 2**20:.2f}", f"{r['wall_seconds']:.1f}")
+    console.print(rounds)
+    clients = Table(title="clients (held-out perplexity of each personalized model)")
+    for col in ("client", "ppl", "examples", "MB sent", "MB received"):
+        clients.add_column(col, justify="right")
+    for cid, c in results["clients"].items():
+        clients.add_row(cid, _fmt(c["final_ppl"]),
+                        str(c["examples"]), f"{c['bytes_sent'] / 2**20:.2f}",
+                        f"{c['bytes_received'] / 2**20:.2f}")
+    console.print(clients)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"

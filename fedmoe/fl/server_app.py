@@ -1,0 +1,105 @@
+"""Flower ServerApp: the initial aggregated tensors, the FedMoE strategy, results.json.
+
+Only the roles in ``fl.aggregate`` (default: router and shared experts) ever leave the server
+or come back to it; the strategy's hooks log communication and per-client evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from fedmoe.fl.bridge import config_from_run_config
+from fedmoe.fl.results import client_entries, round_entry, write_json
+from fedmoe.fl.strategy import build_strategy
+from fedmoe.moe.adapter import MoEAdapter
+from fedmoe.moe.models import load_model
+from fedmoe.task.local import aggregated_names, expert_rows
+
+app = ServerApp()
+
+
+def initial_arrays(cfg) -> tuple[ArrayRecord, dict[str, int]]:
+    """The aggregated tensors of the base model (float32) and which of them are per-expert."""
+    model = load_model(cfg.model, checkpoint=cfg.fl.base_model)
+    adapter = MoEAdapter(model)
+    names = aggregated_names(adapter, cfg)
+    params = dict(model.named_parameters())
+    arrays = ArrayRecord({n: Array(params[n].detach().float().numpy().copy()) for n in names})
+    return arrays, expert_rows(adapter, names)
+
+
+def _strategy(cfg, rows: dict[str, int]):
+    s, fl = cfg.strategy, cfg.fl
+    kwargs = dict(
+        expert_rows=rows, rule=s.rule, trim_beta=s.trim_beta, max_update_norm=s.max_update_norm,
+        fraction_train=fl.fraction_train, fraction_evaluate=fl.fraction_evaluate,
+        min_train_nodes=fl.min_train_nodes, min_evaluate_nodes=fl.min_evaluate_nodes,
+        min_available_nodes=fl.min_available_nodes,
+    )
+    if s.server_opt:
+        kwargs["eta"] = s.server_lr
+    return build_strategy("fedmoe", server_opt=s.server_opt, **kwargs)
+
+
+class RoundReporter:
+    """``evaluate_fn`` hook: one concise line per round, and results.json kept up to date."""
+
+    def __init__(self, cfg, strategy, payload_bytes: int) -> None:
+        self.cfg, self.strategy, self.payload = cfg, strategy, payload_bytes
+        self.bar = tqdm(total=int(cfg.fl.num_rounds), desc="rounds", unit="round")
+        self.t0 = time.perf_counter()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        entry = round_entry(server_round, self.strategy.history[server_round], self.payload)
+        self.bar.update(1)
+        self.bar.write(
+            f"round {server_round}: train loss {_f(entry['train_loss'])}, held-out ppl "
+            f"mean {_f(entry['eval_ppl_mean'])} worst {_f(entry['eval_ppl_worst'])}, "
+            f"{entry['bytes_up'] / 2**20:.2f} MB up, {entry['wall_seconds']:.1f} s"
+            + (f", rejected {entry['rejected']}" if entry["rejected"] else "")
+        )
+        self.write()
+        return None
+
+    def write(self) -> dict:
+        history = self.strategy.history
+        s = self.cfg.strategy
+        results = {
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "strategy": {"name": s.name, "aggregate": list(self.cfg.fl.aggregate),
+                         "rule": s.rule, "server_opt": s.server_opt},
+            "rounds": [round_entry(r, history[r], self.payload) for r in sorted(history)],
+            "clients": client_entries(history, self.payload),
+            "wall_seconds": time.perf_counter() - self.t0,
+        }
+        write_json(Path(self.cfg.run_dir) / "results.json", results)
+        return results
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = config_from_run_config(context.run_config)
+    arrays, rows = initial_arrays(cfg)
+    payload = int(sum(np.asarray(a.numpy()).nbytes for a in arrays.values()))
+    strategy = _strategy(cfg, rows)
+    reporter = RoundReporter(cfg, strategy, payload)
+    strategy.start(
+        grid=grid, initial_arrays=arrays, num_rounds=int(cfg.fl.num_rounds),
+        timeout=float(cfg.fl.round_timeout), train_config=ConfigRecord({}),
+        evaluate_config=ConfigRecord({}), evaluate_fn=reporter,
+    )
+    reporter.bar.close()
+    reporter.write()

@@ -1,0 +1,124 @@
+"""`fedmoe simulate`: many virtual clients on one machine with Flower's Simulation Engine.
+
+The Hydra app composes the config, makes sure the base model exists (pretraining it if
+needed), then runs the same ServerApp and ClientApp that `flwr run .` runs, on the Ray
+backend, with N virtual SuperNodes. The config reaches both apps through the one bridge
+(`fedmoe.fl.bridge`): the Hydra overrides, carried in the run config.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from fedmoe.fl.bridge import RUN_CONFIG_KEY, to_run_config
+from fedmoe.fl.results import print_summary
+
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _write_app_dir(app_dir: Path, run_config: dict[str, str]) -> None:
+    """A minimal Flower App declaration whose run config carries the Hydra overrides.
+
+    The Simulation Engine fuses a node's run config from the app directory's
+    ``[tool.flwr.app.config]``; this is the same key `flwr run . --run-config` sets.
+    """
+    app_dir.mkdir(parents=True, exist_ok=True)
+    value = json.dumps(run_config[RUN_CONFIG_KEY])  # a TOML basic string is JSON-compatible
+    (app_dir / "pyproject.toml").write_text(
+        '[project]\nname = "fedmoe-run"\nversion = "0.0.0"\n\n'
+        '[tool.flwr.app]\npublisher = "fedmoe"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "fedmoe.fl.server_app:app"\n'
+        'clientapp = "fedmoe.fl.client_app:app"\n\n'
+        f"[tool.flwr.app.config]\n{RUN_CONFIG_KEY} = {value}\n"
+    )
+
+
+def run_simulation_engine(run_config: dict[str, str], num_supernodes: int, app_dir: Path,
+                          client_resources: dict, verbose: bool = False) -> None:
+    """Run fedmoe's ServerApp and ClientApp on the Simulation Engine (Ray backend).
+
+    ``flwr.simulation.run_simulation`` leaves ``context.run_config`` empty, so this calls the
+    engine it wraps with a ``Run`` that carries the run config (Flower 1.42, pinned).
+    """
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.run import Run
+
+    from fedmoe.fl.client_app import app as client_app
+    from fedmoe.fl.server_app import app as server_app
+
+    # The module, not the function `flwr.simulation` re-exports under the same name.
+    engine = importlib.import_module("flwr.simulation.run_simulation")
+    _write_app_dir(app_dir, run_config)
+    # The Run that `_run_simulation` would create itself, plus our run config.
+    run = Run.create_empty(run_id=engine.generate_rand_int_from_bytes(engine.RUN_ID_NUM_BYTES))
+    run.primary_task_id = engine.generate_rand_int_from_bytes(engine.TASK_ID_NUM_BYTES)
+    run.federation_id = engine.NOOP_FEDERATION_ID
+    run.override_config = dict(run_config)
+    engine.TaskIdentity.task_id = 1
+    engine.TaskIdentity.run_id = run.run_id
+    engine.TaskIdentity.node_id = engine.SUPERLINK_NODE_ID
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=dict(run_config))
+    level = "INFO" if verbose else "ERROR"
+    backend_config = {
+        "client_resources": dict(client_resources),
+        "init_args": {"logging_level": level, "log_to_driver": verbose,
+                      "include_dashboard": False, "configure_logging": True},
+    }
+    _quiet_flower(verbose)
+    engine._run_simulation(
+        num_supernodes=num_supernodes, client_app=client_app, server_app=server_app,
+        backend_name="ray", backend_config=backend_config, server_app_context=context,
+        app_dir=str(app_dir), is_app=True, run=run, verbose_logging=verbose,
+        exit_event=engine.EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+    )
+
+
+def _quiet_flower(verbose: bool) -> None:
+    """Flower and Ray log floods only with ``verbose=true``."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        os.environ.setdefault("RAY_LOG_TO_STDERR", "0")
+
+
+def simulation_overrides(cfg: DictConfig, task_overrides: list[str], run_dir: Path,
+                         base_model: Path) -> list[str]:
+    """The user's overrides plus what only this launch knows (run dir, base model)."""
+    extra = [f"run_dir={run_dir}", f"fl.base_model={base_model}"]
+    if not cfg.fl.state_dir:
+        extra.append(f"fl.state_dir={run_dir / 'clients'}")
+    keys = {e.split("=", 1)[0] for e in extra}
+    return [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") not in keys] + extra
+
+
+def main(cfg: DictConfig) -> dict:
+    """Hydra task of ``fedmoe simulate``; returns the run's results."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from fedmoe.task.pretrain import ensure_base_model
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
+    base = Path(ensure_base_model(cfg)).resolve() if not cfg.model.path else cfg.model.path
+    overrides = simulation_overrides(cfg, list(hydra_cfg.overrides.task), run_dir, base)
+    run_simulation_engine(
+        to_run_config(overrides), num_supernodes=int(cfg.data.num_clients),
+        app_dir=run_dir / "flower_app", client_resources=dict(cfg.fl.client_resources),
+        verbose=bool(cfg.verbose),
+    )
+    results_path = run_dir / "results.json"
+    if not results_path.exists():
+        raise RuntimeError(f"the simulation wrote no {results_path}; rerun with verbose=true")
+    results = json.loads(results_path.read_text())
+    print_summary(results)
+    print(f"results: {results_path}")
+    return results

@@ -1,0 +1,539 @@
+"""FedMoE: Flower's FedAvg, aggregating router rows only over the clients holding them.
+
+The server aggregates a subset of the model (by default the router and shared-expert
+tensors); routed experts stay on the clients. After pruning, clients hold different
+subsets of routed experts, so a tensor indexed by expert (router weight, router bias) is
+averaged row by row over the holders of each expert (FedMoE modular aggregation, arXiv
+2408.11304). Each reply is checked on its own: a malformed one is rejected and logged,
+the rest of the round goes on.
+
+Protocol of a train reply: ``"arrays"`` (exactly the aggregated keys; expert-indexed keys
+with one row per held expert, in id order), ``"metrics"`` (``num-examples``, ``client-id``,
+``train_loss``, ...) and optionally ``"experts"``, a ConfigRecord ``str(layer) -> list of
+original expert ids held``; without it the client holds every expert.
+
+The math lives in :mod:`fedmoe.fl.aggregate`; this module moves records in and out and
+keeps a per-round log in :attr:`FedMoE.history`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
+
+from fedmoe.fl.aggregate import (
+    RULES,
+    Held,
+    check_held,
+    check_update,
+    masked_aggregate,
+    norm_outliers,
+    update_norm,
+    weighted_mean_metrics,
+)
+
+logger = logging.getLogger(__name__)
+
+EXPERTS_RECORD = "experts"
+CLIENT_ID = "client-id"
+SERVER_OPTS = ("adam", "yogi")
+STRATEGY_NAMES = ("fedmoe",)
+
+
+@dataclass
+class RoundLog:
+    """What happened in one server round.
+
+    Attributes
+    ----------
+    bytes_down : int
+        Array bytes sent to clients (numpy ``nbytes`` of the payload times the number of
+        messages), train and evaluate messages together.
+    bytes_down_eval : int
+        The part of ``bytes_down`` sent with evaluate messages.
+    bytes_up : int
+        Array bytes of all train replies, accepted and rejected.
+    bytes_up_by_client : dict[int, int]
+        Train-reply array bytes per client id.
+    accepted : list[int]
+        Client ids whose train replies were aggregated.
+    rejected : dict[int, str]
+        Client id -> reason its train reply was rejected.
+    train_metrics : dict
+        Aggregated train metrics of the accepted replies.
+    eval_metrics : dict
+        Aggregated evaluate metrics.
+    eval_by_client : dict[int, dict]
+        Client id -> its evaluate metrics (``eval_ppl``, ``num-examples``, ...).
+    eval_rejected : dict[int, str]
+        Client id -> reason its evaluate reply was skipped.
+    wall_s : float
+        Seconds from ``configure_train`` to the end of ``aggregate_evaluate``.
+    started_at : float
+        ``time.perf_counter()`` when the round started.
+
+    Clients are named by the ``client-id`` metric, or by node id when a reply has none.
+    """
+
+    bytes_down: int = 0
+    bytes_down_eval: int = 0
+    bytes_up: int = 0
+    bytes_up_by_client: dict[int, int] = field(default_factory=dict)
+    accepted: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    train_metrics: dict = field(default_factory=dict)
+    eval_metrics: dict = field(default_factory=dict)
+    eval_by_client: dict[int, dict] = field(default_factory=dict)
+    eval_rejected: dict[int, str] = field(default_factory=dict)
+    wall_s: float = 0.0
+    started_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _TrainReply:
+    """A train reply that passed its own checks."""
+
+    client: int
+    node: int
+    update: dict[str, np.ndarray]
+    held: Held | None
+    weight: float
+    content: RecordDict
+
+
+class FedMoE(FedAvg):
+    """FedAvg whose expert-indexed tensors are aggregated per row over the holders.
+
+    Parameters
+    ----------
+    expert_rows : dict[str, int]
+        Array key -> decoder-layer index, for keys whose first dim indexes the routed
+        experts of that layer (router weight and bias). Other keys are ordinary tensors;
+        entries for keys absent from the global arrays are ignored. Required.
+    rule : str
+        ``"mean"`` (weighted by ``weighted_by_key``), ``"median"`` or
+        ``"trimmed_mean"``, applied per row over the clients holding it.
+    trim_beta : float
+        Fraction cut at each end by ``"trimmed_mean"``, in ``[0, 0.5)``.
+    max_update_norm : float | None
+        Reject a reply whose update norm (over held rows) exceeds this many times the
+        round's median update norm; applied only with 3 or more replies.
+    **kwargs
+        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+
+    Attributes
+    ----------
+    history : dict[int, RoundLog]
+        Server round -> what happened in it.
+    """
+
+    def __init__(
+        self,
+        *,
+        expert_rows: dict[str, int] | None = None,
+        rule: str = "mean",
+        trim_beta: float = 0.2,
+        max_update_norm: float | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        # Composed classes (FedMoEAdam) set the options before FedOpt.__init__ reaches
+        # here with FedAvg's arguments only.
+        if expert_rows is not None:
+            self.set_moe_options(
+                expert_rows=expert_rows,
+                rule=rule,
+                trim_beta=trim_beta,
+                max_update_norm=max_update_norm,
+            )
+        elif not hasattr(self, "expert_rows"):
+            raise TypeError("FedMoE() needs the keyword argument 'expert_rows'")
+        self.history: dict[int, RoundLog] = {}
+        self._global: dict[str, np.ndarray] | None = None
+
+    def set_moe_options(
+        self,
+        *,
+        expert_rows: dict[str, int],
+        rule: str = "mean",
+        trim_beta: float = 0.2,
+        max_update_norm: float | None = None,
+    ) -> None:
+        """Validate and store the FedMoE options (see the class docstring)."""
+        if rule not in RULES:
+            raise ValueError(f"strategy.rule must be one of {RULES}, got '{rule}'")
+        if not 0.0 <= trim_beta < 0.5:
+            raise ValueError(f"strategy.trim_beta must lie in [0, 0.5), got {trim_beta}")
+        if max_update_norm is not None and max_update_norm <= 0:
+            raise ValueError(f"strategy.max_update_norm must be > 0, got {max_update_norm}")
+        self.expert_rows = dict(expert_rows)
+        self.rule = rule
+        self.trim_beta = trim_beta
+        self.max_update_norm = max_update_norm
+
+    def summary(self) -> None:
+        """Log the FedMoE settings, then FedAvg's."""
+        logger.info(
+            "FedMoE: rule=%s trim_beta=%s max_update_norm=%s expert keys=%d",
+            self.rule,
+            self.trim_beta,
+            self.max_update_norm,
+            len(self.expert_rows),
+        )
+        super().summary()
+
+    # --- configure ----------------------------------------------------------------------
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample clients as FedAvg does; remember the global arrays and bytes sent."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.history[server_round] = RoundLog()
+        self._remember(server_round, arrays, len(messages), evaluate=False)
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample clients as FedAvg does; count the bytes sent."""
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._remember(server_round, arrays, len(messages), evaluate=True)
+        return messages
+
+    def _remember(
+        self, server_round: int, arrays: ArrayRecord, num_messages: int, evaluate: bool
+    ) -> None:
+        self._global = {key: array.numpy() for key, array in arrays.items()}
+        sent = sum(value.nbytes for value in self._global.values()) * num_messages
+        round_log = self.history.setdefault(server_round, RoundLog())
+        round_log.bytes_down += sent
+        if evaluate:
+            round_log.bytes_down_eval += sent
+
+    # --- train --------------------------------------------------------------------------
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check each reply on its own, then aggregate the accepted ones per row.
+
+        Returns
+        -------
+        tuple[ArrayRecord | None, MetricRecord | None]
+            The aggregated arrays at full shapes and the weighted train metrics, or
+            ``(None, None)`` when no reply was accepted.
+        """
+        if self._global is None:
+            raise RuntimeError("FedMoE.aggregate_train needs configure_train to run first")
+        current = self._global
+        round_log = self.history.setdefault(server_round, RoundLog())
+        accepted = []
+        for message in replies:
+            reply = self._accept_train_reply(message, current, round_log)
+            if reply is not None:
+                accepted.append(reply)
+        accepted = self._drop_norm_outliers(accepted, current, round_log)
+        round_log.accepted = [reply.client for reply in accepted]
+        round_log.wall_s = time.perf_counter() - round_log.started_at
+        logger.info(
+            "aggregate_train: round %d accepted %d, rejected %d",
+            server_round,
+            len(accepted),
+            len(round_log.rejected),
+        )
+        if not accepted:
+            return None, None
+        arrays = masked_aggregate(
+            [r.update for r in accepted],
+            [r.held for r in accepted],
+            [r.weight for r in accepted],
+            current,
+            self._expert_rows(current),
+            self.rule,
+            self.trim_beta,
+        )
+        metrics = self._aggregate_metrics([r.content for r in accepted], train=True)
+        round_log.train_metrics = dict(metrics)
+        return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}), metrics
+
+    def _accept_train_reply(
+        self, message: Message, current: dict[str, np.ndarray], round_log: RoundLog
+    ) -> _TrainReply | None:
+        """Unpack and check one train reply; log and record a rejection."""
+        client = client_id(message)
+        reply, reason, nbytes = self._unpack_train_reply(message, client, current)
+        round_log.bytes_up += nbytes
+        round_log.bytes_up_by_client[client] = round_log.bytes_up_by_client.get(client, 0) + nbytes
+        if reason is not None:
+            self._reject(round_log.rejected, message.metadata.src_node_id, client, reason)
+        return reply
+
+    def _unpack_train_reply(
+        self, message: Message, client: int, current: dict[str, np.ndarray]
+    ) -> tuple[_TrainReply | None, str | None, int]:
+        """Return ``(reply, None, bytes)`` or ``(None, reason, bytes)``."""
+        if message.has_error():
+            return None, f"error reply: {message.error.reason}", 0
+        content = message.content
+        if len(content.array_records) != 1:
+            return None, f"expected 1 ArrayRecord, got {len(content.array_records)}", 0
+        update, reason = decode_arrays(next(iter(content.array_records.values())))
+        nbytes = sum(value.nbytes for value in update.values())
+        if reason is not None:
+            return None, reason, nbytes
+        expert_rows = self._expert_rows(current)
+        held, reason = parse_held(content, expert_rows, current)
+        reason = reason or check_update(update, held, current, expert_rows)
+        weight, weight_reason = reply_weight(content, self.weighted_by_key)
+        if reason or weight_reason:
+            return None, reason or weight_reason, nbytes
+        node = message.metadata.src_node_id
+        return _TrainReply(client, node, update, held, weight, content), None, nbytes
+
+    def _drop_norm_outliers(
+        self, replies: list[_TrainReply], current: dict[str, np.ndarray], round_log: RoundLog
+    ) -> list[_TrainReply]:
+        """Reject replies whose update norm is far above the round's median."""
+        if self.max_update_norm is None:
+            return replies
+        expert_rows = self._expert_rows(current)
+        norms = [update_norm(r.update, r.held, current, expert_rows) for r in replies]
+        median = float(np.median(norms)) if norms else 0.0
+        kept = []
+        for reply, norm, outlier in zip(
+            replies, norms, norm_outliers(norms, self.max_update_norm), strict=True
+        ):
+            if outlier:
+                reason = (
+                    f"update norm {norm:.4g} exceeds {self.max_update_norm} x the "
+                    f"median update norm {median:.4g}"
+                )
+                self._reject(round_log.rejected, reply.node, reply.client, reason)
+            else:
+                kept.append(reply)
+        return kept
+
+    def _expert_rows(self, current: Mapping[str, np.ndarray]) -> dict[str, int]:
+        return {key: layer for key, layer in self.expert_rows.items() if key in current}
+
+    # --- evaluate -----------------------------------------------------------------------
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Weighted mean of the well-formed evaluate replies; bad ones are skipped."""
+        round_log = self.history.setdefault(server_round, RoundLog())
+        accepted = []
+        for message in replies:
+            client = client_id(message)
+            reason = check_metrics_reply(message, self.weighted_by_key)
+            if reason is not None:
+                self._reject(round_log.eval_rejected, message.metadata.src_node_id, client, reason)
+                continue
+            accepted.append(message.content)
+            round_log.eval_by_client[client] = dict(only_metric_record(message.content))
+        metrics = self._aggregate_metrics(accepted, train=False) if accepted else None
+        round_log.eval_metrics = dict(metrics) if metrics is not None else {}
+        round_log.wall_s = time.perf_counter() - round_log.started_at
+        return metrics
+
+    # --- shared -------------------------------------------------------------------------
+
+    def _aggregate_metrics(self, contents: list[RecordDict], train: bool) -> MetricRecord:
+        """Flower's metric aggregation when keys agree, a per-key mean otherwise."""
+        records = [only_metric_record(content) for content in contents]
+        aggregate_fn = self.train_metrics_aggr_fn if train else self.evaluate_metrics_aggr_fn
+        if all(set(record) == set(records[0]) for record in records):
+            try:
+                metrics = aggregate_fn(contents, self.weighted_by_key)
+            except (ValueError, TypeError) as error:
+                logger.warning("metric aggregation failed (%s); using a per-key mean", error)
+            else:
+                # An average of client ids means nothing.
+                metrics.pop(CLIENT_ID, None)
+                return metrics
+        else:
+            logger.warning(
+                "clients report different metric keys; averaging each key "
+                "over the clients that report it"
+            )
+        weights = [float(record[self.weighted_by_key]) for record in records]
+        means = weighted_mean_metrics(
+            [dict(record) for record in records],
+            weights,
+            exclude=(self.weighted_by_key, CLIENT_ID),
+        )
+        return MetricRecord(means)
+
+    @staticmethod
+    def _reject(rejected: dict[int, str], node: int, client: int, reason: str) -> None:
+        logger.warning("rejected reply from client %s (node %s): %s", client, node, reason)
+        rejected[client] = reason
+
+
+# --- reply helpers -------------------------------------------------------------------------
+
+
+def client_id(message: Message) -> int:
+    """The reply's ``client-id`` metric, or its source node id when it has none."""
+    if message.has_content():
+        for record in message.content.metric_records.values():
+            value = record.get(CLIENT_ID)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return int(value)
+    return message.metadata.src_node_id
+
+
+def only_metric_record(content: RecordDict) -> MetricRecord:
+    """The single MetricRecord of a reply (checked beforehand)."""
+    return next(iter(content.metric_records.values()))
+
+
+def decode_arrays(record: ArrayRecord) -> tuple[dict[str, np.ndarray], str | None]:
+    """Decode every array to numpy; return the decoded ones and a reason on failure."""
+    decoded: dict[str, np.ndarray] = {}
+    for key, array in record.items():
+        try:
+            decoded[key] = array.numpy()
+        except (TypeError, ValueError, OSError) as error:
+            return decoded, f"array '{key}' could not be decoded: {error}"
+    return decoded, None
+
+
+def reply_weight(content: RecordDict, weighted_by_key: str) -> tuple[float, str | None]:
+    """The reply's positive, finite weight, or a reason it has none."""
+    if len(content.metric_records) != 1:
+        return 0.0, f"expected 1 MetricRecord, got {len(content.metric_records)}"
+    value = only_metric_record(content).get(weighted_by_key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0, f"metric '{weighted_by_key}' is missing or not a number: {value!r}"
+    if not math.isfinite(value) or value <= 0:
+        return 0.0, f"metric '{weighted_by_key}' must be finite and > 0, got {value}"
+    return float(value), None
+
+
+def check_metrics_reply(message: Message, weighted_by_key: str) -> str | None:
+    """Why an evaluate reply cannot be aggregated, or ``None``."""
+    if message.has_error():
+        return f"error reply: {message.error.reason}"
+    _, reason = reply_weight(message.content, weighted_by_key)
+    if reason is not None:
+        return reason
+    for key, value in only_metric_record(message.content).items():
+        if not np.isfinite(np.asarray(value, dtype=np.float64)).all():
+            return f"metric '{key}' is not finite: {value}"
+    return None
+
+
+def parse_held(
+    content: RecordDict, expert_rows: Mapping[str, int], current: Mapping[str, np.ndarray]
+) -> tuple[Held | None, str | None]:
+    """Read the optional ``"experts"`` ConfigRecord into layer -> held expert ids."""
+    record = content.config_records.get(EXPERTS_RECORD)
+    if record is None:
+        return None, None
+    held: Held = {}
+    for layer, ids in record.items():
+        try:
+            index = int(layer)
+        except ValueError:
+            return None, f"bad experts record: key '{layer}' is not a layer index"
+        if not isinstance(ids, list):
+            return None, f"bad experts record: layer {layer} must map to a list, got {ids!r}"
+        held[index] = list(ids)
+    num_experts = {layer: current[key].shape[0] for key, layer in expert_rows.items()}
+    reason = check_held(held, num_experts)
+    return (None, f"bad experts record: {reason}") if reason else (held, None)
+
+
+# --- server-side optimizers on the aggregated subset ---------------------------------------
+
+
+class _ServerOptOnFedMoE:
+    """Runs a FedOpt server step (first in the MRO) on FedMoE's masked aggregate."""
+
+    def __init__(
+        self,
+        *,
+        expert_rows: dict[str, int],
+        rule: str = "mean",
+        trim_beta: float = 0.2,
+        max_update_norm: float | None = None,
+        **kwargs,
+    ) -> None:
+        # FedOpt.__init__ calls FedMoE.__init__ with FedAvg's arguments only, so the
+        # FedMoE options are set first.
+        self.set_moe_options(
+            expert_rows=expert_rows,
+            rule=rule,
+            trim_beta=trim_beta,
+            max_update_norm=max_update_norm,
+        )
+        super().__init__(**kwargs)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedOpt's step on the masked aggregate, cast back to the global dtypes."""
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        # FedAdam/FedYogi promote float32 to float64 (numpy scalars in the step).
+        dtypes = {key: value.dtype for key, value in self.current_arrays.items()}
+        cast = {key: np.asarray(a.numpy(), dtype=dtypes[key]) for key, a in arrays.items()}
+        return ArrayRecord({key: Array(value) for key, value in cast.items()}), metrics
+
+
+class FedMoEAdam(_ServerOptOnFedMoE, FedAdam, FedMoE):
+    """FedAdam's server step on top of FedMoE's masked aggregate.
+
+    MRO: FedMoEAdam -> FedAdam -> FedOpt -> FedMoE -> FedAvg (after the small
+    ``_ServerOptOnFedMoE`` shim). Rows nobody held have a zero pseudo-gradient, yet
+    still move with Adam's momentum from earlier rounds.
+    """
+
+
+class FedMoEYogi(_ServerOptOnFedMoE, FedYogi, FedMoE):
+    """FedYogi's server step on top of FedMoE's masked aggregate (MRO as FedMoEAdam)."""
+
+
+def build_strategy(name: str = "fedmoe", server_opt: str | None = None, **kwargs) -> FedMoE:
+    """Build the server strategy.
+
+    Parameters
+    ----------
+    name : str
+        Strategy name (``strategy.name``); only ``"fedmoe"``.
+    server_opt : str | None
+        Server optimizer (``strategy.server_opt``): ``None`` (or ``"none"``/``""``) for
+        the plain masked aggregate, ``"adam"`` or ``"yogi"`` for Flower's FedAdam or
+        FedYogi step on top of it.
+    **kwargs
+        :class:`FedMoE` arguments (``expert_rows`` required), FedAvg arguments and, with
+        a server optimizer, its arguments (``eta``, ``eta_l``, ``beta_1``, ``beta_2``,
+        ``tau``).
+
+    Returns
+    -------
+    FedMoE
+        The strategy.
+    """
+    if name not in STRATEGY_NAMES:
+        raise ValueError(f"strategy.name must be one of {STRATEGY_NAMES}, got '{name}'")
+    if server_opt is None or server_opt.lower() in ("", "none"):
+        return FedMoE(**kwargs)
+    classes = {"adam": FedMoEAdam, "yogi": FedMoEYogi}
+    if server_opt not in classes:
+        raise ValueError(
+            f"strategy.server_opt must be one of {(None, *SERVER_OPTS)}, got '{server_opt}'"
+        )
+    return classes[server_opt](**kwargs)

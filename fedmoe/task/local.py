@@ -1,0 +1,194 @@
+"""One client's local work: rebuild its personalized model, train, evaluate, keep state.
+
+The personalized model of a client is: the base checkpoint, overwritten by the global tensors
+the server sent (the aggregated roles), overwritten by the client's personal tensors from
+its node-local store (every trained tensor that is not aggregated: by default the routed
+experts). Nothing here imports Flower; ``fedmoe/fl/client_app.py`` moves records in and out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from fedmoe.fl.state import PersonalStore
+from fedmoe.moe.adapter import MoEAdapter
+from fedmoe.moe.families import Role
+from fedmoe.moe.models import load_model
+from fedmoe.moe.routing import capture_routing
+from fedmoe.task.train import evaluate_lm, set_trainable, train_lm
+
+
+@dataclass
+class ClientBlocks:
+    """A client's tokenized data."""
+
+    train: torch.Tensor  # (N, T)
+    validation: torch.Tensor  # (M, T)
+    domains: list[str]
+
+
+def aggregated_names(adapter: MoEAdapter, cfg: DictConfig) -> list[str]:
+    """Names of the tensors the server aggregates: roles in ``fl.aggregate`` that train."""
+    roles = set(cfg.fl.aggregate) & set(cfg.train.trainable)
+    return adapter.names(*roles)
+
+
+def personal_names(adapter: MoEAdapter, cfg: DictConfig) -> list[str]:
+    """Names of the tensors a client trains and keeps: trainable roles not aggregated."""
+    roles = set(cfg.train.trainable) - set(cfg.fl.aggregate)
+    return adapter.names(*roles)
+
+
+def expert_rows(adapter: MoEAdapter, names: list[str]) -> dict[str, int]:
+    """Of ``names``, those whose first dim indexes the routed experts -> their layer index."""
+    rows = {}
+    for name in names:
+        role = adapter.role_of(name)
+        if role in (Role.ROUTER, Role.ROUTED_EXPERTS):
+            rows[name] = adapter.layer_of(name)
+    return rows
+
+
+@lru_cache(maxsize=2)
+def _base(checkpoint: str, model_yaml: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """One model instance per process and its base weights (reset before each use)."""
+    model = load_model(OmegaConf.create(model_yaml), checkpoint=checkpoint)
+    return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@lru_cache(maxsize=2)
+def _tokenizer(checkpoint: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(checkpoint)
+
+
+@lru_cache(maxsize=1)
+def _partitions(data_yaml: str, num_clients: int):
+    from fedmoe.data import client_datasets, load_data
+
+    data = OmegaConf.create(data_yaml)
+    return client_datasets(load_data(data), num_clients, data.partition, data.alpha, data.seed)
+
+
+@lru_cache(maxsize=256)
+def client_blocks(data_yaml: str, checkpoint: str, client_id: int) -> ClientBlocks:
+    """Tokenized train and held-out blocks of one client (cached per process)."""
+    from fedmoe.data import tokenize_blocks
+
+    data = OmegaConf.create(data_yaml)
+    part = _partitions(data_yaml, data.num_clients)[client_id]
+    tok = _tokenizer(checkpoint)
+    train = tokenize_blocks(part.train, tok, data.block_size, data.max_train_blocks_per_client)
+    val = tokenize_blocks(part.validation, tok, data.block_size, data.max_eval_blocks_per_client)
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(
+            f"client {client_id} has no full block of data.block_size={data.block_size} tokens "
+            f"(train {len(train)}, validation {len(val)}): lower data.num_clients or block_size"
+        )
+    return ClientBlocks(train, val, part.domains)
+
+
+class LocalClient:
+    """A client's personalized model, rebuilt from base + global + personal state.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The composed ``simulate`` config.
+    client_id : int
+        Partition id of this client.
+    checkpoint : str or Path
+        Base model directory (``fedmoe pretrain`` output or ``model.path``).
+    state_dir : str or Path
+        Node-local directory for this client's personal state.
+    """
+
+    def __init__(self, cfg: DictConfig, client_id: int, checkpoint: str | Path,
+                 state_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.client_id = client_id
+        self.checkpoint = str(checkpoint)
+        self.store = PersonalStore(state_dir)
+        model_yaml = OmegaConf.to_yaml(cfg.model, resolve=True)
+        self.model, self._base_state = _base(self.checkpoint, model_yaml)
+        self.adapter = MoEAdapter(self.model)
+        data_yaml = OmegaConf.to_yaml(cfg.data, resolve=True)
+        self.data = client_blocks(data_yaml, self.checkpoint, client_id)
+
+    # ---- model assembly ------------------------------------------------------------------
+    def assemble(self, global_arrays: dict[str, np.ndarray]) -> dict:
+        """Load base, then global, then personal tensors into the model; return the meta."""
+        self.model.load_state_dict(self._base_state)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in global_arrays.items():
+                params[name].copy_(torch.from_numpy(value))
+            saved = self.store.load()
+            tensors, meta = saved if saved else ({}, {"rounds": 0})
+            for name, value in tensors.items():
+                if name in params:
+                    params[name].copy_(value)
+        return meta
+
+    def personal_tensors(self) -> dict[str, torch.Tensor]:
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach().clone() for n in personal_names(self.adapter, self.cfg)}
+
+    def outgoing(self) -> dict[str, np.ndarray]:
+        """The aggregated tensors after local training (float32, as the server keeps them)."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach().float().numpy().copy()
+                for n in aggregated_names(self.adapter, self.cfg)}
+
+    # ---- one round -----------------------------------------------------------------------
+    def fit(self, global_arrays: dict[str, np.ndarray], server_round: int) -> dict:
+        """Local steps on the client's data; personal state saved; the reply's parts."""
+        meta = self.assemble(global_arrays)
+        t = self.cfg.train
+        set_trainable(self.model, t.trainable)
+        start = time.perf_counter()
+        with capture_routing(self.model, self.adapter, router_probs=False) as trace:
+            result = train_lm(
+                self.model, self.data.train, steps=t.local_steps, batch_size=t.batch_size,
+                lr=t.lr, aux_loss_coef=t.aux_loss_coef, weight_decay=t.weight_decay,
+                max_grad_norm=t.max_grad_norm,
+                seed=self.cfg.seed * 1_000_003 + self.client_id * 1_009 + server_round,
+                progress=f"client {self.client_id}" if self.cfg.verbose else False,
+            )
+        counts = {str(r.layer): r.counts(self.adapter.layer(r.layer).num_experts).tolist()
+                  for r in trace}
+        meta = _merge_routing(meta, counts) | {"rounds": meta["rounds"] + 1,
+                                                "last_round": server_round}
+        self.store.save(self.personal_tensors(), meta)
+        return {
+            "arrays": self.outgoing(),
+            "metrics": {"num-examples": int(self.data.train.shape[0]),
+                        "client-id": self.client_id, "train_loss": result.loss,
+                        "aux_loss": result.aux_loss, "steps": result.steps,
+                        "train_seconds": time.perf_counter() - start},
+            "experts": meta.get("kept"),
+        }
+
+    def evaluate(self, global_arrays: dict[str, np.ndarray]) -> dict:
+        """Held-out perplexity of the client's personalized model."""
+        self.assemble(global_arrays)
+        ev = evaluate_lm(self.model, self.data.validation, self.cfg.train.batch_size)
+        return {"num-examples": int(self.data.validation.shape[0]),
+                "client-id": self.client_id, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"]}
+
+
+def _merge_routing(meta: dict, counts: dict[str, list[int]]) -> dict:
+    """Add this round's per-layer expert selection counts to the running totals."""
+    totals = dict(meta.get("expert_counts", {}))
+    for layer, c in counts.items():
+        old = totals.get(layer, [0] * len(c))
+        totals[layer] = [a + b for a, b in zip(old, c, strict=True)]
+    return meta | {"expert_counts": totals}

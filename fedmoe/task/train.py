@@ -1,0 +1,142 @@
+"""Causal-LM training with the router load-balancing loss, and perplexity evaluation.
+
+The same loop serves pretraining, local federated training and baselines: it works on any
+model of a supported family and a tensor of token blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from fedmoe.moe.adapter import MoEAdapter
+from fedmoe.moe.families import Role
+
+
+@dataclass
+class TrainResult:
+    """What a call to :func:`train_lm` did."""
+
+    steps: int
+    tokens: int
+    loss: float  # mean causal-LM loss over the steps
+    aux_loss: float  # mean load-balancing loss over the steps
+
+
+def set_trainable(model: nn.Module, roles: Iterable[Role | str]) -> list[str]:
+    """Train exactly the parameters of the given roles; freeze the rest.
+
+    Returns the names of the trainable parameters.
+    """
+    adapter = MoEAdapter(model)
+    wanted = {Role(r) for r in roles}
+    names = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(adapter.role_of(name) in wanted)
+        if p.requires_grad:
+            names.append(name)
+    return names
+
+
+def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy and the router load-balancing loss of one batch.
+
+    The auxiliary loss is the Switch-Transformer load-balancing loss transformers computes
+    when ``output_router_logits=True`` (zero for a family that does not report it).
+    """
+    out = model(input_ids=input_ids, output_router_logits=True, use_cache=False)
+    logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
+    targets = input_ids[:, 1:]  # (B, T-1)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    aux = out.aux_loss if getattr(out, "aux_loss", None) is not None else ce.new_zeros(())
+    return ce, aux
+
+
+def train_lm(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    aux_loss_coef: float = 0.01,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    warmup_steps: int = 0,
+    seed: int = 0,
+    progress: bool | str = False,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> TrainResult:
+    """Run ``steps`` AdamW steps on random batches of ``blocks`` ``(N, T)``.
+
+    Parameters
+    ----------
+    aux_loss_coef : float
+        Weight of the router load-balancing loss added to the causal-LM loss.
+    warmup_steps : int
+        Linear warm-up, then cosine decay to 10% of ``lr`` (0 = constant ``lr``).
+    progress : bool or str
+        Show a progress bar (a string is its description).
+    optimizer : torch.optim.Optimizer, optional
+        Reuse an optimizer (e.g. one restored from personal state).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter has requires_grad (train.trainable)")
+    opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, warmup_steps))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    ce_sum = aux_sum = 0.0
+    bar = tqdm(range(steps), desc=progress if isinstance(progress, str) else "train",
+               disable=not progress, leave=False)
+    for _ in bar:
+        idx = torch.randint(0, blocks.shape[0], (batch_size,), generator=gen)
+        ce, aux = lm_loss(model, blocks[idx])
+        loss = ce + aux_loss_coef * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        sched.step()
+        ce_sum += ce.item()
+        aux_sum += aux.item()
+        bar.set_postfix(loss=f"{ce.item():.3f}")
+    model.eval()
+    n = max(steps, 1)
+    return TrainResult(steps, steps * batch_size * blocks.shape[1], ce_sum / n, aux_sum / n)
+
+
+def _schedule(steps: int, warmup: int):
+    def factor(step: int) -> float:
+        if warmup <= 0:
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
+    """Token-level cross-entropy and perplexity of ``model`` on ``blocks`` ``(N, T)``."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, blocks.shape[0], batch_size):
+        batch = blocks[start : start + batch_size]
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+        targets = batch[:, 1:]
+        total += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
+        ).item()
+        count += targets.numel()
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": float(count)}
