@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,3 +51,10 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
 @pytest.fixture(params=sorted(TINY_FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def fedmoe_cache(tmp_path_factory):
+    """One cache (corpus, pretrained smoke base model) for the whole test session."""
+    path = os.environ.get("FEDMOE_TEST_CACHE")
+    return Path(path) if path else tmp_path_factory.mktemp("fedmoe_cache")

@@ -255,9 +255,7 @@ def _build_rows(max_mb_per_domain: float, chunk_chars: int, seed: int) -> dict[s
 
 
 def _default_cache_dir() -> Path:
-    base = os.environ.get("FEDMOE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fedmoe")
-    return Path(base) / "corpus"
+    return Path(os.environ.get("FEDMOE_CACHE") or ".cache/fedmoe") / "corpus"
 
 
 def _cache_key(max_mb_per_domain: float, chunk_chars: int, seed: int) -> str:
@@ -286,7 +284,7 @@ def build_corpus(
         Salt of the hash that orders sources and assigns them to splits.
     cache_dir : str | Path | None
         Where built corpora are saved (``save_to_disk``), keyed by the arguments and the
-        Python version. ``None`` uses ``$FEDMOE_CACHE_DIR`` or ``~/.cache/fedmoe``.
+        Python version. ``None`` uses ``$FEDMOE_CACHE/corpus`` or ``.cache/fedmoe/corpus``.
 
     Returns
     -------

@@ -16,9 +16,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedmoe.fl.bridge import config_from_run_config
+from fedmoe.fl.mods import audit_mod
 from fedmoe.task.local import LocalClient
 
-app = ClientApp()
+app = ClientApp(mods=[audit_mod])
 
 
 def _client(context: Context) -> LocalClient:

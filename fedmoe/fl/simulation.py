@@ -85,9 +85,14 @@ def _quiet_flower(verbose: bool) -> None:
     """Flower and Ray log floods only with ``verbose=true``."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-        os.environ.setdefault("RAY_LOG_TO_STDERR", "0")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        for name in ("flwr", "alembic", "ray"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def simulation_overrides(cfg: DictConfig, task_overrides: list[str], run_dir: Path,
