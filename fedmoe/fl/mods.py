@@ -23,7 +23,9 @@ def describe(msg: Message) -> dict:
     for name, record in msg.content.items():
         entry: dict = {"kind": type(record).__name__, "bytes": record.count_bytes()}
         if isinstance(record, ArrayRecord):
-            entry["arrays"] = {k: {"shape": list(a.shape), "dtype": a.dtype} for k, a in record.items()}
+            entry["arrays"] = {
+                k: {"shape": list(a.shape), "dtype": a.dtype} for k, a in record.items()
+            }
         elif isinstance(record, MetricRecord | ConfigRecord):
             entry["keys"] = sorted(record.keys())
         records[name] = entry

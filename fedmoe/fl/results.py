@@ -45,12 +45,13 @@ def client_entries(history: dict, payload_bytes: int) -> dict[str, dict]:
             entry = clients.setdefault(str(c), _empty_client())
             entry["bytes_received"] += payload_bytes
             entry["final_ppl"] = float(m["eval_ppl"])
+            entry["base_ppl"] = _num(m.get("base_ppl"))
             entry["examples"] = int(m.get("num-examples", 0))
     return dict(sorted(clients.items(), key=lambda kv: int(kv[0])))
 
 
 def _empty_client() -> dict:
-    return {"final_ppl": None, "examples": 0, "bytes_sent": 0, "bytes_received": 0,
+    return {"final_ppl": None, "base_ppl": None, "examples": 0, "bytes_sent": 0, "bytes_received": 0,
             "rounds_trained": 0}
 
 
@@ -84,10 +85,10 @@ def print_summary(results: dict) -> None:
                        f"{r['bytes_up'] / 2**20:.2f}", f"{r['wall_seconds']:.1f}")
     console.print(rounds)
     clients = Table(title="clients (held-out perplexity of each personalized model)")
-    for col in ("client", "ppl", "examples", "MB sent", "MB received"):
+    for col in ("client", "base ppl", "ppl", "examples", "MB sent", "MB received"):
         clients.add_column(col, justify="right")
     for cid, c in results["clients"].items():
-        clients.add_row(cid, _fmt(c["final_ppl"]),
+        clients.add_row(cid, _fmt(c.get("base_ppl")), _fmt(c["final_ppl"]),
                         str(c["examples"]), f"{c['bytes_sent'] / 2**20:.2f}",
                         f"{c['bytes_received'] / 2**20:.2f}")
     console.print(clients)

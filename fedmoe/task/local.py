@@ -152,6 +152,10 @@ class LocalClient:
     def fit(self, global_arrays: dict[str, np.ndarray], server_round: int) -> dict:
         """Local steps on the client's data; personal state saved; the reply's parts."""
         meta = self.assemble(global_arrays)
+        if "base_ppl" not in meta:
+            # Before any local step the model is the shared starting point: remember how well
+            # it does on this client's held-out data, to report what personalization gained.
+            meta["base_ppl"] = self._held_out()["ppl"]
         t = self.cfg.train
         set_trainable(self.model, t.trainable)
         start = time.perf_counter()
@@ -178,11 +182,17 @@ class LocalClient:
         }
 
     def evaluate(self, global_arrays: dict[str, np.ndarray]) -> dict:
-        """Held-out perplexity of the client's personalized model."""
-        self.assemble(global_arrays)
-        ev = evaluate_lm(self.model, self.data.validation, self.cfg.train.batch_size)
+        """Held-out perplexity of the client's personalized model (and of the base model)."""
+        meta = self.assemble(global_arrays)
+        ev = self._held_out()
+        # A client that never trained holds no personal state: its model is the shared one.
+        base_ppl = meta.get("base_ppl", ev["ppl"])
         return {"num-examples": int(self.data.validation.shape[0]),
-                "client-id": self.client_id, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"]}
+                "client-id": self.client_id, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"],
+                "base_ppl": float(base_ppl)}
+
+    def _held_out(self) -> dict[str, float]:
+        return evaluate_lm(self.model, self.data.validation, self.cfg.train.batch_size)
 
 
 def _merge_routing(meta: dict, counts: dict[str, list[int]]) -> dict:

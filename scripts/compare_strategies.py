@@ -1,0 +1,105 @@
+"""Run fedmoe, fedavg and local side by side on the same seeds, data and compute.
+
+Each strategy is one `fedmoe simulate` run (same experiment, same seed, same clients, same
+local steps); the script prints per-client held-out perplexity (mean, worst client, and each
+client against the same client trained alone), bytes uploaded per round and wall time, and
+saves everything as JSON.
+
+    python scripts/compare_strategies.py                       # experiment=demo
+    python scripts/compare_strategies.py experiment=smoke      # any Hydra overrides
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+STRATEGIES = ("fedmoe", "fedavg", "local")
+
+
+def run(strategy: str, overrides: list[str], out: Path) -> dict:
+    """One `fedmoe simulate` run in its own process; its results.json."""
+    run_dir = out / strategy
+    cmd = [sys.executable, "-m", "fedmoe.cli", "simulate", f"strategy={strategy}",
+           f"hydra.run.dir={run_dir}", *overrides]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=os.environ | {"WANDB_MODE": "offline"})
+    results = json.loads((run_dir / "results.json").read_text())
+    results["process_seconds"] = time.perf_counter() - t0
+    return results
+
+
+def summarize(results: dict) -> dict:
+    """The numbers the comparison quotes for one strategy."""
+    ppl = {c: v["final_ppl"] for c, v in results["clients"].items()}
+    rounds = results["rounds"]
+    return {
+        "ppl_mean": sum(ppl.values()) / len(ppl),
+        "ppl_worst": max(ppl.values()),
+        "ppl_by_client": ppl,
+        "base_ppl_mean": _mean(v.get("base_ppl") for v in results["clients"].values()),
+        "bytes_up_per_client_round": rounds[-1]["bytes_up"] / max(len(rounds[-1]["accepted"]), 1),
+        "bytes_up_total": sum(r["bytes_up"] for r in rounds),
+        "bytes_down_total": sum(r["bytes_down"] for r in rounds),
+        "seconds_per_round": sum(r["wall_seconds"] for r in rounds) / len(rounds),
+        "wall_seconds": results["wall_seconds"],
+    }
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def print_tables(summary: dict[str, dict]) -> None:
+    console = Console(width=140)
+    table = Table(title="strategies side by side (held-out perplexity of each client's model)")
+    for col in ("strategy", "ppl mean", "ppl worst", "vs local (mean)", "MB up/client/round",
+                "s/round"):
+        table.add_column(col, justify="right")
+    local = summary.get("local")
+    for name, s in summary.items():
+        ratio = f"{s['ppl_mean'] / local['ppl_mean']:.3f}" if local else "-"
+        table.add_row(name, f"{s['ppl_mean']:.2f}", f"{s['ppl_worst']:.2f}", ratio,
+                      f"{s['bytes_up_per_client_round'] / 2**20:.3f}",
+                      f"{s['seconds_per_round']:.1f}")
+    console.print(table)
+    clients = Table(title="per client")
+    clients.add_column("client", justify="right")
+    for name in summary:
+        clients.add_column(name, justify="right")
+    first = next(iter(summary.values()))
+    for c in first["ppl_by_client"]:
+        clients.add_row(c, *[f"{summary[n]['ppl_by_client'][c]:.2f}" for n in summary])
+    console.print(clients)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
+    parser.add_argument("--out", default=f"outputs/compare/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    names = args.strategies.split(",")
+    results = {name: run(name, args.overrides, out) for name in names}
+    summary = {name: summarize(r) for name, r in results.items()}
+    print_tables(summary)
+    if "fedmoe" in summary and "fedavg" in summary:
+        up = summary["fedavg"]["bytes_up_per_client_round"]
+        print(f"upload per client per round: fedmoe/fedavg = "
+              f"{summary['fedmoe']['bytes_up_per_client_round'] / up:.3f}")
+    (out / "compare.json").write_text(json.dumps(summary, indent=2))
+    print(f"saved {out / 'compare.json'}")
+
+
+if __name__ == "__main__":
+    main()

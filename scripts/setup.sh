@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv and install fedmoe with its dev extras. Idempotent: a second call with the same
+# pyproject.toml reuses the environment and returns at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+stamp=.venv/.fedmoe-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+# pip, minus the noise of find-links folders this machine's pip.conf names but lacks.
+pipq() { .venv/bin/python -m pip -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pipq install --upgrade pip
+# The CPU build of torch first: a bare `torch` requirement may pull a multi-GB CUDA build.
+# pyproject.toml keeps a range, so elsewhere any compatible build will do.
+pipq install "torch==2.13.0" || pipq install "torch>=2.4,<3"
+pipq install -e ".[dev]"
+.venv/bin/python -c "import fedmoe, flwr, torch, transformers, peft, hydra, wandb"
+echo "$want" > "$stamp"
+echo "fedmoe installed in .venv (torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'))"
