@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from fedmoe.fl.bridge import config_from_run_config
 from fedmoe.fl.mods import audit_mod
 from fedmoe.task.local import LocalClient
+from fedmoe.task.pretrain import base_checkpoint_dir
 
 app = ClientApp(mods=[audit_mod])
 
@@ -27,19 +28,31 @@ def _client(context: Context) -> LocalClient:
     cfg = config_from_run_config(context.run_config)
     node = context.node_config
     client_id = int(node.get("partition-id", node.get("client-id", 0)))
-    state_root = node.get("state-dir") or cfg.fl.state_dir
-    if not state_root:
-        raise ValueError("no personal-state directory: set node config 'state-dir' or fl.state_dir")
+    # Node config wins (a real device names its own directory), then the config; a run
+    # launched by `flwr run` without either keeps state under the cache, per run.
+    state_root = (node.get("state-dir") or cfg.fl.state_dir
+                  or Path(cfg.cache_dir) / "state" / f"run_{context.run_id}")
     if cfg.fl.client_threads:
         torch.set_num_threads(int(cfg.fl.client_threads))
     if not cfg.verbose:
         logging.getLogger("transformers").setLevel(logging.ERROR)
-    checkpoint = node.get("base-model") or cfg.fl.base_model
+    checkpoint = node.get("base-model") or cfg.fl.base_model or base_model_dir(cfg)
     return LocalClient(cfg, client_id, checkpoint, Path(state_root) / f"client_{client_id:04d}")
 
 
 def _array_dict(arrays: dict[str, np.ndarray]) -> dict[str, Array]:
     return {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+
+def base_model_dir(cfg) -> str:
+    """The base checkpoint when the launcher named none: ``model.path`` or the pretrained one."""
+    if cfg.model.path:
+        return str(cfg.model.path)
+    path = base_checkpoint_dir(cfg)
+    if not path.exists():
+        raise FileNotFoundError(f"no base model at {path}: run `fedmoe pretrain` with the same "
+                                "model/data/pretraining config, or set fl.base_model")
+    return str(path)
 
 
 def _arrays(msg: Message) -> dict[str, np.ndarray]:

@@ -51,8 +51,8 @@ def client_entries(history: dict, payload_bytes: int) -> dict[str, dict]:
 
 
 def _empty_client() -> dict:
-    return {"final_ppl": None, "base_ppl": None, "examples": 0, "bytes_sent": 0, "bytes_received": 0,
-            "rounds_trained": 0}
+    return {"final_ppl": None, "base_ppl": None, "examples": 0, "bytes_sent": 0,
+            "bytes_received": 0, "rounds_trained": 0}
 
 
 def _num(x) -> float | None:
@@ -92,6 +92,29 @@ def print_summary(results: dict) -> None:
                         str(c["examples"]), f"{c['bytes_sent'] / 2**20:.2f}",
                         f"{c['bytes_received'] / 2**20:.2f}")
     console.print(clients)
+    for line in headline(results):
+        console.print(line)
+
+
+def headline(results: dict) -> list[str]:
+    """The comparison that matters: what personalization gained, what communication cost."""
+    lines = []
+    pairs = [(c["base_ppl"], c["final_ppl"]) for c in results["clients"].values()
+             if c.get("base_ppl") and c.get("final_ppl")]
+    if pairs:
+        base = sum(b for b, _ in pairs) / len(pairs)
+        final = sum(f for _, f in pairs) / len(pairs)
+        better = sum(f < b for b, f in pairs)
+        lines.append(f"held-out perplexity, mean over {len(pairs)} clients: shared start "
+                     f"{base:.2f} -> personalized {final:.2f} ({final / base:.3f}x); "
+                     f"{better}/{len(pairs)} clients improved")
+    full = results.get("trainable_bytes")
+    if full:
+        sent = results.get("payload_bytes", 0)
+        lines.append(f"upload per client per round: {sent / 2**20:.2f} MB = "
+                     f"{sent / full:.1%} of all trainable tensors ({full / 2**20:.2f} MB, what "
+                     f"strategy=fedavg sends)")
+    return lines
 
 
 def _fmt(x) -> str:

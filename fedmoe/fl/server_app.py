@@ -19,20 +19,21 @@ from fedmoe.fl.bridge import config_from_run_config
 from fedmoe.fl.results import client_entries, round_entry, write_json
 from fedmoe.fl.strategy import build_strategy
 from fedmoe.moe.adapter import MoEAdapter
-from fedmoe.moe.models import load_model
-from fedmoe.task.local import aggregated_names, expert_rows
+from fedmoe.task.local import aggregated_names, expert_rows, prepare_model, trainable_names
 
 app = ServerApp()
 
 
-def initial_arrays(cfg) -> tuple[ArrayRecord, dict[str, int]]:
-    """The aggregated tensors of the base model (float32) and which of them are per-expert."""
-    model = load_model(cfg.model, checkpoint=cfg.fl.base_model)
+def initial_arrays(cfg) -> tuple[ArrayRecord, dict[str, int], int]:
+    """The aggregated tensors of the base model (float32), which of them are per-expert, and
+    the float32 bytes of every trainable tensor (what FedAvg-style training would send)."""
+    model = prepare_model(cfg.model, cfg.fl.base_model, cfg.train, cfg.seed)
     adapter = MoEAdapter(model)
-    names = aggregated_names(adapter, cfg)
+    names = aggregated_names(model, adapter, cfg)
     params = dict(model.named_parameters())
     arrays = ArrayRecord({n: Array(params[n].detach().float().numpy().copy()) for n in names})
-    return arrays, expert_rows(adapter, names)
+    trainable = sum(params[n].numel() * 4 for n in trainable_names(model))
+    return arrays, expert_rows(model, adapter, names), trainable
 
 
 def _strategy(cfg, rows: dict[str, int]):
@@ -55,6 +56,7 @@ class RoundReporter:
         self.cfg, self.strategy, self.payload = cfg, strategy, payload_bytes
         self.bar = tqdm(total=int(cfg.fl.num_rounds), desc="rounds", unit="round")
         self.t0 = time.perf_counter()
+        self.trainable_bytes = 0
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -77,6 +79,8 @@ class RoundReporter:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "strategy": {"name": s.name, "aggregate": list(self.cfg.fl.aggregate),
                          "rule": s.rule, "server_opt": s.server_opt},
+            "payload_bytes": self.payload,
+            "trainable_bytes": self.trainable_bytes,
             "rounds": [round_entry(r, history[r], self.payload) for r in sorted(history)],
             "clients": client_entries(history, self.payload),
             "wall_seconds": time.perf_counter() - self.t0,
@@ -89,13 +93,28 @@ def _f(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _runtime_config(cfg, run_id: int):
+    """Fill what a launcher other than `fedmoe simulate` (e.g. `flwr run .`) left unset."""
+    if cfg.fl.base_model and cfg.run_dir:
+        return cfg
+    from fedmoe.task.pretrain import ensure_base_model
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if not cfg.fl.base_model:
+        cfg.fl.base_model = str(cfg.model.path or ensure_base_model(cfg, progress=False))
+    if not cfg.run_dir:
+        cfg.run_dir = str(Path("outputs") / "flwr" / f"run_{run_id}")
+    return cfg
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = config_from_run_config(context.run_config)
-    arrays, rows = initial_arrays(cfg)
+    cfg = _runtime_config(config_from_run_config(context.run_config), context.run_id)
+    arrays, rows, trainable_bytes = initial_arrays(cfg)
     payload = int(sum(np.asarray(a.numpy()).nbytes for a in arrays.values()))
     strategy = _strategy(cfg, rows)
     reporter = RoundReporter(cfg, strategy, payload)
+    reporter.trainable_bytes = trainable_bytes
     strategy.start(
         grid=grid, initial_arrays=arrays, num_rounds=int(cfg.fl.num_rounds),
         timeout=float(cfg.fl.round_timeout), train_config=ConfigRecord({}),

@@ -24,6 +24,7 @@ from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
 from fedmoe.moe.models import load_model
 from fedmoe.moe.routing import capture_routing
+from fedmoe.task.lora import apply_lora
 from fedmoe.task.train import evaluate_lm, set_trainable, train_lm
 
 
@@ -36,32 +37,57 @@ class ClientBlocks:
     domains: list[str]
 
 
-def aggregated_names(adapter: MoEAdapter, cfg: DictConfig) -> list[str]:
-    """Names of the tensors the server aggregates: roles in ``fl.aggregate`` that train."""
-    roles = set(cfg.fl.aggregate) & set(cfg.train.trainable)
-    return adapter.names(*roles)
+def prepare_model(model_cfg, checkpoint: str | Path, train_cfg, seed: int = 0) -> nn.Module:
+    """The trainable model of a run: full fine-tuning of ``train.trainable`` roles, or LoRA
+    on them (``train.method=lora``). Server and clients build it the same way, so tensor
+    names agree on both sides."""
+    model = load_model(model_cfg, checkpoint=checkpoint)
+    if train_cfg.method == "lora":
+        torch.manual_seed(seed)  # LoRA A matrices start from the same draw everywhere
+        lora = train_cfg.lora
+        return apply_lora(model, train_cfg.trainable, lora.r, lora.alpha, lora.dropout)
+    if train_cfg.method != "full":
+        raise ValueError(f"train.method={train_cfg.method!r}: expected one of ['full', 'lora']")
+    set_trainable(model, train_cfg.trainable)
+    return model
 
 
-def personal_names(adapter: MoEAdapter, cfg: DictConfig) -> list[str]:
-    """Names of the tensors a client trains and keeps: trainable roles not aggregated."""
-    roles = set(cfg.train.trainable) - set(cfg.fl.aggregate)
-    return adapter.names(*roles)
+def trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def expert_rows(adapter: MoEAdapter, names: list[str]) -> dict[str, int]:
-    """Of ``names``, those whose first dim indexes the routed experts -> their layer index."""
+def aggregated_names(model: nn.Module, adapter: MoEAdapter, cfg: DictConfig) -> list[str]:
+    """Names of the tensors the server aggregates: trained tensors of ``fl.aggregate`` roles."""
+    roles = {Role(r) for r in cfg.fl.aggregate}
+    return [n for n in trainable_names(model) if adapter.role_of(n) in roles]
+
+
+def personal_names(model: nn.Module, adapter: MoEAdapter, cfg: DictConfig) -> list[str]:
+    """Names of the tensors a client trains and keeps: every trained tensor not aggregated."""
+    roles = {Role(r) for r in cfg.fl.aggregate}
+    return [n for n in trainable_names(model) if adapter.role_of(n) not in roles]
+
+
+def expert_rows(model: nn.Module, adapter: MoEAdapter, names: list[str]) -> dict[str, int]:
+    """Of ``names``, those whose first dim indexes the routed experts -> their layer index
+    (router rows, fused expert tensors; not LoRA factors, whose rows mix experts and rank)."""
+    params = dict(model.named_parameters())
     rows = {}
     for name in names:
-        role = adapter.role_of(name)
-        if role in (Role.ROUTER, Role.ROUTED_EXPERTS):
-            rows[name] = adapter.layer_of(name)
+        layer = adapter.layer_of(name)
+        if adapter.role_of(name) not in (Role.ROUTER, Role.ROUTED_EXPERTS) or layer is None:
+            continue
+        if params[name].shape[0] == adapter.layer(layer).num_experts:
+            rows[name] = layer
     return rows
 
 
 @lru_cache(maxsize=2)
-def _base(checkpoint: str, model_yaml: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """One model instance per process and its base weights (reset before each use)."""
-    model = load_model(OmegaConf.create(model_yaml), checkpoint=checkpoint)
+def _base(checkpoint: str, model_yaml: str, train_yaml: str,
+          seed: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """One model instance per process and its starting weights (reset before each use)."""
+    model = prepare_model(OmegaConf.create(model_yaml), checkpoint, OmegaConf.create(train_yaml),
+                          seed)
     return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -118,7 +144,8 @@ class LocalClient:
         self.checkpoint = str(checkpoint)
         self.store = PersonalStore(state_dir)
         model_yaml = OmegaConf.to_yaml(cfg.model, resolve=True)
-        self.model, self._base_state = _base(self.checkpoint, model_yaml)
+        train_yaml = OmegaConf.to_yaml(cfg.train, resolve=True)
+        self.model, self._base_state = _base(self.checkpoint, model_yaml, train_yaml, cfg.seed)
         self.adapter = MoEAdapter(self.model)
         data_yaml = OmegaConf.to_yaml(cfg.data, resolve=True)
         self.data = client_blocks(data_yaml, self.checkpoint, client_id)
@@ -140,13 +167,14 @@ class LocalClient:
 
     def personal_tensors(self) -> dict[str, torch.Tensor]:
         params = dict(self.model.named_parameters())
-        return {n: params[n].detach().clone() for n in personal_names(self.adapter, self.cfg)}
+        names = personal_names(self.model, self.adapter, self.cfg)
+        return {n: params[n].detach().clone() for n in names}
 
     def outgoing(self) -> dict[str, np.ndarray]:
         """The aggregated tensors after local training (float32, as the server keeps them)."""
         params = dict(self.model.named_parameters())
         return {n: params[n].detach().float().numpy().copy()
-                for n in aggregated_names(self.adapter, self.cfg)}
+                for n in aggregated_names(self.model, self.adapter, self.cfg)}
 
     # ---- one round -----------------------------------------------------------------------
     def fit(self, global_arrays: dict[str, np.ndarray], server_round: int) -> dict:
@@ -157,7 +185,6 @@ class LocalClient:
             # it does on this client's held-out data, to report what personalization gained.
             meta["base_ppl"] = self._held_out()["ppl"]
         t = self.cfg.train
-        set_trainable(self.model, t.trainable)
         start = time.perf_counter()
         with capture_routing(self.model, self.adapter, router_probs=False) as trace:
             result = train_lm(

@@ -116,3 +116,17 @@ def test_baselines_run_on_the_same_code(strategy, tmp_path, fedmoe_cache):
         assert list(cfg.fl.aggregate)[:3] == ["router", "shared_expert", "routed_experts"]
         assert up > 0
     assert all(c["final_ppl"] > 1 for c in res["clients"].values())
+
+
+def test_lora_keeps_routed_expert_factors_on_the_client(tmp_path, fedmoe_cache):
+    # Prepare / Execute: LoRA training (train=lora), one round
+    run_dir = _simulate(tmp_path, fedmoe_cache, "train=lora", "fl.num_rounds=1")
+    # Assert: only router and shared-expert tensors (LoRA factors included) cross the wire
+    sent = set()
+    for m in _audit(tmp_path):
+        for record in m["records"].values():
+            sent |= set(record.get("arrays", {}))
+    assert sent and all((".mlp.gate." in n or "shared_expert" in n) for n in sent)
+    assert any("lora_A" in n for n in sent)
+    personal = load_file(run_dir / "clients" / "client_0000" / "personal.safetensors")
+    assert personal and all(".mlp.experts." in n for n in personal)
