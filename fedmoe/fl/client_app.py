@@ -77,7 +77,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     client = _client(context)
-    metrics = client.evaluate(_arrays(msg))
+    server_round = int(msg.content["config"].get("server-round", 0))
+    metrics = client.evaluate(_arrays(msg), server_round)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

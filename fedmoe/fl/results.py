@@ -46,6 +46,10 @@ def client_entries(history: dict, payload_bytes: int) -> dict[str, dict]:
             entry["bytes_received"] += payload_bytes
             entry["final_ppl"] = float(m["eval_ppl"])
             entry["base_ppl"] = _num(m.get("base_ppl"))
+            entry["routed_expert_mb"] = {"before": _num(m.get("routed_mb_before")),
+                                         "after": _num(m.get("routed_mb"))}
+            entry["experts_kept"] = {k.split(".", 1)[1]: int(v) for k, v in sorted(m.items())
+                                     if k.startswith("experts_kept.")}
             entry["examples"] = int(m.get("num-examples", 0))
     return dict(sorted(clients.items(), key=lambda kv: int(kv[0])))
 

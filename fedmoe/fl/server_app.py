@@ -19,6 +19,7 @@ from fedmoe.fl.bridge import config_from_run_config
 from fedmoe.fl.results import client_entries, round_entry, write_json
 from fedmoe.fl.strategy import build_strategy
 from fedmoe.moe.adapter import MoEAdapter
+from fedmoe.prune import check_budget, pruning_enabled
 from fedmoe.task.local import aggregated_names, expert_rows, prepare_model, trainable_names
 
 app = ServerApp()
@@ -29,6 +30,8 @@ def initial_arrays(cfg) -> tuple[ArrayRecord, dict[str, int], int]:
     the float32 bytes of every trainable tensor (what FedAvg-style training would send)."""
     model = prepare_model(cfg.model, cfg.fl.base_model, cfg.train, cfg.seed)
     adapter = MoEAdapter(model)
+    if pruning_enabled(cfg.prune):
+        check_budget(cfg.prune, adapter)  # a budget that cannot be met fails before training
     names = aggregated_names(model, adapter, cfg)
     params = dict(model.named_parameters())
     arrays = ArrayRecord({n: Array(params[n].detach().float().numpy().copy()) for n in names})

@@ -154,7 +154,7 @@ class MoEAdapter:
                     index=i,
                     block=block,
                     router=_unwrap(router),
-                    experts=block.experts,
+                    experts=_unwrap_experts(block.experts),
                     shared=shared,
                     top_k=int(getattr(router, "top_k", getattr(self.config, self.spec.top_k_key))),
                     scoring=self.spec.scoring,
@@ -190,6 +190,14 @@ def _has_submodule(module: nn.Module, path: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+def _unwrap_experts(experts: nn.Module) -> nn.Module:
+    """The transformers experts module under PEFT's ``ParamWrapper`` layers (LoRA on
+    ``target_parameters`` nests one wrapper per adapted tensor)."""
+    while hasattr(experts, "parameter_name") and hasattr(experts, "base_layer"):
+        experts = experts.base_layer
+    return experts
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

@@ -8,6 +8,8 @@ experts). Nothing here imports Flower; ``fedmoe/fl/client_app.py`` moves records
 
 from __future__ import annotations
 
+import copy
+import logging
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,6 +26,16 @@ from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
 from fedmoe.moe.models import load_model
 from fedmoe.moe.routing import capture_routing
+from fedmoe.prune import (
+    RoutingStats,
+    budget_for_round,
+    export_checkpoint,
+    keep_experts,
+    kept_experts,
+    prune_model,
+    pruning_enabled,
+    routed_mb,
+)
 from fedmoe.task.lora import apply_lora
 from fedmoe.task.train import evaluate_lm, set_trainable, train_lm
 
@@ -145,21 +157,33 @@ class LocalClient:
         self.store = PersonalStore(state_dir)
         model_yaml = OmegaConf.to_yaml(cfg.model, resolve=True)
         train_yaml = OmegaConf.to_yaml(cfg.train, resolve=True)
-        self.model, self._base_state = _base(self.checkpoint, model_yaml, train_yaml, cfg.seed)
-        self.adapter = MoEAdapter(self.model)
+        self._template, _ = _base(self.checkpoint, model_yaml, train_yaml, cfg.seed)
+        template_adapter = MoEAdapter(self._template)
+        self._rows = expert_rows(self._template, template_adapter,
+                                 aggregated_names(self._template, template_adapter, cfg))
+        self.model, self.adapter = self._template, template_adapter
         data_yaml = OmegaConf.to_yaml(cfg.data, resolve=True)
         self.data = client_blocks(data_yaml, self.checkpoint, client_id)
 
     # ---- model assembly ------------------------------------------------------------------
     def assemble(self, global_arrays: dict[str, np.ndarray]) -> dict:
-        """Load base, then global, then personal tensors into the model; return the meta."""
-        self.model.load_state_dict(self._base_state)
+        """Base model, sliced to the kept experts, then global, then personal tensors."""
+        saved = self.store.load()
+        tensors, meta = saved if saved else ({}, {"rounds": 0})
+        # A fresh copy each time: clients of one process share the template, and pruning
+        # replaces tensors in place.
+        self.model = copy.deepcopy(self._template)
+        kept = {int(k): v for k, v in (meta.get("kept") or {}).items()}
+        if kept:
+            keep_experts(self.model, kept)
+        self.adapter = MoEAdapter(self.model)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in global_arrays.items():
-                params[name].copy_(torch.from_numpy(value))
-            saved = self.store.load()
-            tensors, meta = saved if saved else ({}, {"rounds": 0})
+                layer = self._rows.get(name)
+                if layer is not None and layer in kept:
+                    value = value[kept[layer]]  # router rows of the experts this client holds
+                params[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
             for name, value in tensors.items():
                 if name in params:
                     params[name].copy_(value)
@@ -178,26 +202,21 @@ class LocalClient:
 
     # ---- one round -----------------------------------------------------------------------
     def fit(self, global_arrays: dict[str, np.ndarray], server_round: int) -> dict:
-        """Local steps on the client's data; personal state saved; the reply's parts."""
+        """Local steps on the client's data, pruning when due; personal state saved."""
         meta = self.assemble(global_arrays)
         if "base_ppl" not in meta:
             # Before any local step the model is the shared starting point: remember how well
             # it does on this client's held-out data, to report what personalization gained.
             meta["base_ppl"] = self._held_out()["ppl"]
-        t = self.cfg.train
+            meta["routed_mb_before"] = routed_mb(self.model)
         start = time.perf_counter()
         with capture_routing(self.model, self.adapter, router_probs=False) as trace:
-            result = train_lm(
-                self.model, self.data.train, steps=t.local_steps, batch_size=t.batch_size,
-                lr=t.lr, aux_loss_coef=t.aux_loss_coef, weight_decay=t.weight_decay,
-                max_grad_norm=t.max_grad_norm,
-                seed=self.cfg.seed * 1_000_003 + self.client_id * 1_009 + server_round,
-                progress=f"client {self.client_id}" if self.cfg.verbose else False,
-            )
-        counts = {str(r.layer): r.counts(self.adapter.layer(r.layer).num_experts).tolist()
-                  for r in trace}
-        meta = _merge_routing(meta, counts) | {"rounds": meta["rounds"] + 1,
-                                                "last_round": server_round}
+            result = self._train(server_round)
+        stats = self._routing_stats(meta)
+        stats.update(trace)  # frequency and TCESS accumulate from training: no extra pass
+        meta = _merge_routing(meta, trace, kept_experts(self.model))
+        meta |= {"rounds": meta["rounds"] + 1, "last_round": server_round}
+        meta |= self._maybe_prune(server_round, stats)
         self.store.save(self.personal_tensors(), meta)
         return {
             "arrays": self.outgoing(),
@@ -208,24 +227,80 @@ class LocalClient:
             "experts": meta.get("kept"),
         }
 
-    def evaluate(self, global_arrays: dict[str, np.ndarray]) -> dict:
+    def _train(self, server_round: int):
+        t = self.cfg.train
+        return train_lm(
+            self.model, self.data.train, steps=t.local_steps, batch_size=t.batch_size,
+            lr=t.lr, aux_loss_coef=t.aux_loss_coef, weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            seed=self.cfg.seed * 1_000_003 + self.client_id * 1_009 + server_round,
+            progress=f"client {self.client_id}" if self.cfg.verbose else False,
+        )
+
+    def _routing_stats(self, meta: dict) -> RoutingStats:
+        prune = self.cfg.get("prune")
+        if meta.get("routing_stats"):
+            return RoutingStats.from_dict(meta["routing_stats"])
+        return RoutingStats(prune.get("tcess_k") if prune else None)
+
+    def _maybe_prune(self, server_round: int, stats: RoutingStats) -> dict:
+        """Prune the routed experts when the schedule says so; the meta entries to keep."""
+        prune = self.cfg.get("prune")
+        budget = (budget_for_round(prune, server_round, self.model)
+                  if pruning_enabled(prune) else None)
+        if budget is None:
+            return {"routing_stats": stats.to_dict()}
+        report = prune_model(self.model, self.data.train, prune, stats, budget=budget)
+        self.adapter = MoEAdapter(self.model)
+        new_stats = report["stats"] or RoutingStats(prune.get("tcess_k"))
+        return {"kept": {str(k): [int(i) for i in v] for k, v in report["kept"].items()},
+                "scores": {str(k): [float(x) for x in v] for k, v in report["scores"].items()},
+                "score": report["score"], "routed_mb_after": report["mb_after"],
+                "pruned_at": server_round, "routing_stats": new_stats.to_dict()}
+
+    def evaluate(self, global_arrays: dict[str, np.ndarray], server_round: int = 0) -> dict:
         """Held-out perplexity of the client's personalized model (and of the base model)."""
         meta = self.assemble(global_arrays)
         ev = self._held_out()
         # A client that never trained holds no personal state: its model is the shared one.
         base_ppl = meta.get("base_ppl", ev["ppl"])
-        return {"num-examples": int(self.data.validation.shape[0]),
-                "client-id": self.client_id, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"],
-                "base_ppl": float(base_ppl)}
+        kept = kept_experts(self.model)
+        metrics = {"num-examples": int(self.data.validation.shape[0]),
+                   "client-id": self.client_id, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"],
+                   "base_ppl": float(base_ppl), "routed_mb": routed_mb(self.model),
+                   "routed_mb_before": float(meta.get("routed_mb_before", routed_mb(self.model)))}
+        metrics |= {f"experts_kept.{layer}": len(ids) for layer, ids in kept.items()}
+        if server_round and server_round == int(self.cfg.fl.num_rounds) and self.cfg.fl.export:
+            self.export(meta)
+        return metrics
+
+    def export(self, meta: dict) -> Path | None:
+        """The personalized model as a standard HF checkpoint in ``<state dir>/model``."""
+        out = self.store.directory / "model"
+        try:
+            export_checkpoint(self.model, _tokenizer(self.checkpoint), out,
+                              kept=kept_experts(self.model), scores=meta.get("scores"),
+                              routing_stats={"expert_counts": meta.get("expert_counts")})
+        except ValueError as e:  # e.g. unequal expert counts per layer: no single HF config
+            logging.getLogger(__name__).warning("client %d: no export: %s", self.client_id, e)
+            return None
+        return out
 
     def _held_out(self) -> dict[str, float]:
         return evaluate_lm(self.model, self.data.validation, self.cfg.train.batch_size)
 
 
-def _merge_routing(meta: dict, counts: dict[str, list[int]]) -> dict:
-    """Add this round's per-layer expert selection counts to the running totals."""
+def _merge_routing(meta: dict, trace, kept: dict[int, list[int]]) -> dict:
+    """Add this round's per-layer expert selection counts to the running totals, indexed by
+    ORIGINAL expert id (so counts of a pruned client stay comparable with everyone's)."""
     totals = dict(meta.get("expert_counts", {}))
-    for layer, c in counts.items():
-        old = totals.get(layer, [0] * len(c))
-        totals[layer] = [a + b for a, b in zip(old, c, strict=True)]
+    for rec in trace:
+        ids = kept[rec.layer]
+        counts = rec.counts(len(ids)).tolist()
+        old = totals.get(str(rec.layer), [0] * (max(ids) + 1))
+        size = max(len(old), max(ids) + 1)
+        merged = old + [0] * (size - len(old))
+        for i, c in zip(ids, counts, strict=True):
+            merged[i] += int(c)
+        totals[str(rec.layer)] = merged
     return meta | {"expert_counts": totals}

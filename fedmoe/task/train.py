@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
@@ -44,18 +45,50 @@ def set_trainable(model: nn.Module, roles: Iterable[Role | str]) -> list[str]:
     return names
 
 
-def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy and the router load-balancing loss of one batch.
+class _RouterLogits:
+    """Collects every MoE layer's router logits (with their graph) during one forward."""
 
-    The auxiliary loss is the Switch-Transformer load-balancing loss transformers computes
-    when ``output_router_logits=True`` (zero for a family that does not report it).
-    """
-    out = model(input_ids=input_ids, output_router_logits=True, use_cache=False)
+    def __init__(self, adapter: MoEAdapter) -> None:
+        self.layers = [layer for layer in adapter.moe_layers() if layer.scoring == "softmax"]
+        self.logits: list[torch.Tensor] = []
+        self.handles = []
+
+    def __enter__(self) -> _RouterLogits:
+        for layer in self.layers:
+            self.handles.append(layer.router.register_forward_hook(self._hook))
+        return self
+
+    def _hook(self, _module, _args, output) -> None:
+        self.logits.append(output[0] if isinstance(output, tuple) else output)
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def aux_loss(self, reference: torch.Tensor) -> torch.Tensor:
+        """Mean over layers of the Switch load-balancing loss (arXiv 2101.03961, eq. 4-6).
+
+        Computed per layer, so layers pruned to different expert counts train too. Families
+        that score experts with a sigmoid (DeepSeek-V3 balances with a bias instead) add none.
+        """
+        if not self.logits:
+            return reference.new_zeros(())
+        losses = [
+            load_balancing_loss_func((z,), z.shape[-1], layer.top_k)
+            for z, layer in zip(self.logits, self.layers, strict=True)
+        ]
+        return torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in losses]).mean()
+
+
+def lm_loss(model: nn.Module, input_ids: torch.Tensor,
+            adapter: MoEAdapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy and the router load-balancing loss of one batch."""
+    with _RouterLogits(adapter or MoEAdapter(model)) as routers:
+        out = model(input_ids=input_ids, use_cache=False)
     logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
     targets = input_ids[:, 1:]  # (B, T-1)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
-    aux = out.aux_loss if getattr(out, "aux_loss", None) is not None else ce.new_zeros(())
-    return ce, aux
+    return ce, routers.aux_loss(ce)
 
 
 def train_lm(
@@ -92,13 +125,14 @@ def train_lm(
     opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, warmup_steps))
     gen = torch.Generator().manual_seed(seed)
+    adapter = MoEAdapter(model)
     model.train()
     ce_sum = aux_sum = 0.0
     bar = tqdm(range(steps), desc=progress if isinstance(progress, str) else "train",
                disable=not progress, leave=False)
     for _ in bar:
         idx = torch.randint(0, blocks.shape[0], (batch_size,), generator=gen)
-        ce, aux = lm_loss(model, blocks[idx])
+        ce, aux = lm_loss(model, blocks[idx], adapter)
         loss = ce + aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()

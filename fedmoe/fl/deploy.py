@@ -1,0 +1,558 @@
+"""Deployment helpers: TLS certificates, SuperNode keys, Flower config, processes, `flwr`.
+
+Everything a launcher (``scripts/deploy/*``) or a deployment test needs to run fedmoe on a
+real Flower federation (Flower 1.42): one ``flower-superlink`` and one ``flower-supernode``
+per device, the run started with ``flwr run . <connection>``. The Hydra configuration reaches
+the apps through the one bridge (:mod:`fedmoe.fl.bridge`), written as a run-config TOML file.
+
+Flower 1.42 facts this module relies on:
+
+- The SuperLink serves its Fleet, Control and Runtime APIs on one HTTP(S) port (``--port``);
+  TLS needs ``--ssl-ca-certfile``, ``--ssl-certfile`` and ``--ssl-keyfile`` together.
+- ``--enable-supernode-auth`` admits only SuperNodes whose public key was registered with
+  ``flwr supernode register <public key> <connection>``; a SuperNode signs with
+  ``--auth-supernode-private-key``. Keys are NIST EC curves in OpenSSH format.
+- ``flwr`` reads SuperLink connections from ``$FLWR_HOME/config.toml`` (``[superlink.<name>]``
+  with ``address``, ``root-certificates`` or ``insecure``); ``address = ":local:"`` makes
+  ``flwr`` start a managed local SuperLink in simulation mode.
+- Every SuperNode on one host needs its own ``--port`` (its ClientAppIo/Runtime API).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+CONFIG_FILE = "config.toml"
+RUN_CONFIG_FILE = "run_config.toml"
+LOCAL_ADDRESS = ":local:"
+
+
+# --- TLS certificates and SuperNode keys ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a test certificate authority and the SuperLink's server certificate."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+@dataclass(frozen=True)
+class NodeKeys:
+    """A SuperNode's ECDSA key pair (OpenSSH formats, as Flower expects)."""
+
+    private_key: Path
+    public_key: Path
+
+
+def _write_secret(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+def generate_tls_certificates(
+    out_dir: str | Path,
+    hosts: Sequence[str] = ("127.0.0.1", "localhost"),
+    days: int = 365,
+) -> TlsFiles:
+    """A self-signed CA and a server certificate for ``hosts``, signed by it.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Directory for ``ca.crt``, ``server.pem`` and ``server.key`` (created).
+    hosts : Sequence[str]
+        Names the SuperLink is reached by: IP addresses become IP SANs, others DNS SANs.
+        The first one is the certificate's common name.
+    days : int
+        Validity of both certificates.
+
+    Returns
+    -------
+    TlsFiles
+        The CA certificate (give it to SuperNodes and to ``flwr``), the server certificate
+        and its private key (give them to the SuperLink).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out = Path(out_dir)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = dict(not_valid_before=now - datetime.timedelta(minutes=5),
+                 not_valid_after=now + datetime.timedelta(days=days))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedmoe test CA")])
+    ca_cert = (
+        x509.CertificateBuilder(**valid)
+        .subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(x509, cert_sign=True), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    sans = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    server_cert = (
+        x509.CertificateBuilder(**valid)
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(x509, cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    pem = serialization.Encoding.PEM
+    out.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(out / "ca.crt", out / "server.pem", out / "server.key")
+    files.ca_cert.write_bytes(ca_cert.public_bytes(pem))
+    files.server_cert.write_bytes(server_cert.public_bytes(pem))
+    _write_secret(files.server_key, server_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return files
+
+
+def _key_usage(x509, cert_sign: bool):
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=not cert_sign, key_cert_sign=cert_sign,
+        crl_sign=cert_sign, encipher_only=False, decipher_only=False,
+    )
+
+
+def generate_supernode_keys(out_dir: str | Path, name: str) -> NodeKeys:
+    """An ECDSA P-384 key pair for SuperNode authentication.
+
+    Writes ``<name>`` (OpenSSH private key, mode 600: it stays on the device, passed to
+    ``flower-supernode --auth-supernode-private-key``) and ``<name>.pub`` (OpenSSH public
+    key: registered with ``flwr supernode register``).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    out = Path(out_dir)
+    keys = NodeKeys(out / name, out / f"{name}.pub")
+    _write_secret(keys.private_key, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption()))
+    keys.public_key.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    return keys
+
+
+# --- Flower configuration ------------------------------------------------------------------
+
+
+def write_superlink_connection(
+    flwr_home: str | Path,
+    name: str,
+    address: str,
+    *,
+    root_certificates: str | Path | None = None,
+    insecure: bool = False,
+    default: bool = True,
+) -> Path:
+    """Add (or replace) the connection ``[superlink.<name>]`` in ``$FLWR_HOME/config.toml``.
+
+    Parameters
+    ----------
+    flwr_home : str or Path
+        The ``FLWR_HOME`` of the machine that runs ``flwr`` (created when missing).
+    name : str
+        Connection name: the second argument of ``flwr run . <name>``.
+    address : str
+        The SuperLink's ``host:port``, or ``":local:"`` for a managed local simulation.
+    root_certificates : str or Path or None
+        CA certificate that signed the SuperLink's certificate (TLS).
+    insecure : bool
+        Plain HTTP (only for a SuperLink started with ``--insecure``).
+    default : bool
+        Make it the default connection.
+
+    Returns
+    -------
+    Path
+        The config file.
+    """
+    import tomli
+    import tomli_w
+
+    if address != LOCAL_ADDRESS and not insecure and root_certificates is None:
+        raise ValueError(f"connection {name!r}: a TLS SuperLink needs root_certificates "
+                         "(the CA certificate), or insecure=True for an --insecure one")
+    path = Path(flwr_home) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = tomli.loads(path.read_text()) if path.exists() else {}
+    superlink = config.setdefault("superlink", {})
+    entry: dict = {"address": address}
+    if root_certificates is not None:
+        entry["root-certificates"] = str(Path(root_certificates).resolve())
+    if insecure:
+        entry["insecure"] = True
+    superlink[name] = entry
+    if default or "default" not in superlink:
+        superlink["default"] = name
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+def write_run_config(path: str | Path, overrides: Sequence[str]) -> Path:
+    """A ``--run-config`` TOML file carrying the Hydra ``overrides`` (the one bridge)."""
+    import tomli_w
+
+    from fedmoe.fl.bridge import to_run_config
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(to_run_config(list(overrides))))
+    return path
+
+
+def node_config_arg(node_config: Mapping[str, str | int | float | bool]) -> str:
+    """The ``--node-config`` string of a SuperNode: ``key=value`` pairs, TOML values.
+
+    Strings are double-quoted; Flower's parser takes a quoted value up to the next double
+    quote, so a string holding one is refused.
+    """
+    parts = []
+    for key, value in node_config.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            value = str(value)
+            if '"' in value or "\\" in value:
+                raise ValueError(f"node config {key}={value!r}: no '\"' or '\\' allowed")
+            text = f'"{value}"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def _bin(name: str) -> str:
+    """An executable of this interpreter's environment (the venv), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def flwr_env(flwr_home: str | Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: a private ``FLWR_HOME``, no runtime installs.
+
+    ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` keeps Flower from building a virtual
+    environment per run (with uv, downloading torch); telemetry and update checks are off.
+    """
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(Path(flwr_home).resolve()),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+    })
+    env.update(extra or {})
+    return env
+
+
+def superlink_command(
+    port: int,
+    *,
+    tls: TlsFiles | None,
+    auth: bool = True,
+    host: str = "127.0.0.1",
+    database: str | Path | None = None,
+    simulation: bool = False,
+) -> list[str]:
+    """``flower-superlink`` arguments: TLS unless ``tls`` is None, SuperNode auth when ``auth``.
+
+    With ``database`` the SuperLink keeps its state (runs, registered nodes) in that SQLite
+    file across restarts; without it, in memory.
+    """
+    cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port),
+           "--disable-runtime-dependency-installation"]
+    if tls is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+                "--ssl-keyfile", str(tls.server_key)]
+    if auth:
+        cmd.append("--enable-supernode-auth")
+    if database is not None:
+        cmd += ["--database", str(database)]
+    if simulation:
+        cmd.append("--simulation")
+    return cmd
+
+
+def supernode_command(
+    superlink: str,
+    port: int,
+    node_config: Mapping[str, str | int | float | bool],
+    *,
+    root_certificates: str | Path | None,
+    private_key: str | Path | None = None,
+    host: str = "127.0.0.1",
+    max_wait_time: float | None = None,
+) -> list[str]:
+    """``flower-supernode`` arguments.
+
+    Parameters
+    ----------
+    superlink : str
+        The SuperLink's ``host:port``.
+    port : int
+        This SuperNode's own local API port (unique per SuperNode on a host).
+    node_config : Mapping
+        The node config its ClientApp reads (``partition-id`` or ``data-path``,
+        ``state-dir``, ``memory-budget-mb``, ...).
+    root_certificates : str or Path or None
+        CA certificate of the SuperLink; ``None`` connects with ``--insecure``.
+    private_key : str or Path or None
+        The node's private key (SuperNode authentication).
+    max_wait_time : float or None
+        Give up reconnecting to the SuperLink after this many seconds.
+    """
+    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--host", host,
+           "--port", str(port), "--node-config", node_config_arg(node_config)]
+    if root_certificates is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(root_certificates)]
+    if private_key is not None:
+        cmd += ["--auth-supernode-private-key", str(private_key)]
+    if max_wait_time is not None:
+        cmd += ["--max-wait-time", str(max_wait_time)]
+    return cmd
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """A long-running process (SuperLink, SuperNode) with its log file; stopped by its pid.
+
+    Parameters
+    ----------
+    name : str
+        For messages.
+    cmd : Sequence[str]
+        The command.
+    log_path : str or Path
+        stdout and stderr go here (appended, so a restart keeps the history).
+    env : Mapping[str, str] or None
+        Environment (see :func:`flwr_env`).
+    cwd : str or Path or None
+        Working directory.
+    """
+
+    def __init__(self, name: str, cmd: Sequence[str], log_path: str | Path,
+                 env: Mapping[str, str] | None = None, cwd: str | Path | None = None) -> None:
+        self.name, self.cmd = name, list(cmd)
+        self.log_path = Path(log_path)
+        self.env, self.cwd = dict(env) if env else None, cwd
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Service:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== start {' '.join(self.cmd)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for(self, pattern: str, timeout: float, since: int = 0) -> re.Match:
+        """Wait until ``pattern`` (a regex) appears in the log after offset ``since``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.log()[since:])
+            if match:
+                return match
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode if self.proc else '-'}) "
+                                   f"before logging {pattern!r}; log tail:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: no {pattern!r} within {timeout:.0f} s; "
+                                   f"log tail:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self, timeout: float = 10.0, kill: bool = False) -> None:
+        """Stop the process and every process it started (ServerApp, ClientApps), by pid.
+
+        ``kill=True`` sends SIGKILL at once: a crash, as a test of faults needs it.
+        """
+        if self.proc is None:
+            return
+        stop_tree(self.proc.pid, timeout=timeout, kill=kill)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=timeout)
+
+    def __enter__(self) -> Service:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def stop_tree(pid: int, timeout: float = 10.0, kill: bool = False) -> None:
+    """Terminate (or kill) process ``pid`` and all its descendants, each by its own pid."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill() if kill else p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> None:
+    """Wait until something accepts TCP connections on ``host:port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+# --- the `flwr` CLI ------------------------------------------------------------------------
+
+
+def flwr(args: Sequence[str], env: Mapping[str, str], cwd: str | Path | None = None,
+         timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Run ``flwr <args>`` (bounded in time); raise with its output when it fails."""
+    proc = subprocess.run([_bin("flwr"), *args], env=dict(env), cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`flwr {' '.join(args)}` failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _json_out(proc: subprocess.CompletedProcess) -> dict:
+    """The JSON object ``flwr ... --format json`` printed (the last line that parses)."""
+    for line in reversed(proc.stdout.strip().splitlines()):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    raise RuntimeError(f"no JSON in `flwr` output:\n{proc.stdout[-2000:]}")
+
+
+def register_supernode(public_key: str | Path, connection: str, env: Mapping[str, str]) -> int:
+    """``flwr supernode register``: admit the key's owner to the SuperLink; its node id."""
+    proc = flwr(["supernode", "register", str(public_key), connection, "--format", "json"], env)
+    return int(_json_out(proc)["node-id"])
+
+
+def start_run(app_dir: str | Path, connection: str, overrides: Sequence[str],
+              env: Mapping[str, str], federation_config: str | None = None,
+              timeout: float = 180.0) -> int:
+    """``flwr run <app_dir> <connection>`` with the Hydra ``overrides``; the run id.
+
+    The overrides travel as the run config's ``hydra-overrides`` key, from a TOML file next
+    to Flower's config (so no shell quoting is involved).
+    """
+    run_config = write_run_config(Path(env["FLWR_HOME"]) / RUN_CONFIG_FILE, overrides)
+    args = ["run", str(app_dir), connection, "--run-config", str(run_config), "--format", "json"]
+    if federation_config:
+        args += ["--federation-config", federation_config]
+    out = _json_out(flwr(args, env, cwd=app_dir, timeout=timeout))
+    if not out.get("success"):
+        raise RuntimeError(f"flwr run did not start a run: {out}")
+    return int(out["run-id"])
+
+
+def run_status(run_id: int, connection: str, env: Mapping[str, str]) -> dict:
+    """``flwr list --run-id``: the run's row (``status`` is e.g. ``finished:completed``)."""
+    proc = flwr(["list", connection, "--run-id", str(run_id), "--format", "json"], env)
+    runs = _json_out(proc).get("runs", [])
+    if not runs:
+        raise RuntimeError(f"run {run_id} unknown to the SuperLink of {connection!r}")
+    return runs[0]
+
+
+def wait_for_run(run_id: int, connection: str, env: Mapping[str, str], timeout: float,
+                 poll: float = 2.0) -> dict:
+    """Wait until the run has finished; its last status row."""
+    deadline = time.monotonic() + timeout
+    while True:
+        row = run_status(run_id, connection, env)
+        if str(row.get("status", "")).startswith("finished"):
+            return row
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"run {run_id} not finished after {timeout:.0f} s: {row}")
+        time.sleep(poll)
+
+
+def stop_run(run_id: int, connection: str, env: Mapping[str, str]) -> None:
+    """``flwr stop``: stop a run that is still going (its ServerApp exits)."""
+    flwr(["stop", str(run_id), connection], env)

@@ -1,0 +1,130 @@
+"""Score, plan and slice in one call: what the federated client and ``fedmoe prune`` run.
+
+Usage::
+
+    stats = RoutingStats(prune_cfg.tcess_k)       # fed each training step's routing trace
+    budget = budget_for_round(prune_cfg, server_round, model)
+    if budget is not None:
+        report = prune_model(model, blocks, prune_cfg, stats, budget=budget)
+        stats = report["stats"]                   # re-indexed to the kept experts
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedmoe.moe.adapter import MoEAdapter
+from fedmoe.prune.budget import (
+    _get,
+    check_budget,
+    expert_mb,
+    plan_keep,
+    pruning_enabled,
+    routed_mb,
+)
+from fedmoe.prune.scores import RoutingStats, compute_scores
+from fedmoe.prune.slicing import keep_experts
+
+
+def _plain(cfg: Any) -> dict:
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(cfg):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return dict(cfg)
+
+
+def budget_for_round(
+    prune_cfg: Any, server_round: int, model_or_adapter: nn.Module | MoEAdapter
+) -> Mapping[str, Any] | None:
+    """The budget to prune with after ``server_round``'s local training, or ``None``.
+
+    One-shot: the config's budget at ``prune.at_round``. Gradual (``prune.schedule``, a list
+    of ``[round, keep]``): at each listed round, keep that fraction of the ORIGINAL experts.
+    """
+    if not pruning_enabled(prune_cfg):
+        return None
+    schedule = _get(prune_cfg, "schedule")
+    if schedule:
+        adapter = model_or_adapter if isinstance(model_or_adapter, MoEAdapter) \
+            else MoEAdapter(model_or_adapter)
+        original = getattr(adapter.config, "fedmoe_num_experts_original", None) \
+            or adapter.num_experts
+        for step_round, keep in schedule:
+            if int(step_round) == server_round:
+                return {"keep_per_layer": math.floor(float(keep) * original + 0.5)}
+        return None
+    return _plain(prune_cfg) if int(_get(prune_cfg, "at_round") or 1) == server_round else None
+
+
+def prune_model(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    prune_cfg: Any,
+    stats: RoutingStats | None = None,
+    *,
+    budget: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score the experts on the client's data, plan the budget and slice, in place.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The client's model (optionally PEFT); rebuild optimizers afterwards.
+    blocks : Tensor
+        ``(N, T)`` client token blocks, for the scores that need a pass.
+    prune_cfg : DictConfig or dict
+        The ``prune`` config group (``conf/prune/default.yaml``).
+    stats : RoutingStats, optional
+        Routing statistics accumulated during training; used for ``frequency`` and ``tcess``
+        instead of a pass when it has seen tokens.
+    budget : Mapping, optional
+        Overrides the config's budget keys (e.g. from :func:`budget_for_round`).
+
+    Returns
+    -------
+    dict
+        ``score``, ``scores`` (layer -> array over the experts before pruning), ``kept``
+        (layer -> ORIGINAL ids now held), ``kept_current`` (layer -> ids among the experts
+        before this pruning), ``num_experts`` (layer -> count), ``mb_before`` / ``mb_after``
+        (routed-expert MB), ``stats`` (``stats`` re-indexed to the kept experts, or None).
+    """
+    adapter = MoEAdapter(model)
+    cfg = _plain(prune_cfg) | {"enabled": True}
+    if budget is not None:  # the override replaces every budget key of the config
+        cfg |= {k: budget.get(k) for k in ("keep", "keep_per_layer", "max_mb")}
+    check_budget(cfg, adapter)
+    score = cfg["score"]
+    if score in ("frequency", "tcess") and stats is not None and stats.num_tokens > 0:
+        scores = stats.scores(score)
+    else:
+        scores = compute_scores(model, blocks, score, tcess_k=cfg.get("tcess_k"),
+                                calibration_tokens=cfg.get("calibration_tokens"),
+                                seed=int(cfg.get("seed") or 0), adapter=adapter)
+    layers = adapter.moe_layers()
+    for layer in layers:
+        if len(scores[layer.index]) != layer.num_experts:
+            raise ValueError(f"scores of MoE layer {layer.index} cover {len(scores[layer.index])}"
+                             f" experts, the layer holds {layer.num_experts} (stale stats?)")
+    top_k = {layer.index: layer.top_k for layer in layers}
+    kept_current = plan_keep(scores, cfg, top_k, expert_mb(adapter))
+    mb_before = routed_mb(adapter)
+    kept = keep_experts(model, kept_current)
+    return {
+        "score": score,
+        "scores": scores,
+        "kept": kept,
+        "kept_current": kept_current,
+        "num_experts": {layer.index: layer.num_experts for layer in layers},
+        "mb_before": mb_before,
+        "mb_after": routed_mb(adapter),
+        "stats": stats.select(kept_current) if stats is not None else None,
+    }
