@@ -29,19 +29,38 @@ def run(strategy: str, overrides: list[str], out: Path) -> dict:
     """One `fedmoe simulate` run in its own process; its results.json."""
     run_dir = out / strategy
     cmd = [sys.executable, "-m", "fedmoe.cli", "simulate", f"strategy={strategy}",
-           f"hydra.run.dir={run_dir}", *overrides]
+           f"hydra.run.dir={run_dir}", f"fl.audit_dir={run_dir / 'audit'}", *overrides]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=os.environ | {"WANDB_MODE": "offline"})
     results = json.loads((run_dir / "results.json").read_text())
     results["process_seconds"] = time.perf_counter() - t0
+    results["serialized_reply_bytes"] = reply_bytes(run_dir / "audit")
     return results
+
+
+def reply_bytes(audit_dir: Path) -> list[int]:
+    """Serialized size of every train reply (all records: arrays, metrics, expert ids), as
+    the client mod measured it on the real messages."""
+    sizes = []
+    for path in sorted(audit_dir.glob("client_*.jsonl")):
+        for line in path.read_text().splitlines():
+            m = json.loads(line)
+            if m["direction"] == "out" and m["type"] == "train":
+                sizes.append(sum(r["bytes"] for r in m["records"].values()))
+    return sizes
 
 
 def summarize(results: dict) -> dict:
     """The numbers the comparison quotes for one strategy."""
     ppl = {c: v["final_ppl"] for c, v in results["clients"].items()}
     rounds = results["rounds"]
+    sizes = results["serialized_reply_bytes"]
+    payload = results.get("payload_bytes", 0)
     return {
+        "payload_bytes": payload,
+        "serialized_reply_bytes_mean": sum(sizes) / len(sizes) if sizes else 0,
+        "serialization_overhead": (sum(sizes) / len(sizes) / payload - 1) if sizes and payload
+        else None,
         "ppl_mean": sum(ppl.values()) / len(ppl),
         "ppl_worst": max(ppl.values()),
         "ppl_by_client": ppl,
@@ -97,6 +116,12 @@ def main() -> None:
         up = summary["fedavg"]["bytes_up_per_client_round"]
         print(f"upload per client per round: fedmoe/fedavg = "
               f"{summary['fedmoe']['bytes_up_per_client_round'] / up:.3f}")
+    for name, s in summary.items():
+        if s["serialization_overhead"] is not None:
+            mb = s["serialized_reply_bytes_mean"] / 2**20
+            print(f"{name}: serialized train reply {mb:.3f} MB"
+                  f" vs raw aggregated tensors {s['payload_bytes'] / 2**20:.3f} MB: overhead "
+                  f"{s['serialization_overhead']:.3%}")
     (out / "compare.json").write_text(json.dumps(summary, indent=2))
     print(f"saved {out / 'compare.json'}")
 

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import ROLES
-from fedmoe.moe.models import _DTYPES, build_config, load_model, validate_config
+from fedmoe.moe.models import DTYPES, build_config, load_model, validate_config
 
 
 def role_table(model: nn.Module) -> dict:
@@ -54,7 +54,7 @@ def _model_for_inspection(cfg: DictConfig) -> nn.Module:
     else:
         config = build_config(cfg.model)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=_DTYPES[cfg.model.dtype])
+        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.model.dtype])
 
 
 def print_table(table: dict, title: str) -> None:

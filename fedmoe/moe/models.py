@@ -16,10 +16,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from fedmoe.moe.families import family_spec
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _plain(cfg: Any) -> dict:
+def plain(cfg: Any) -> dict:
     """An OmegaConf node or mapping as a plain dict."""
     try:
         from omegaconf import OmegaConf
@@ -39,7 +39,7 @@ def build_config(model_cfg: Any, vocab_size: int | None = None) -> PretrainedCon
     ValueError
         On an unsupported family or a top-k above the number of experts, naming the key.
     """
-    m = _plain(model_cfg)
+    m = plain(model_cfg)
     spec = family_spec(m["family"])
     kwargs = dict(m.get("config") or {})
     if vocab_size is not None:
@@ -75,8 +75,8 @@ def load_model(
     vocab_size : int, optional
         Vocabulary size when building from config.
     """
-    m = _plain(model_cfg)
-    dtype = _DTYPES[m.get("dtype") or "float32"]
+    m = plain(model_cfg)
+    dtype = DTYPES[m.get("dtype") or "float32"]
     source = m.get("path") or checkpoint
     if source:
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fedmoe.moe.adapter import MoEAdapter
+from fedmoe.moe.models import plain
 from fedmoe.prune.budget import (
     _get,
     check_budget,
@@ -29,17 +30,6 @@ from fedmoe.prune.budget import (
 )
 from fedmoe.prune.scores import RoutingStats, compute_scores
 from fedmoe.prune.slicing import keep_experts
-
-
-def _plain(cfg: Any) -> dict:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return dict(cfg)
 
 
 def budget_for_round(
@@ -62,7 +52,7 @@ def budget_for_round(
             if int(step_round) == server_round:
                 return {"keep_per_layer": math.floor(float(keep) * original + 0.5)}
         return None
-    return _plain(prune_cfg) if int(_get(prune_cfg, "at_round") or 1) == server_round else None
+    return plain(prune_cfg) if int(_get(prune_cfg, "at_round") or 1) == server_round else None
 
 
 def prune_model(
@@ -98,7 +88,7 @@ def prune_model(
         (routed-expert MB), ``stats`` (``stats`` re-indexed to the kept experts, or None).
     """
     adapter = MoEAdapter(model)
-    cfg = _plain(prune_cfg) | {"enabled": True}
+    cfg = plain(prune_cfg) | {"enabled": True}
     if budget is not None:  # the override replaces every budget key of the config
         cfg |= {k: budget.get(k) for k in ("keep", "keep_per_layer", "max_mb")}
     check_budget(cfg, adapter)
