@@ -1,5 +1,6 @@
 """`fedmoe <command> [hydra overrides]`: each command is a Hydra app with its own primary
-config in ``conf/`` (``conf/<command>.yaml``; ``fedmoe edge bench`` uses ``edge_bench.yaml``).
+config in ``conf/`` (``conf/<command>.yaml``; ``fedmoe edge bench`` uses ``edge_bench.yaml``;
+``CONFIG_NAMES`` renames the few whose name is taken by a config group).
 """
 
 from __future__ import annotations
@@ -13,7 +14,18 @@ COMMANDS: dict[str, str] = {
     "pretrain": "fedmoe.task.pretrain:main",
     "inspect": "fedmoe.moe.inspect:main",
     "simulate": "fedmoe.fl.simulation:main",
+    "analyze": "fedmoe.analysis.cli:main",
+    "edge_generate": "fedmoe.edge.cli:generate",
+    "edge_bench": "fedmoe.edge.cli:bench",
+    "prune": "fedmoe.prune.cli:main",
+    "report": "fedmoe.report:main",
 }
+# Commands whose config is checked against fedmoe/config.py's schemas before the task runs.
+VALIDATED = {"pretrain", "simulate"}
+# Commands taking one positional argument: `fedmoe report <dir>` means `sweep_dir=<dir>`.
+POSITIONAL = {"report": "sweep_dir"}
+# command -> primary config name, where ``conf/<command>/`` is a config group already.
+CONFIG_NAMES: dict[str, str] = {"prune": "prune_model"}
 
 USAGE = """usage: fedmoe <command> [hydra overrides ...]
 
@@ -21,10 +33,14 @@ commands:
   pretrain   train the tokenizer and the tiny base model on the embedded corpus
   inspect    print the parameter-role table of a model preset (model=<preset>)
   simulate   federated training of many clients with Flower's Simulation Engine
+  prune      prune one model's routed experts (prune.score, prune.keep) and export it
+  report     one table (mean ± std over seeds) and plots of a sweep's runs
 
 examples:
   fedmoe simulate                          # the default experiment (conf/experiment/demo.yaml)
   fedmoe simulate experiment=smoke fl.num_rounds=3
+  fedmoe simulate -m strategy=fedmoe,fedavg,local seed=0,1,2 logger=wandb
+  fedmoe report multirun/simulate/<date>_<time>   # the sweep's directory
   fedmoe inspect model=tiny_olmoe
   fedmoe <command> --help                  # Hydra's help: config groups and values
 """
@@ -38,8 +54,13 @@ def conf_dir() -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Dispatch ``fedmoe <command> ...`` to the command's Hydra app."""
+    import os
+
     import hydra
 
+    # Progress bars of our own (rich/tqdm) stay; the libraries' per-file bars go.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(USAGE)
@@ -52,9 +73,51 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"fedmoe: unknown command {command!r}; one of: {', '.join(sorted(COMMANDS))}")
     module, func = COMMANDS[command].split(":")
     task = getattr(import_module(module), func)
-    sys.argv = [f"fedmoe {command}", *argv[1:]]
-    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=command)(task)()
+    if command in VALIDATED:
+        task = _validated(task, command)
+    args = argv[1:]
+    if command in POSITIONAL and args and _is_positional(args[0]):
+        args[0] = f"{POSITIONAL[command]}={hydra_value(args[0])}"
+    sys.argv = [f"fedmoe {command}", *args]
+    config_name = CONFIG_NAMES.get(command, command)
+    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(task)()
 
+
+def _validated(task, command: str):
+    """``task`` preceded by the schema check; a bad config exits with its message only."""
+    import functools
+
+    from fedmoe.config import ConfigError, validate
+
+    @functools.wraps(task)  # keeps __module__, which Hydra uses for the job name
+    def run(cfg):
+        try:
+            validate(cfg)
+        except ConfigError as error:
+            raise SystemExit(f"fedmoe {command}: {error}") from None
+        return task(cfg)
+
+    return run
+
+
+def _is_positional(arg: str) -> bool:
+    # A sweep's job directories have `=` in their names (`0_seed=0,strategy=fedmoe`).
+    return not arg.startswith("-") and ("=" not in arg or Path(arg).exists())
+
+
+def hydra_value(value: object) -> str:
+    """``value`` as a Hydra override value that reads back as the same string: as is when
+    it does, else quoted (a sweep's job directories hold ``=`` and ``,``, which Hydra would
+    read as a key or a sweep list)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    text = str(value)
+    try:
+        if OverridesParser.create().parse_override(f"k={text}").value() == text:
+            return text
+    except Exception:  # a parse error: quote it
+        pass
+    return "'" + text.replace("'", "\\'") + "'"
 
 if __name__ == "__main__":
     main()

@@ -277,10 +277,16 @@ class LocalClient:
     def export(self, meta: dict) -> Path | None:
         """The personalized model as a standard HF checkpoint in ``<state dir>/model``."""
         out = self.store.directory / "model"
+        kept = kept_experts(self.model)
+        counts = meta.get("expert_counts", {})
+        # Per layer: selections of each expert the model holds, in the exported model's order
+        # (what an edge cache pins by), and by original id (what analysis compares).
+        routing = {str(layer): {"counts": [counts.get(str(layer), [])[i] for i in ids],
+                                "counts_by_original_id": counts.get(str(layer), [])}
+                   for layer, ids in kept.items() if str(layer) in counts}
         try:
-            export_checkpoint(self.model, _tokenizer(self.checkpoint), out,
-                              kept=kept_experts(self.model), scores=meta.get("scores"),
-                              routing_stats={"expert_counts": meta.get("expert_counts")})
+            export_checkpoint(self.model, _tokenizer(self.checkpoint), out, kept=kept,
+                              scores=meta.get("scores"), routing_stats=routing)
         except ValueError as e:  # e.g. unequal expert counts per layer: no single HF config
             logging.getLogger(__name__).warning("client %d: no export: %s", self.client_id, e)
             return None

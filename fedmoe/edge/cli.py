@@ -1,0 +1,137 @@
+"""`fedmoe edge generate` and `fedmoe edge bench`: the offloaded model from the command line.
+
+    fedmoe edge generate model_dir=<checkpoint> prompt="def f(x):" edge.budget=2x edge.policy=lru
+    fedmoe edge bench model_dir=<checkpoint> budgets=[1x,2x] policies=[lru,consistency]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import TextStreamer
+
+from fedmoe.edge.bench import KEYS, bench_model, contender_configs, print_table
+from fedmoe.edge.offload import EdgeConfig, offload
+from fedmoe.edge.runtime import (
+    ROUTING_FILE,
+    edge_config,
+    load_model,
+    load_routing_counts,
+    resolve_model_dir,
+    routing_counts,
+)
+from fedmoe.edge.store import INDEX, ExpertStore
+
+log = logging.getLogger(__name__)
+
+
+def generate(cfg: DictConfig) -> dict[str, Any]:
+    """Stream a greedy generation of ``model_dir`` with its experts offloaded under ``edge``.
+
+    Returns
+    -------
+    dict
+        ``text`` (prompt and continuation) and the runtime's ``stats``.
+    """
+    if cfg.edge.threads:
+        torch.set_num_threads(int(cfg.edge.threads))
+    model_dir = resolve_model_dir(cfg.model_dir, list(cfg.pretrain_overrides))
+    model, tokenizer = load_model(model_dir, cfg.edge.dtype, cfg.edge.device)
+    input_ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids.to(cfg.edge.device)
+    counts = _static_counts(cfg, model, model_dir, input_ids)
+    store = _open_store(model, model_dir, cfg.edge.store_dir)
+    config = edge_config(cfg.edge, counts)
+    if config.policy == "belady":  # the oracle needs this very run's trace: record it first
+        runtime = offload(model, store, EdgeConfig(budget=config.budget, policy="none"))
+        _generate(model, input_ids, cfg.max_new_tokens, streamer=None)
+        config.trace, config.prefetch = runtime.trace(), False
+        runtime.configure(config)
+    else:
+        runtime = offload(model, store, config)
+    streamer = TextStreamer(tokenizer)
+    out = _generate(model, input_ids, cfg.max_new_tokens, streamer)
+    stats = runtime.stats()
+    runtime.close()
+    if cfg.stats:
+        _print_stats(stats)
+    return {"text": tokenizer.decode(out[0], skip_special_tokens=True), "stats": stats}
+
+
+def bench(cfg: DictConfig) -> dict[str, Any]:
+    """Every contender on one model: table on stdout, rows in ``edge_bench.json``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.edge.threads:
+        torch.set_num_threads(int(cfg.edge.threads))
+    model_dir = resolve_model_dir(cfg.model_dir, list(cfg.pretrain_overrides))
+    model, tokenizer = load_model(model_dir, cfg.edge.dtype, cfg.edge.device)
+    input_ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids.to(cfg.edge.device)
+    calibration = tokenizer(cfg.calibration_text, return_tensors="pt").input_ids
+    counts = _static_counts(cfg, model, model_dir, calibration.to(cfg.edge.device))
+    configs = contender_configs(list(cfg.budgets), list(cfg.policies), list(cfg.prefetch),
+                                int(cfg.edge.window), counts)
+    with tempfile.TemporaryDirectory(prefix="fedmoe-store-") as tmp:
+        rows = bench_model(model, input_ids, cfg.edge.store_dir or tmp,
+                           max_new_tokens=int(cfg.max_new_tokens), in_memory=list(cfg.in_memory),
+                           configs=configs)
+    print_table(rows, f"fedmoe edge bench: {model_dir}")
+    output = Path(cfg.output or Path(HydraConfig.get().runtime.output_dir) / "edge_bench.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    result = {"model_dir": str(model_dir), "prompt_tokens": input_ids.shape[1],
+              "max_new_tokens": int(cfg.max_new_tokens), "keys": list(KEYS),
+              "config": OmegaConf.to_container(cfg, resolve=True), "contenders": rows}
+    output.write_text(json.dumps(result, indent=2))
+    print(f"wrote {output}")
+    return result
+
+
+@torch.inference_mode()
+def _generate(model, input_ids: torch.Tensor, max_new_tokens: int, streamer) -> torch.Tensor:
+    return model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False,
+                          streamer=streamer)
+
+
+def _static_counts(cfg: DictConfig, model, model_dir: Path,
+                   calibration_ids: torch.Tensor) -> dict[int, list[float]] | None:
+    """Routing counts for ``static``: the configured file, the export's, or a calibration."""
+    policies = set(cfg.get("policies", [])) | {cfg.edge.policy}
+    if "static" not in policies:
+        return None
+    path = cfg.edge.routing_stats or (model_dir / ROUTING_FILE)
+    if Path(path).is_file():
+        return load_routing_counts(path)
+    if cfg.edge.routing_stats:
+        raise FileNotFoundError(f"edge.routing_stats={cfg.edge.routing_stats!r} does not exist")
+    log.info("no %s in %s: calibrating the static policy on %d tokens", ROUTING_FILE,
+             model_dir, calibration_ids.numel())
+    return routing_counts(model, calibration_ids)
+
+
+def _open_store(model, model_dir: Path, store_dir: str | None) -> ExpertStore:
+    """``store_dir`` (default ``<model_dir>/expert_store``), rebuilt when older than the model."""
+    directory = Path(store_dir) if store_dir else model_dir / "expert_store"
+    index = directory / INDEX
+    newest = max((p.stat().st_mtime for p in model_dir.glob("*.safetensors")), default=0.0)
+    if index.is_file() and index.stat().st_mtime >= newest:
+        return ExpertStore(directory)
+    log.info("writing the expert store to %s", directory)
+    return ExpertStore.build(model, directory)
+
+
+def _print_stats(stats: dict[str, Any]) -> None:
+    overall = stats["overall"]
+    layers = " ".join(f"{i}:{s['hit_rate']:.2f}" for i, s in stats["layers"].items())
+    print(f"\n[edge] policy={stats['policy']} budget={stats['budget']} "
+          f"hit rate {overall['hit_rate']:.3f} ({overall['cold_misses']} cold misses; "
+          f"per layer {layers}); {stats['bytes_loaded'] / 1e6:.1f} MB loaded; experts held "
+          f"{stats['resident_expert_bytes'] / 1e6:.1f} of {stats['total_expert_bytes'] / 1e6:.1f}"
+          f" MB")
+    if stats["prefetch"]:
+        p = stats["prefetch"]
+        print(f"[edge] prefetch precision {p['precision']:.2f} recall {p['recall']:.2f}")
