@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import hydra
 
+    import fedmoe.config  # noqa: F401  (schemas and the fedmoe.dirname resolver, for Hydra)
+
     # Progress bars of our own (rich/tqdm) stay; the libraries' per-file bars go.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
