@@ -27,7 +27,9 @@ from fedmoe.analysis.cost import edge_vs_cloud, load_bench
 from fedmoe.analysis.retrieval import PatternLibrary, evaluate_retrieval
 from fedmoe.analysis.specialization import (
     load_client_usage,
+    load_client_usage_by_round,
     pairwise_js,
+    specialization_over_rounds,
     usage_from_routing,
 )
 from fedmoe.moe.adapter import MoEAdapter
@@ -116,6 +118,10 @@ def specialization_section(routing: Routing, domain_rows: Mapping[str, np.ndarra
             plots.plot_js_matrix(cjs, out_dir / "plots" / "js_clients.png",
                                  title="JS divergence between clients")
             out["clients"] = {"usage": clients, "js": cjs}
+            rounds = load_client_usage_by_round(run_dir)
+            if rounds:  # how specialization between clients evolves over federated rounds
+                out["clients"]["over_rounds"] = specialization_over_rounds(rounds,
+                                                                           cumulative=False)
     return out
 
 

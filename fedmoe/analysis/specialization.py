@@ -100,6 +100,19 @@ def load_client_usage(run_dir: str | Path) -> dict[str, dict[str, list[int]]]:
     return out
 
 
+def load_client_usage_by_round(run_dir: str | Path) -> list[dict[str, dict[str, list[int]]]]:
+    """Per round, ``{client: that round's usage}`` from the ``expert_counts_by_round`` every
+    client's ``meta.json`` keeps; feed it to :func:`specialization_over_rounds` with
+    ``cumulative=False``."""
+    clients_dir = Path(run_dir) / "clients"
+    by_round: dict[int, dict[str, dict[str, list[int]]]] = {}
+    for meta_path in sorted(clients_dir.glob("client_*/meta.json")):
+        history = json.loads(meta_path.read_text()).get("expert_counts_by_round", {})
+        for r, usage in history.items():
+            by_round.setdefault(int(r), {})[meta_path.parent.name] = usage
+    return [by_round[r] for r in sorted(by_round)]
+
+
 def specialization_over_rounds(snapshots: Sequence[Mapping[str, Usage]],
                                cumulative: bool = True) -> list[dict]:
     """How specialization changes over rounds, from one usage snapshot per round.

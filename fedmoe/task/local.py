@@ -134,6 +134,33 @@ def client_blocks(data_yaml: str, checkpoint: str, client_id: int) -> ClientBloc
     return ClientBlocks(train, val, part.domains)
 
 
+# --- a device's own data (deployment: node config `data-path`) -----------------------------
+@lru_cache(maxsize=8)
+def local_blocks(data_path: str, data_yaml: str, checkpoint: str) -> ClientBlocks:
+    """Tokenized blocks of a device's own text file: train and held-out split by a hash of
+    each row's text (validation and test together are held out), never partitioned."""
+    from datasets import concatenate_datasets
+
+    from fedmoe.data import load_text_dataset, split_by_hash, tokenize_blocks
+
+    data = OmegaConf.create(data_yaml)
+    rows = load_text_dataset(data_path, text_field=data.get("text_field"),
+                             domain_field=data.get("domain_field"))
+    splits = split_by_hash(rows)
+    held_out = concatenate_datasets([splits["validation"], splits["test"]])
+    tok = _tokenizer(checkpoint)
+    train = tokenize_blocks(splits["train"], tok, data.block_size, data.max_train_blocks_per_client)
+    val = tokenize_blocks(held_out, tok, data.block_size, data.max_eval_blocks_per_client)
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(
+            f"data-path {data_path!r} ({len(rows)} rows) gives no full block of "
+            f"data.block_size={data.block_size} tokens (train {len(train)}, held-out "
+            f"{len(val)}): add text or lower data.block_size"
+        )
+    return ClientBlocks(train, val, sorted(set(rows["domain"])))
+# --- end of a device's own data ------------------------------------------------------------
+
+
 class LocalClient:
     """A client's personalized model, rebuilt from base + global + personal state.
 
@@ -147,10 +174,13 @@ class LocalClient:
         Base model directory (``fedmoe pretrain`` output or ``model.path``).
     state_dir : str or Path
         Node-local directory for this client's personal state.
+    data_path : str or Path or None
+        The device's own text file (any format ``load_text_dataset`` reads); ``None``: the
+        client's partition of the run's data.
     """
 
     def __init__(self, cfg: DictConfig, client_id: int, checkpoint: str | Path,
-                 state_dir: str | Path) -> None:
+                 state_dir: str | Path, data_path: str | Path | None = None) -> None:
         self.cfg = cfg
         self.client_id = client_id
         self.checkpoint = str(checkpoint)
@@ -163,7 +193,8 @@ class LocalClient:
                                  aggregated_names(self._template, template_adapter, cfg))
         self.model, self.adapter = self._template, template_adapter
         data_yaml = OmegaConf.to_yaml(cfg.data, resolve=True)
-        self.data = client_blocks(data_yaml, self.checkpoint, client_id)
+        self.data = (local_blocks(str(data_path), data_yaml, self.checkpoint) if data_path
+                     else client_blocks(data_yaml, self.checkpoint, client_id))
 
     # ---- model assembly ------------------------------------------------------------------
     def assemble(self, global_arrays: dict[str, np.ndarray]) -> dict:
@@ -214,7 +245,7 @@ class LocalClient:
             result = self._train(server_round)
         stats = self._routing_stats(meta)
         stats.update(trace)  # frequency and TCESS accumulate from training: no extra pass
-        meta = _merge_routing(meta, trace, kept_experts(self.model))
+        meta = _merge_routing(meta, trace, kept_experts(self.model), server_round)
         meta |= {"rounds": meta["rounds"] + 1, "last_round": server_round}
         meta |= self._maybe_prune(server_round, stats)
         self.store.save(self.personal_tensors(), meta)
@@ -296,17 +327,21 @@ class LocalClient:
         return evaluate_lm(self.model, self.data.validation, self.cfg.train.batch_size)
 
 
-def _merge_routing(meta: dict, trace, kept: dict[int, list[int]]) -> dict:
-    """Add this round's per-layer expert selection counts to the running totals, indexed by
-    ORIGINAL expert id (so counts of a pruned client stay comparable with everyone's)."""
+def _merge_routing(meta: dict, trace, kept: dict[int, list[int]], server_round: int) -> dict:
+    """Add this round's per-layer expert selection counts to the running totals and to the
+    per-round history, indexed by ORIGINAL expert id (so counts of a pruned client stay
+    comparable with everyone's, and specialization can be followed round by round)."""
     totals = dict(meta.get("expert_counts", {}))
+    this_round = {}
     for rec in trace:
         ids = kept[rec.layer]
-        counts = rec.counts(len(ids)).tolist()
-        old = totals.get(str(rec.layer), [0] * (max(ids) + 1))
-        size = max(len(old), max(ids) + 1)
-        merged = old + [0] * (size - len(old))
-        for i, c in zip(ids, counts, strict=True):
-            merged[i] += int(c)
-        totals[str(rec.layer)] = merged
-    return meta | {"expert_counts": totals}
+        size = max(len(totals.get(str(rec.layer), [])), max(ids) + 1)
+        counts = [0] * size
+        for i, c in zip(ids, rec.counts(len(ids)).tolist(), strict=True):
+            counts[i] = int(c)
+        old = totals.get(str(rec.layer), [])
+        totals[str(rec.layer)] = [a + b for a, b in zip(old + [0] * (size - len(old)), counts,
+                                                        strict=True)]
+        this_round[str(rec.layer)] = counts
+    history = dict(meta.get("expert_counts_by_round", {})) | {str(server_round): this_round}
+    return meta | {"expert_counts": totals, "expert_counts_by_round": history}

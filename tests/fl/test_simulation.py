@@ -91,6 +91,15 @@ def test_personal_state_holds_the_routed_experts(smoke_run):
     # Routing statistics accumulate: every token of every step picks top-k experts
     counts = meta["expert_counts"]
     assert counts and all(len(c) == 16 for c in counts.values())
+    # ... round by round too, and the rounds add up to the totals
+    history = meta["expert_counts_by_round"]
+    assert sorted(history) == ["1", "2"]
+    for layer, total in counts.items():
+        assert [a + b for a, b in zip(history["1"][layer], history["2"][layer])] == total
+    from fedmoe.analysis import load_client_usage_by_round
+
+    rounds = load_client_usage_by_round(run_dir)
+    assert len(rounds) == 2 and set(rounds[0]) == {f"client_{c:04d}" for c in range(4)}
 
 
 def test_personal_experts_differ_between_clients(smoke_run):
