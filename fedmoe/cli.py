@@ -78,8 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     if command in VALIDATED:
         task = _validated(task, command)
     args = argv[1:]
-    if command in POSITIONAL and args and _is_positional(args[0]):
-        args[0] = f"{POSITIONAL[command]}={hydra_value(args[0])}"
+    if command in POSITIONAL:
+        key = POSITIONAL[command]
+        if args and _is_positional(args[0]):
+            args[0] = f"{key}={hydra_value(args[0])}"
+        elif not any(a.startswith(f"{key}=") for a in args):
+            sys.exit(f"usage: fedmoe {command} <{key.replace('_', ' ')}> [hydra overrides ...]")
     sys.argv = [f"fedmoe {command}", *args]
     config_name = CONFIG_NAMES.get(command, command)
     hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(task)()

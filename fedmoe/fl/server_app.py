@@ -6,6 +6,7 @@ or come back to it; the strategy's hooks log communication and per-client evalua
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -15,14 +16,20 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from fedmoe.fl import checkpoint
 from fedmoe.fl.bridge import config_from_run_config
+from fedmoe.fl.deploy import check_config
+from fedmoe.fl.progress import ProgressGrid
 from fedmoe.fl.results import client_entries, round_entry, write_json
 from fedmoe.fl.strategy import build_strategy
 from fedmoe.moe.adapter import MoEAdapter
+from fedmoe.plots import write_run_plots
 from fedmoe.prune import check_budget, pruning_enabled
 from fedmoe.task.local import aggregated_names, expert_rows, prepare_model, trainable_names
+from fedmoe.tracking import Tracker, build_tracker
 
 app = ServerApp()
+logger = logging.getLogger(__name__)
 
 
 def initial_arrays(cfg) -> tuple[ArrayRecord, dict[str, int], int]:
@@ -53,10 +60,12 @@ def _strategy(cfg, rows: dict[str, int]):
 
 
 class RoundReporter:
-    """``evaluate_fn`` hook: one concise line per round, and results.json kept up to date."""
+    """``evaluate_fn`` hook: one concise line per round, results.json kept up to date, and the
+    round logged to the tracker (W&B with ``logger=wandb``)."""
 
-    def __init__(self, cfg, strategy, payload_bytes: int) -> None:
+    def __init__(self, cfg, strategy, payload_bytes: int, tracker: Tracker | None = None) -> None:
         self.cfg, self.strategy, self.payload = cfg, strategy, payload_bytes
+        self.tracker = tracker or Tracker()
         self.bar = tqdm(total=int(cfg.fl.num_rounds), desc="rounds", unit="round")
         self.t0 = time.perf_counter()
         self.trainable_bytes = 0
@@ -64,7 +73,8 @@ class RoundReporter:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
-        entry = round_entry(server_round, self.strategy.history[server_round], self.payload)
+        log = self.strategy.history[server_round]
+        entry = round_entry(server_round, log, self.payload)
         self.bar.update(1)
         self.bar.write(
             f"round {server_round}: train loss {_f(entry['train_loss'])}, held-out ppl "
@@ -73,6 +83,7 @@ class RoundReporter:
             + (f", rejected {entry['rejected']}" if entry["rejected"] else "")
         )
         self.write()
+        self.tracker.log_round(entry, log.train_metrics, log.eval_by_client)
         return None
 
     def write(self) -> dict:
@@ -96,6 +107,67 @@ def _f(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+# --- deployment: DP, minimum replies, checkpoints after each round -------------------------
+def _deployed(cfg, strategy, done: int):
+    """The strategy ``start`` runs: with a minimum of accepted replies per round, wrapped in
+    Flower's central DP (client-side clipping) when ``strategy.dp.enabled``, and counting
+    rounds from ``done + 1``."""
+    _round_rules(strategy, int(cfg.fl.get("min_replies", 1)), float(cfg.fl.round_timeout))
+    dp = cfg.strategy.get("dp")
+    if dp is not None and dp.enabled:
+        from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+        sampled = dp.num_sampled_clients or cfg.fl.min_train_nodes
+        strategy = DifferentialPrivacyClientSideFixedClipping(
+            strategy, float(dp.noise_multiplier), float(dp.clipping_norm), int(sampled))
+    checkpoint.shift_rounds(strategy, done)
+    return strategy
+
+
+def _round_rules(strategy, minimum: int, timeout: float) -> None:
+    """Log the sampled nodes that sent no train reply within ``fl.round_timeout`` (dropped
+    from that round only), and discard an aggregate built from fewer than ``minimum``
+    accepted replies (the global tensors stay as they were)."""
+    configure, aggregate = strategy.configure_train, strategy.aggregate_train
+    sampled: dict[int, set[int]] = {}
+
+    def configure_train(server_round, *args):
+        messages = list(configure(server_round, *args))
+        sampled[server_round] = {m.metadata.dst_node_id for m in messages}
+        return messages
+
+    def aggregate_train(server_round, replies):
+        replies = list(replies)
+        silent = sampled.pop(server_round, set()) - {m.metadata.src_node_id for m in replies}
+        if silent:
+            logger.warning("round %d: no train reply from node(s) %s within "
+                           "fl.round_timeout=%g s (or node unavailable): dropped from this "
+                           "round", server_round, sorted(silent), timeout)
+        arrays, metrics = aggregate(server_round, replies)
+        accepted = strategy.history[server_round].accepted
+        if arrays is not None and len(accepted) < minimum:
+            logger.warning("round %d: %d accepted replies < fl.min_replies=%d: the global "
+                           "tensors stay as they were", server_round, len(accepted), minimum)
+            return None, metrics
+        return arrays, metrics
+
+    strategy.configure_train, strategy.aggregate_train = configure_train, aggregate_train
+
+
+def _checkpointing(reporter, cfg, strategy, done: int):
+    """``evaluate_fn``: the reporter, then a checkpoint of the completed round."""
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return reporter(0, arrays)
+        out = reporter(server_round + done, arrays)
+        checkpoint.save_checkpoint(cfg.run_dir, server_round + done, arrays, strategy.history,
+                                   keep=int(cfg.fl.get("keep_checkpoints", 0)))
+        return out
+
+    return evaluate_fn
+# --- end of deployment --------------------------------------------------------------------
+
+
 def _runtime_config(cfg, run_id: int):
     """Fill what a launcher other than `fedmoe simulate` (e.g. `flwr run .`) left unset."""
     if cfg.fl.base_model and cfg.run_dir:
@@ -112,16 +184,23 @@ def _runtime_config(cfg, run_id: int):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    check_config(config_from_run_config(context.run_config))  # before anything is built
     cfg = _runtime_config(config_from_run_config(context.run_config), context.run_id)
     arrays, rows, trainable_bytes = initial_arrays(cfg)
     payload = int(sum(np.asarray(a.numpy()).nbytes for a in arrays.values()))
     strategy = _strategy(cfg, rows)
-    reporter = RoundReporter(cfg, strategy, payload)
-    reporter.trainable_bytes = trainable_bytes
-    strategy.start(
-        grid=grid, initial_arrays=arrays, num_rounds=int(cfg.fl.num_rounds),
-        timeout=float(cfg.fl.round_timeout), train_config=ConfigRecord({}),
-        evaluate_config=ConfigRecord({}), evaluate_fn=reporter,
-    )
-    reporter.bar.close()
-    reporter.write()
+    done, arrays, strategy.history = checkpoint.resume(cfg, arrays)
+    with build_tracker(cfg) as tracker:  # closed as failed if anything below raises
+        reporter = RoundReporter(cfg, strategy, payload, tracker)
+        reporter.trainable_bytes = trainable_bytes
+        _deployed(cfg, strategy, done).start(
+            grid=ProgressGrid(grid), initial_arrays=arrays,
+            num_rounds=max(int(cfg.fl.num_rounds) - done, 0),
+            timeout=float(cfg.fl.round_timeout), train_config=ConfigRecord({}),
+            evaluate_config=ConfigRecord({}),
+            evaluate_fn=_checkpointing(reporter, cfg, strategy, done),
+        )
+        reporter.bar.close()
+        results = reporter.write()
+        state_dir = cfg.fl.state_dir or Path(cfg.run_dir) / "clients"
+        tracker.finish(results, write_run_plots(results, cfg.run_dir, state_dir))

@@ -47,6 +47,8 @@ def run_simulation_engine(run_config: dict[str, str], num_supernodes: int, app_d
     ``flwr.simulation.run_simulation`` leaves ``context.run_config`` empty, so this calls the
     engine it wraps with a ``Run`` that carries the run config (Flower 1.42, pinned).
     """
+    if not verbose:  # importing flwr logs alembic's plugin setup at INFO
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     from flwr.app import Context, RecordDict
     from flwr.supercore.run import Run
 
@@ -72,7 +74,7 @@ def run_simulation_engine(run_config: dict[str, str], num_supernodes: int, app_d
         "init_args": {"logging_level": level, "log_to_driver": verbose,
                       "include_dashboard": False, "configure_logging": True},
     }
-    _quiet_flower(verbose)
+    _quiet_flower(verbose)  # after the imports: flwr sets its logger's level on import
     engine._run_simulation(
         num_supernodes=num_supernodes, client_app=client_app, server_app=server_app,
         backend_name="ray", backend_config=backend_config, server_app_context=context,
@@ -91,16 +93,23 @@ def _quiet_flower(verbose: bool) -> None:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        for name in ("flwr", "alembic", "ray"):
+        # fedmoe.fl: the strategy's per-round INFO lines (RoundReporter prints one line).
+        for name in ("flwr", "alembic", "ray", "fedmoe.fl"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def simulation_overrides(cfg: DictConfig, task_overrides: list[str], run_dir: Path,
-                         base_model: Path) -> list[str]:
-    """The user's overrides plus what only this launch knows (run dir, base model)."""
-    extra = [f"run_dir={run_dir}", f"fl.base_model={base_model}"]
+                         base_model: Path, sweep_group: str | None = None) -> list[str]:
+    """The user's overrides plus what only this launch knows (run dir, base model, and
+    under ``-m`` the sweep's W&B group). Values are quoted where Hydra would misread them:
+    a sweep's job directories hold ``=`` and ``,``."""
+    from fedmoe.cli import hydra_value
+
+    extra = [f"run_dir={hydra_value(run_dir)}", f"fl.base_model={hydra_value(base_model)}"]
     if not cfg.fl.state_dir:
-        extra.append(f"fl.state_dir={run_dir / 'clients'}")
+        extra.append(f"fl.state_dir={hydra_value(run_dir / 'clients')}")
+    if sweep_group and "group" in cfg.logger and not cfg.logger.group:
+        extra.append(f"logger.group={hydra_value(sweep_group)}")
     keys = {e.split("=", 1)[0] for e in extra}
     return [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") not in keys] + extra
 
@@ -108,13 +117,16 @@ def simulation_overrides(cfg: DictConfig, task_overrides: list[str], run_dir: Pa
 def main(cfg: DictConfig) -> dict:
     """Hydra task of ``fedmoe simulate``; returns the run's results."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from fedmoe.task.pretrain import ensure_base_model
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
     base = Path(ensure_base_model(cfg)).resolve() if not cfg.model.path else cfg.model.path
-    overrides = simulation_overrides(cfg, list(hydra_cfg.overrides.task), run_dir, base)
+    # One W&B group per sweep, named after the sweep directory.
+    group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
+    overrides = simulation_overrides(cfg, list(hydra_cfg.overrides.task), run_dir, base, group)
     run_simulation_engine(
         to_run_config(overrides), num_supernodes=int(cfg.data.num_clients),
         app_dir=run_dir / "flower_app", client_resources=dict(cfg.fl.client_resources),

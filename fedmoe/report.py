@@ -1,0 +1,263 @@
+"""`fedmoe report <sweep dir>`: one table over every run of a sweep, mean ± std over seeds.
+
+Every ``results.json`` under the directory is one run. Runs are grouped into settings by their
+Hydra overrides (``.hydra/overrides.yaml``) other than the seed; the table has one row per
+setting and one column per override that differs between settings, and each metric is the
+mean ± sample std over the setting's seeds. Written into the sweep dir: ``report.md``,
+``report.csv``, ``report_client_ppl.png`` and ``report_communication.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig
+
+MB = 2**20
+# Config keys that differ between runs without being a setting (fallback without overrides).
+_NOT_SETTINGS = {"run_dir", "fl.state_dir", "fl.base_model", "fl.audit_dir", "logger.group",
+                 "logger.run_name", "cache_dir", "data.cache_dir"}
+
+
+@dataclass
+class Run:
+    """One run of a sweep: its directory, overrides (key -> value) and ``results.json``."""
+
+    path: Path
+    overrides: dict[str, str]
+    results: dict
+
+
+@dataclass
+class Metric:
+    """A column of the table: its header, decimals and how a run's value is computed."""
+
+    header: str
+    decimals: int
+    value: Callable[[dict], float | None]
+
+
+def _clients(results: dict, key: str) -> list[float]:
+    return [c[key] for c in results.get("clients", {}).values() if c.get(key) is not None]
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _ratios(results: dict) -> list[float]:
+    return [c["final_ppl"] / c["base_ppl"] for c in results.get("clients", {}).values()
+            if c.get("final_ppl") is not None and c.get("base_ppl")]
+
+
+METRICS: dict[str, Metric] = {
+    "ppl": Metric("ppl (mean)", 2, lambda r: _mean(_clients(r, "final_ppl"))),
+    "ppl_worst": Metric("ppl (worst)", 2, lambda r: max(_clients(r, "final_ppl"), default=None)),
+    "base_ppl": Metric("base ppl", 2, lambda r: _mean(_clients(r, "base_ppl"))),
+    "ppl_ratio": Metric("ppl / base", 3, lambda r: _mean(_ratios(r))),
+    "improved": Metric("clients improved", 2,
+                       lambda r: _mean([float(x < 1) for x in _ratios(r)])),
+    "train_loss": Metric("train loss", 3,
+                         lambda r: r["rounds"][-1]["train_loss"] if r.get("rounds") else None),
+    "mb_up": Metric("MB up", 2, lambda r: sum(e["bytes_up"] for e in r.get("rounds", [])) / MB),
+    "mb_total": Metric("MB total", 2, lambda r: sum(e["bytes_up"] + e["bytes_down"]
+                                                    for e in r.get("rounds", [])) / MB),
+    "wall_s": Metric("s", 1, lambda r: r.get("wall_seconds")),
+}
+
+
+# --- gathering ---------------------------------------------------------------------------------
+
+
+def collect_runs(sweep_dir: str | Path) -> list[Run]:
+    """Every run under ``sweep_dir`` (a directory with ``results.json``), sorted by path."""
+    runs = []
+    for path in sorted(Path(sweep_dir).rglob("results.json")):
+        overrides_file = path.parent / ".hydra" / "overrides.yaml"
+        overrides = (parse_overrides(yaml.safe_load(overrides_file.read_text()) or [])
+                     if overrides_file.is_file() else None)
+        runs.append(Run(path.parent, overrides, json.loads(path.read_text())))
+    if not runs:
+        raise FileNotFoundError(f"no results.json under {sweep_dir}: is it the directory of "
+                                "a `fedmoe simulate -m ...` sweep (hydra.sweep.dir)?")
+    if any(r.overrides is None for r in runs):  # not all Hydra jobs: settings from the configs
+        for run, overrides in zip(runs, _config_differences(runs), strict=True):
+            run.overrides = overrides
+    return runs
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, str]:
+    """``["+a.b=1", "c=x"]`` -> ``{"a.b": "1", "c": "x"}``; Hydra's own keys are left out."""
+    parsed = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        key = key.lstrip("+~")
+        if not key.startswith("hydra."):
+            parsed[key] = value
+    return parsed
+
+
+def _config_differences(runs: list[Run]) -> list[dict[str, str]]:
+    flat = [_flatten(r.results.get("config", {})) for r in runs]
+    keys = {k for f in flat for k in f} - _NOT_SETTINGS
+    varying = sorted(k for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1)
+    return [{k: json.dumps(f.get(k)).strip('"') for k in varying} for f in flat]
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Setting:
+    """The runs of one setting (same overrides but the seed) and their metric statistics."""
+
+    overrides: dict[str, str]
+    runs: list[Run]
+    seeds: list[str] = field(default_factory=list)
+    mean: dict[str, float | None] = field(default_factory=dict)
+    std: dict[str, float | None] = field(default_factory=dict)
+
+    def label(self, keys: list[str]) -> str:
+        return ", ".join(f"{k}={self.overrides.get(k, '-')}" for k in keys) or "all runs"
+
+
+@dataclass
+class Report:
+    """Settings in first-seen order, the override keys that tell them apart, the rest."""
+
+    settings: list[Setting]
+    keys: list[str]
+    common: dict[str, str]
+    seed_key: str
+
+
+def summarize(runs: list[Run], seed_key: str = "seed") -> Report:
+    """Group ``runs`` by their overrides other than ``seed_key``; mean and std per metric."""
+    groups: dict[str, Setting] = {}
+    for run in runs:
+        setting = {k: v for k, v in run.overrides.items() if k != seed_key}
+        key = json.dumps(setting, sort_keys=True)
+        groups.setdefault(key, Setting(setting, [])).runs.append(run)
+    settings = list(groups.values())
+    all_keys = list(dict.fromkeys(k for s in settings for k in s.overrides))
+    keys = [k for k in all_keys if len({s.overrides.get(k) for s in settings}) > 1]
+    common = {k: settings[0].overrides[k] for k in all_keys
+              if k not in keys and k in settings[0].overrides}
+    for s in settings:
+        s.seeds = [str(r.overrides.get(seed_key, r.results.get("config", {}).get(seed_key, "?")))
+                   for r in s.runs]
+        for name, metric in METRICS.items():
+            values = [v for v in (metric.value(r.results) for r in s.runs) if v is not None]
+            s.mean[name] = statistics.fmean(values) if values else None
+            s.std[name] = statistics.stdev(values) if len(values) > 1 else None
+    return Report(settings, keys, common, seed_key)
+
+
+def to_markdown(report: Report) -> str:
+    """The table as GitHub markdown: ``mean ± std`` (std over seeds; none with one seed)."""
+    header = [*report.keys, "runs", *(m.header for m in METRICS.values())]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i < len(report.keys) else "---:"
+                            for i in range(len(header))) + "|"]
+    for s in report.settings:
+        cells = [s.overrides.get(k, "-") for k in report.keys]
+        cells.append(f"{len(s.runs)} ({report.seed_key} {','.join(s.seeds)})")
+        cells += [_cell(s.mean[n], s.std[n], m.decimals) for n, m in METRICS.items()]
+        lines.append("| " + " | ".join(cells) + " |")
+    if report.common:
+        common = " ".join(f"{k}={v}" for k, v in report.common.items())
+        lines.append(f"\ncommon overrides: {common}")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(mean: float | None, std: float | None, decimals: int) -> str:
+    if mean is None or math.isnan(mean):
+        return "-"
+    return f"{mean:.{decimals}f}" + ("" if std is None else f" ± {std:.{decimals}f}")
+
+
+def write_csv(report: Report, path: str | Path) -> Path:
+    """One row per setting: the distinguishing overrides, runs, seeds, ``<metric>_mean/_std``."""
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*report.keys, "runs", "seeds",
+                         *(f"{n}_{stat}" for n in METRICS for stat in ("mean", "std"))])
+        for s in report.settings:
+            stats = [s.mean[n] if stat == "mean" else s.std[n]
+                     for n in METRICS for stat in ("mean", "std")]
+            writer.writerow([*(s.overrides.get(k, "") for k in report.keys), len(s.runs),
+                             " ".join(s.seeds), *("" if v is None else v for v in stats)])
+    return path
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def write_report(sweep_dir: str | Path, seed_key: str = "seed",
+                 out_dir: str | Path | None = None) -> tuple[str, dict[str, Path]]:
+    """Gather the sweep, write ``report.md``, ``report.csv`` and the figures.
+
+    Returns
+    -------
+    tuple[str, dict[str, Path]]
+        The markdown table and name -> path of every file written.
+    """
+    from fedmoe.plots import plot_communication_by_setting, plot_perplexity_by_setting
+
+    report = summarize(collect_runs(sweep_dir), seed_key)
+    out = Path(out_dir or sweep_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = to_markdown(report)
+    (out / "report.md").write_text(f"# Sweep report: {Path(sweep_dir).resolve()}\n\n{markdown}")
+    per_client, cumulative = {}, {}
+    for s in report.settings:
+        label = s.label(report.keys)
+        per_client[label] = {}
+        for run in s.runs:
+            for cid, c in run.results.get("clients", {}).items():
+                if c.get("final_ppl") is not None:
+                    per_client[label].setdefault(cid, []).append(c["final_ppl"])
+        cumulative[label] = [_cumulative_mb(run.results) for run in s.runs]
+    return markdown, {
+        "markdown": out / "report.md",
+        "csv": write_csv(report, out / "report.csv"),
+        "client_ppl": plot_perplexity_by_setting(per_client, out / "report_client_ppl.png"),
+        "communication": plot_communication_by_setting(cumulative,
+                                                       out / "report_communication.png"),
+    }
+
+
+def _cumulative_mb(results: dict) -> list[float]:
+    total, series = 0.0, []
+    for entry in results.get("rounds", []):
+        total += (entry["bytes_down"] + entry["bytes_up"]) / MB
+        series.append(total)
+    return series
+
+
+def main(cfg: DictConfig) -> str:
+    """Hydra task of ``fedmoe report <sweep dir>``: print the table, name the files."""
+    markdown, files = write_report(cfg.sweep_dir, cfg.seed_key, cfg.out_dir)
+    print(markdown)
+    for path in files.values():
+        print(f"wrote {path}")
+    return markdown

@@ -1,0 +1,376 @@
+"""Weights & Biases tracking of a federated run (``logger=wandb``; ``logger=none`` turns it off).
+
+One W&B run per experiment, opened and fed by the ServerApp: the resolved Hydra config, one
+history row per round (step = round: train loss, the clients' perplexities, bytes down/up and
+cumulative, pruning statistics when the clients report them), then a per-client table and
+the run's plots. Offline unless you are logged in (``logger.mode=auto``); a sweep's runs share
+one W&B group. This wandb writes only the transaction log (``run-<id>.wandb``) offline, no
+``config.yaml`` or ``wandb-summary.json``: :func:`read_offline_run` reads it back, and
+``wandb sync <run dir>/wandb/offline-run-*`` uploads it later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Keys of an eval reply that are not client statistics.
+_NOT_STATS = {"num-examples", "client-id", "eval_ppl", "base_ppl"}
+# Eval-reply keys reported by pruning clients (fedmoe.prune via fedmoe.task.local).
+_PRUNE_PREFIXES = ("experts_kept", "routed_mb")
+# Keys of a results.json round entry that round_metrics logs under its own names.
+_ROUND_KEYS = {"round", "train_loss", "eval_ppl", "eval_ppl_mean", "eval_ppl_worst",
+               "eval_ppl_by_client", "bytes_down", "bytes_up", "payload_bytes", "wall_seconds",
+               "accepted", "rejected"}
+
+
+class Tracker:
+    """What the ServerApp calls; this base class tracks nothing (``logger=none``)."""
+
+    def log_round(self, entry: Mapping[str, Any], train_metrics: Mapping | None = None,
+                  eval_by_client: Mapping | None = None) -> None:
+        """Log one round: its ``results.json`` entry and the strategy's metrics."""
+
+    def finish(self, results: Mapping[str, Any], plots: Mapping[str, Path] | None = None) -> None:
+        """Log the end of the run: per-client table, plots, summary; close the run."""
+
+    def close(self, exit_code: int = 0) -> None:
+        """Close the run without logging (on error)."""
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(exit_code=1 if exc_type else 0)
+
+
+def build_tracker(cfg: DictConfig) -> Tracker:
+    """The tracker ``cfg.logger`` asks for (``name: none | wandb``)."""
+    logger = cfg.get("logger") or {}
+    if logger.get("name", "none") == "none" or wandb_mode(logger.get("mode", "auto")) == "disabled":
+        return Tracker()
+    return WandbTracker(cfg)
+
+
+def wandb_mode(mode: str) -> str:
+    """``auto`` -> ``$WANDB_MODE`` if set, else online when an API key is found, else offline.
+
+    The key is looked up locally (``WANDB_API_KEY``, ``wandb login``'s netrc entry or
+    settings file), never checked against the server.
+    """
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    import wandb
+
+    try:
+        return "online" if wandb.login(prompt=False, verify=False) else "offline"
+    except Exception:  # a malformed netrc entry or settings file must not stop a run
+        return "offline"
+
+
+class WandbTracker(Tracker):
+    """One W&B run for a federated run (see the module docstring).
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The composed ``simulate`` config; ``cfg.logger`` as in ``conf/logger/wandb.yaml``,
+        ``cfg.run_dir`` the run directory.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        import wandb
+
+        self.wandb = wandb
+        lg, run_dir = cfg.logger, Path(cfg.run_dir or ".")
+        root = Path(lg.get("dir") or run_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        self.mode = wandb_mode(lg.get("mode", "auto"))
+        self.log_plots = bool(lg.get("log_plots", True))
+        self.run = wandb.init(
+            project=lg.get("project", "fedmoe"), entity=lg.get("entity"), group=lg.get("group"),
+            name=lg.get("run_name") or run_dir.name, tags=list(lg.get("tags") or []),
+            job_type=str(cfg.strategy.name) if "strategy" in cfg else None,
+            config=OmegaConf.to_container(cfg, resolve=True), dir=str(root), mode=self.mode,
+            reinit="finish_previous",
+            settings=wandb.Settings(silent=not cfg.get("verbose", False), console="off",
+                                    disable_git=True, save_code=False, x_disable_stats=True),
+        )
+        self.cumulative = {"bytes_down": 0, "bytes_up": 0}
+        self.last_round: int | None = None
+
+    def log_round(self, entry: Mapping[str, Any], train_metrics: Mapping | None = None,
+                  eval_by_client: Mapping | None = None) -> None:
+        metrics = round_metrics(entry, self.cumulative, train_metrics, eval_by_client)
+        ppl = list(entry.get("eval_ppl_by_client", {}).values())
+        if ppl:
+            metrics["ppl/clients"] = self.wandb.Histogram(ppl)
+        self.last_round = int(entry["round"])
+        self.run.log(metrics, step=self.last_round)
+
+    def finish(self, results: Mapping[str, Any], plots: Mapping[str, Path] | None = None) -> None:
+        columns, rows = client_table(results)
+        final: dict[str, Any] = {"tables/clients": self.wandb.Table(columns=columns, data=rows)}
+        if self.log_plots:
+            final |= {f"plots/{name}": self.wandb.Image(str(path))
+                      for name, path in (plots or {}).items()}
+        self.run.log(final, step=self.last_round)
+        self.run.summary.update(summary_metrics(results))
+        self.close()
+
+    def close(self, exit_code: int = 0) -> None:
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        run.finish(exit_code=exit_code)
+        if self.mode == "offline":
+            where = Path(run.dir).parent  # <dir>/wandb/offline-run-*/files -> offline-run-*
+            print(f"W&B offline run; upload it with: wandb sync {where}")
+        elif self.mode == "online":
+            print(f"W&B run: {run.url}")
+
+
+# --- what is logged (plain dicts; no wandb import) ----------------------------------------------
+
+
+def round_metrics(entry: Mapping[str, Any], cumulative: dict[str, int],
+                  train_metrics: Mapping | None = None,
+                  eval_by_client: Mapping | None = None) -> dict[str, float]:
+    """The history row of one round.
+
+    Parameters
+    ----------
+    entry : Mapping
+        The round's ``results.json`` entry (``fedmoe.fl.results.round_entry``).
+    cumulative : dict
+        Running ``bytes_down`` / ``bytes_up`` totals, updated in place.
+    train_metrics : Mapping, optional
+        The aggregated train metrics of the round (``RoundLog.train_metrics``).
+    eval_by_client : Mapping, optional
+        Client id -> its evaluate metrics (``RoundLog.eval_by_client``).
+
+    Returns
+    -------
+    dict
+        ``round``, ``train/*``, ``ppl/*`` (``mean``, ``worst``, ``best``, ``std``,
+        ``weighted``, ``base_mean``, ``client_<id>``), ``comm/*`` (bytes of the round and
+        cumulative), ``clients/*`` (accepted, rejected), ``time/round_s``, and the clients'
+        other evaluate metrics when reported: ``prune/*`` (``experts_kept``, ``routed_mb``,
+        per client and mean) and ``eval/*`` (mean).
+    """
+    cumulative["bytes_down"] += int(entry["bytes_down"])
+    cumulative["bytes_up"] += int(entry["bytes_up"])
+    row: dict[str, float] = {
+        "round": int(entry["round"]),
+        "comm/bytes_down": int(entry["bytes_down"]), "comm/bytes_up": int(entry["bytes_up"]),
+        "comm/cum_bytes_down": cumulative["bytes_down"],
+        "comm/cum_bytes_up": cumulative["bytes_up"],
+        "comm/cum_bytes": cumulative["bytes_down"] + cumulative["bytes_up"],
+        "clients/accepted": len(entry.get("accepted", [])),
+        "clients/rejected": len(entry.get("rejected", {})),
+        "time/round_s": float(entry["wall_seconds"]),
+    }
+    row |= _drop_none({"train/loss": entry.get("train_loss"),
+                       "ppl/weighted": entry.get("eval_ppl")})
+    for key, value in (train_metrics or {}).items():
+        if key not in ("num-examples", "client-id", "train_loss") and _is_number(value):
+            row[f"train/{key}"] = float(value)
+    row |= _ppl_metrics(entry.get("eval_ppl_by_client", {}))
+    row |= _client_stats({str(c): m for c, m in (eval_by_client or {}).items()})
+    for key, value in entry.items():  # round-level keys added later (e.g. by pruning)
+        if key not in _ROUND_KEYS and _is_number(value):
+            row[f"{_namespace(key)}/{key}"] = float(value)
+    return row
+
+
+def _ppl_metrics(by_client: Mapping[str, float]) -> dict[str, float]:
+    if not by_client:
+        return {}
+    values = list(by_client.values())
+    row = {"ppl/mean": statistics.fmean(values), "ppl/worst": max(values),
+           "ppl/best": min(values), "ppl/std": statistics.pstdev(values)}
+    return row | {f"ppl/client_{c}": float(v) for c, v in by_client.items()}
+
+
+def _client_stats(eval_by_client: Mapping[str, Mapping]) -> dict[str, float]:
+    """Base perplexity, pruning statistics (per client and mean) and other eval metrics (mean)."""
+    per_key: dict[str, dict[str, float]] = {}
+    for client, metrics in eval_by_client.items():
+        kept = [v for k, v in metrics.items() if k.startswith("experts_kept.")]
+        if kept:  # experts_kept.<layer> -> one number per client
+            per_key.setdefault("experts_kept", {})[client] = float(sum(kept))
+        for key, value in metrics.items():
+            if key not in _NOT_STATS and not key.startswith("experts_kept.") and _is_number(value):
+                per_key.setdefault(key, {})[client] = float(value)
+    row = {}
+    base = [float(m["base_ppl"]) for m in eval_by_client.values() if _is_number(m.get("base_ppl"))]
+    if base:
+        row["ppl/base_mean"] = statistics.fmean(base)
+    for key, values in per_key.items():
+        namespace = _namespace(key)
+        name = key.removeprefix("eval_")
+        row[f"{namespace}/{name}_mean"] = statistics.fmean(values.values())
+        if namespace == "prune":
+            row |= {f"prune/{key}/client_{c}": v for c, v in values.items()}
+    return row
+
+
+def summary_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """The run's headline numbers: final and base perplexity over clients, bytes, time."""
+    clients = list(results.get("clients", {}).values())
+    final = [c["final_ppl"] for c in clients if _is_number(c.get("final_ppl"))]
+    pairs = [(c["base_ppl"], c["final_ppl"]) for c in clients
+             if _is_number(c.get("base_ppl")) and _is_number(c.get("final_ppl"))]
+    rounds = results.get("rounds", [])
+    out = {
+        "final/ppl_mean": statistics.fmean(final) if final else None,
+        "final/ppl_worst": max(final) if final else None,
+        "final/base_ppl_mean": statistics.fmean(b for b, _ in pairs) if pairs else None,
+        "final/ppl_ratio": (statistics.fmean(f / b for b, f in pairs) if pairs else None),
+        "final/clients_improved": sum(f < b for b, f in pairs) if pairs else None,
+        "comm/total_bytes_down": sum(r["bytes_down"] for r in rounds),
+        "comm/total_bytes_up": sum(r["bytes_up"] for r in rounds),
+        "payload_bytes": results.get("payload_bytes"),
+        "trainable_bytes": results.get("trainable_bytes"),
+        "wall_seconds": results.get("wall_seconds"),
+        "num_rounds": len(rounds),
+    }
+    return _drop_none(out)
+
+
+def client_table(results: Mapping[str, Any]) -> tuple[list[str], list[list]]:
+    """Columns and rows of the per-client table: every number ``results.json`` holds per client
+    (nested dicts flattened as ``key.sub``; ``experts_kept`` also summed over layers), plus
+    ``ppl_ratio`` = final / base perplexity. Columns empty for every client are left out."""
+    flat = {}
+    for cid, entry in results.get("clients", {}).items():
+        row: dict[str, Any] = {"client": int(cid)}
+        for key, value in entry.items():
+            if isinstance(value, Mapping):
+                row |= {f"{key}.{k}": v for k, v in value.items() if _is_number(v)}
+                if key == "experts_kept" and value:
+                    row["experts_kept"] = sum(value.values())
+            elif _is_number(value):
+                row[key] = value
+        if _is_number(row.get("final_ppl")) and _is_number(row.get("base_ppl")):
+            row["ppl_ratio"] = row["final_ppl"] / row["base_ppl"]
+        flat[cid] = row
+    columns: list[str] = []
+    for row in flat.values():
+        columns += [k for k in row if k not in columns]
+    return columns, [[row.get(c) for c in columns] for row in flat.values()]
+
+
+def _namespace(key: str) -> str:
+    return "prune" if key.startswith(_PRUNE_PREFIXES) else "eval"
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+# --- reading an offline run back --------------------------------------------------------------
+
+
+@dataclass
+class OfflineRun:
+    """What an offline W&B run holds: its directory, config, final summary and history rows."""
+
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    group: str = ""
+    name: str = ""
+
+
+def offline_runs(root: str | Path) -> list[Path]:
+    """The ``offline-run-*`` directories under ``root`` (a run dir, a sweep dir, ...), sorted."""
+    return sorted(p.parent for p in Path(root).rglob("offline-run-*/run-*.wandb"))
+
+
+def read_offline_run(path: str | Path) -> OfflineRun:
+    """Read an offline run's transaction log (``offline-run-*/run-<id>.wandb``).
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``offline-run-*`` directory, or a directory holding exactly one below it.
+
+    Returns
+    -------
+    OfflineRun
+        Config (key -> value), the summary after the last update and every history row
+        (W&B's own ``_step``, ``_runtime``, ``_timestamp`` included), values JSON-decoded.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    path = Path(path)
+    if not path.name.startswith("offline-run-"):
+        found = offline_runs(path)
+        if len(found) != 1:
+            raise FileNotFoundError(f"expected one offline W&B run under {path}, found {found}")
+        path = found[0]
+    run = OfflineRun(path)
+    for payload in _log_records(next(path.glob("run-*.wandb")).read_bytes()):
+        record = pb.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run.config |= _items(record.run.config.update)
+            # Later run records (updates) may leave these empty.
+            run.group = record.run.run_group or run.group
+            run.name = record.run.display_name or run.name
+        elif kind == "config":
+            run.config |= _items(record.config.update)
+        elif kind == "summary":
+            run.summary |= _items(record.summary.update)
+        elif kind == "history":
+            run.history.append(_items(record.history.item))
+    run.config = {k: v.get("value", v) if isinstance(v, dict) else v
+                  for k, v in run.config.items() if k != "_wandb"}
+    return run
+
+
+def _items(items) -> dict[str, Any]:
+    return {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in items}
+
+
+_BLOCK = 32768  # LevelDB log format: 32 KiB blocks, 7-byte chunk headers
+_HEADER = 7  # the file starts with ":W&B", a 2-byte magic and a version byte
+
+
+def _log_records(data: bytes) -> Iterator[bytes]:
+    """Records of a W&B transaction log (LevelDB log format: chunks within 32 KiB blocks)."""
+    if data[:4] != b":W&B":
+        raise ValueError("not a W&B transaction log (no ':W&B' header)")
+    pos, parts = _HEADER, []
+    while pos + _HEADER <= len(data):
+        if _BLOCK - pos % _BLOCK < _HEADER:  # a block's tail too short for a header is padding
+            pos += _BLOCK - pos % _BLOCK
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        if kind == 0:  # zero padding at the end of a block
+            pos += _BLOCK - pos % _BLOCK
+            continue
+        parts.append(data[pos + _HEADER:pos + _HEADER + length])
+        pos += _HEADER + length
+        if kind in (1, 4):  # FULL or LAST chunk ends a record
+            yield b"".join(parts)
+            parts = []
