@@ -41,9 +41,12 @@ def _compose(overrides: tuple[str, ...]) -> DictConfig:
     from fedmoe.cli import conf_dir
 
     if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        # Inside a running Hydra app (e.g. the `fedmoe simulate` process): reuse its config
+        # search path rather than clearing the app's global state.
         cfg = hydra_compose(PRIMARY_CONFIG, overrides=list(overrides))
+    else:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose(PRIMARY_CONFIG, overrides=list(overrides))
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -95,7 +95,8 @@ def test_personal_state_holds_the_routed_experts(smoke_run):
     history = meta["expert_counts_by_round"]
     assert sorted(history) == ["1", "2"]
     for layer, total in counts.items():
-        assert [a + b for a, b in zip(history["1"][layer], history["2"][layer])] == total
+        assert [a + b for a, b in zip(history["1"][layer], history["2"][layer], strict=True)] \
+            == total
     from fedmoe.analysis import load_client_usage_by_round
 
     rounds = load_client_usage_by_round(run_dir)
