@@ -1,0 +1,157 @@
+"""`fedmoe prune` through the real CLI: per-layer table, prune.json, a loadable export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fedmoe.prune import keep_experts
+from fedmoe.prune.cli import export, interleaved_blocks, select_domain
+from tests.conftest import tiny_model
+
+# The smoke base model of `experiment=smoke` (shared with tests/fl when the cache is).
+SMOKE = ["pretraining=smoke", "data.max_mb_per_domain=0.5"]
+TINY = ["data.block_size=64", "eval_blocks=8", "prune.calibration_tokens=256", "threads=1"]
+NUM_EXPERTS = 16  # conf/model/tiny.yaml
+NUM_LAYERS = 4
+
+
+def _prune(run_dir: Path, cache: Path, *overrides: str) -> tuple[dict, str]:
+    """One `fedmoe prune` process; its prune.json and stdout."""
+    env = os.environ | {"FEDMOE_CACHE": str(cache), "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "fedmoe.cli", "prune", *TINY, f"hydra.run.dir={run_dir}",
+           *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads((run_dir / "prune.json").read_text()), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, fedmoe_cache) -> tuple[dict, str]:
+    """The smoke base model pruned to half its experts by TCESS."""
+    run_dir = tmp_path_factory.mktemp("prune") / "run"
+    return _prune(run_dir, fedmoe_cache, *SMOKE, "prune.score=tcess", "prune.keep=0.5")
+
+
+@pytest.mark.slow
+def test_prune_prints_the_table_and_halves_the_routed_experts(pruned):
+    summary, stdout = pruned
+
+    assert [r["layer"] for r in summary["layers"]] == list(range(NUM_LAYERS))
+    for r in summary["layers"]:
+        assert (r["experts_before"], r["experts_kept"]) == (NUM_EXPERTS, NUM_EXPERTS // 2)
+        assert len(set(r["kept"])) == NUM_EXPERTS // 2
+        assert r["mb_after"] == pytest.approx(r["mb_before"] / 2)
+    assert summary["routed_mb_after"] == pytest.approx(summary["routed_mb_before"] / 2)
+    assert summary["routed_mb_before"] == pytest.approx(sum(r["mb_before"] for r in
+                                                            summary["layers"]))
+    assert summary["eval_blocks"] == 8 and summary["calibration_blocks"] == 4  # 256 / 64
+    assert 1 < summary["ppl_before"] < 1e4 and 1 < summary["ppl_after"] < 1e4
+    assert summary["ppl_after"] != summary["ppl_before"]  # half the experts do matter
+    assert f"{NUM_EXPERTS // 2} / {NUM_EXPERTS}" in stdout
+    assert f"{summary['ppl_before']:.2f} -> {summary['ppl_after']:.2f}" in stdout
+
+
+@pytest.mark.slow
+def test_export_loads_with_plain_transformers_with_the_kept_experts(pruned):
+    summary, _ = pruned
+    export = Path(summary["export"])
+
+    model = AutoModelForCausalLM.from_pretrained(export)
+    info = json.loads((export / "fedmoe_experts.json").read_text())
+
+    assert model.config.num_experts == NUM_EXPERTS // 2
+    for layer in model.model.layers:
+        assert layer.mlp.experts.gate_up_proj.shape[0] == NUM_EXPERTS // 2
+        assert layer.mlp.gate.weight.shape[0] == NUM_EXPERTS // 2
+    assert info["kept"] == {str(r["layer"]): r["kept"] for r in summary["layers"]}
+    assert AutoTokenizer.from_pretrained(export).eos_token_id is not None
+
+
+@pytest.mark.slow
+def test_the_export_reloads_through_model_path_with_the_same_perplexity(pruned, tmp_path,
+                                                                        fedmoe_cache):
+    # Prepare: the export of the first run, kept whole (keep=1.0) on the same data
+    first, _ = pruned
+    out_dir = tmp_path / "again"
+
+    # Execute
+    summary, _ = _prune(tmp_path / "run", fedmoe_cache, *SMOKE,
+                        f"model.path={first['export']}", "prune.keep=1.0", f"out_dir={out_dir}")
+
+    # Assert: the exported weights are the pruned model the first run evaluated
+    assert summary["ppl_before"] == pytest.approx(first["ppl_after"], rel=1e-5)
+    assert summary["ppl_after"] == pytest.approx(summary["ppl_before"], rel=1e-6)
+    assert [r["experts_kept"] for r in summary["layers"]] == [NUM_EXPERTS // 2] * NUM_LAYERS
+    assert summary["export"] == str(out_dir) and (out_dir / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_user_data_calibrates_on_one_domain(pruned, tmp_path, fedmoe_cache):
+    # Prepare: a local jsonl file of two domains
+    rows = [{"text": f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 4, "kind": "code"}
+            for i in range(150)]
+    rows += [{"text": f"The {i}th value is the square of {i}, plus {i} again.\n" * 4,
+              "kind": "prose"} for i in range(150)]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # Execute
+    summary, _ = _prune(tmp_path / "run", fedmoe_cache, f"model.path={pruned[0]['export']}",
+                        "data=hf", f"data.path={path}", "data.domain_field=kind",
+                        "domain=prose", "prune.score=frequency", "prune.keep_per_layer=2")
+
+    # Assert
+    assert summary["domain"] == "prose" and summary["config"]["data"]["name"] == "hf"
+    assert [r["experts_kept"] for r in summary["layers"]] == [2] * NUM_LAYERS
+    assert AutoModelForCausalLM.from_pretrained(summary["export"]).config.num_experts == 2
+
+
+def test_select_domain_keeps_one_domain_and_names_the_known_ones():
+    corpus = datasets.DatasetDict({
+        split: datasets.Dataset.from_dict({"text": ["x", "y", "z"], "domain": ["a", "b", "a"]})
+        for split in ("train", "validation")})
+
+    only_a = select_domain(corpus, "a")
+
+    assert only_a["validation"]["text"] == ["x", "z"]
+    assert select_domain(corpus, None) is corpus
+    with pytest.raises(ValueError, match=r"domain='c'.*\['a', 'b'\]"):
+        select_domain(corpus, "c")
+
+
+@pytest.mark.slow
+def test_interleaved_blocks_alternate_domains(pruned):
+    # Prepare: two domains of recognisable text, listed one after the other
+    tokenizer = AutoTokenizer.from_pretrained(pruned[0]["export"])
+    ds = datasets.Dataset.from_dict({
+        "text": ["aaaa " * 200, "aaaa " * 200, "zzzz " * 200, "zzzz " * 200],
+        "domain": ["a", "a", "z", "z"]})
+
+    blocks = interleaved_blocks(ds, tokenizer, block_size=16, max_blocks=6)
+
+    # Assert: every prefix is a balanced mix (a, z, a, z, ...)
+    texts = [tokenizer.decode(b) for b in blocks]
+    assert len(texts) == 6
+    assert ["aaaa" in t for t in texts] == [True, False] * 3
+    assert ["zzzz" in t for t in texts] == [False, True] * 3
+
+
+def test_export_declines_a_model_with_unequal_expert_counts(tmp_path):
+    # Prepare: what a prune.max_mb budget can leave: 3 experts in one layer, 4 in another
+    model = tiny_model("qwen2_moe")
+    kept = keep_experts(model, {1: [0, 1, 2], 2: [0, 1, 2, 3]})
+
+    # Execute
+    out = export(model, None, tmp_path / "model", {"kept": kept, "scores": None})
+
+    # Assert: no half-written checkpoint either
+    assert out is None
+    assert not (tmp_path / "model").exists()
