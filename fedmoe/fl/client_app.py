@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 
-from fedmoe.fl.bridge import config_from_run_config
+from fedmoe.fl.bridge import compose, config_from_run_config, overrides_from_run_config
 from fedmoe.fl.mods import audit_mod
 from fedmoe.task.local import LocalClient
 from fedmoe.task.pretrain import base_checkpoint_dir
@@ -23,11 +25,66 @@ from fedmoe.task.pretrain import base_checkpoint_dir
 app = ClientApp(mods=[audit_mod])
 
 
+# --- node config of a device (deployment) --------------------------------------------------
+# What a SuperNode's `--node-config` may set; everything else comes from the run config.
+#   partition-id       this client's number: names its state dir and its results entry (set it:
+#                      without it the id derives from the node id, which changes on a restart
+#                      unless the node authenticates with a registered key); without data-path
+#                      also its partition of the run's data
+#   data-path          the device's own text file (json, jsonl, csv, parquet, txt); read on the
+#                      device, only example counts and metrics leave it
+#   state-dir          node-local root of the personal state
+#   base-model         the device's copy of the base checkpoint
+#   memory-budget-mb   MB of routed experts this device keeps (sets prune.max_mb: pruning on)
+#   debug-delay-s      TEST HOOK, not for real devices: sleep this long before training, in
+#   debug-delay-round  round debug-delay-round only (0: every round), to simulate a slow device
+log = logging.getLogger(__name__)
+
+
+def _node_cfg(context: Context):
+    """The run's config, with this device's memory budget when its node config gives one."""
+    cfg = config_from_run_config(context.run_config)
+    budget = context.node_config.get("memory-budget-mb")
+    if budget is None:
+        return cfg
+    return compose([*overrides_from_run_config(context.run_config),
+                    f"prune.max_mb={float(budget)}"])
+
+
+def _client_id(context: Context) -> int:
+    node = context.node_config
+    if "partition-id" in node or "client-id" in node:
+        return int(node.get("partition-id", node.get("client-id")))
+    log.warning("node config has no partition-id: client id taken from node id %s",
+                context.node_id)
+    return int(context.node_id % 1_000_000)
+
+
+def _debug_delay(context: Context, server_round: int) -> None:
+    """TEST HOOK (node config ``debug-delay-s``, ``debug-delay-round``): a slow device."""
+    delay = float(context.node_config.get("debug-delay-s", 0) or 0)
+    only = int(context.node_config.get("debug-delay-round", 0) or 0)
+    if delay > 0 and only in (0, server_round):
+        log.warning("debug-delay-s: sleeping %.1f s before training round %d", delay,
+                    server_round)
+        time.sleep(delay)
+
+
+def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``fixedclipping_mod`` (clip this client's update to the norm the server's
+    DP wrapper sends) when ``strategy.dp.enabled``; a pass-through otherwise."""
+    dp = config_from_run_config(context.run_config).strategy.get("dp")
+    if dp is not None and dp.enabled:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+# --- end of node config --------------------------------------------------------------------
+
+
 def _client(context: Context) -> LocalClient:
     """This node's client: config from the run config, data and state dir from node config."""
-    cfg = config_from_run_config(context.run_config)
+    cfg = _node_cfg(context)
     node = context.node_config
-    client_id = int(node.get("partition-id", node.get("client-id", 0)))
+    client_id = _client_id(context)
     # Node config wins (a real device names its own directory), then the config; a run
     # launched by `flwr run` without either keeps state under the cache, per run.
     state_root = (node.get("state-dir") or cfg.fl.state_dir
@@ -37,7 +94,8 @@ def _client(context: Context) -> LocalClient:
     if not cfg.verbose:
         logging.getLogger("transformers").setLevel(logging.ERROR)
     checkpoint = node.get("base-model") or cfg.fl.base_model or base_model_dir(cfg)
-    return LocalClient(cfg, client_id, checkpoint, Path(state_root) / f"client_{client_id:04d}")
+    return LocalClient(cfg, client_id, checkpoint, Path(state_root) / f"client_{client_id:04d}",
+                       data_path=node.get("data-path"))
 
 
 def _array_dict(arrays: dict[str, np.ndarray]) -> dict[str, Array]:
@@ -60,10 +118,11 @@ def _arrays(msg: Message) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
-@app.train()
+@app.train(mods=[dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     client = _client(context)
     server_round = int(msg.content["config"].get("server-round", 0))
+    _debug_delay(context, server_round)
     out = client.fit(_arrays(msg), server_round)
     content = RecordDict({
         "arrays": ArrayRecord(_array_dict(out["arrays"])),

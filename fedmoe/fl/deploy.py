@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +40,113 @@ import psutil
 CONFIG_FILE = "config.toml"
 RUN_CONFIG_FILE = "run_config.toml"
 LOCAL_ADDRESS = ":local:"
+
+
+# --- pre-flight checks of a run's config ---------------------------------------------------
+# fedmoe.config.validate checks `fedmoe <command>` configs; it is not used here because two of
+# its rules fit simulation only: fl.fraction_evaluate=0 (Flower: no federated evaluation) is
+# refused, and fl.min_*_nodes <= data.num_clients is required (devices with their own
+# data-path need no partitions). These checks cover what a deployment can get wrong.
+
+STRATEGY_GROUPS = ("fedmoe", "fedavg", "local")
+
+
+def check_config(cfg) -> None:
+    """Reject a config that cannot run, before anything starts or trains.
+
+    Launchers call it before ``flwr run``; the ServerApp calls it before building anything.
+    Each error names the config key, the value and what is allowed.
+
+    Raises
+    ------
+    ValueError
+        On an unknown model family, a top-k outside ``1..num_experts``, an unknown role in
+        ``fl.aggregate``, an unknown strategy, rule, server optimizer, pruning score or edge
+        cache policy, DP settings out of range or combined with pruning, or an out-of-range
+        ``fl`` number.
+    """
+    from fedmoe.moe.families import Role, family_spec
+
+    spec = family_spec(cfg.model.family)  # names model.family
+    model_config = cfg.model.get("config") or {}
+    num_experts = model_config.get(spec.num_experts_key)
+    top_k = model_config.get(spec.top_k_key)
+    if num_experts is not None and top_k is not None and not 1 <= top_k <= num_experts:
+        raise ValueError(f"model.config.{spec.top_k_key}={top_k} must be between 1 and "
+                         f"model.config.{spec.num_experts_key}={num_experts}")
+    roles = [r.value for r in Role]
+    unknown = [r for r in cfg.fl.aggregate if r not in roles]
+    if unknown:
+        raise ValueError(f"fl.aggregate={list(cfg.fl.aggregate)} holds unknown roles "
+                         f"{unknown}; roles are {roles}")
+    _check_strategy(cfg.strategy, cfg.get("prune"))
+    _check_fl(cfg.fl)
+    _check_names(cfg)
+
+
+def _check_strategy(strategy, prune) -> None:
+    from fedmoe.fl.aggregate import RULES
+    from fedmoe.fl.strategy import SERVER_OPTS
+    from fedmoe.prune import pruning_enabled
+
+    _one_of("strategy.name", strategy.name, STRATEGY_GROUPS)
+    _one_of("strategy.rule", strategy.rule, RULES)
+    if strategy.server_opt not in (None, "", "none"):
+        _one_of("strategy.server_opt", strategy.server_opt, SERVER_OPTS)
+    dp = strategy.get("dp")
+    if dp is None or not dp.enabled:
+        return
+    if dp.noise_multiplier < 0:
+        raise ValueError(f"strategy.dp.noise_multiplier={dp.noise_multiplier} must be >= 0")
+    if dp.clipping_norm <= 0:
+        raise ValueError(f"strategy.dp.clipping_norm={dp.clipping_norm} must be > 0")
+    if dp.num_sampled_clients is not None and dp.num_sampled_clients < 1:
+        raise ValueError(f"strategy.dp.num_sampled_clients={dp.num_sampled_clients} "
+                         "must be >= 1 (or null: fl.min_train_nodes)")
+    if prune is not None and pruning_enabled(prune):
+        raise ValueError("strategy.dp.enabled=true needs full-size updates from every client, "
+                         "but pruning is on (prune.*): clients send the router rows of their "
+                         "kept experts only; turn one of them off")
+
+
+def _check_fl(fl) -> None:
+    positive = {"num_rounds": fl.num_rounds, "round_timeout": fl.round_timeout,
+                "min_replies": fl.get("min_replies", 1)}
+    for key, value in positive.items():
+        if value is None or value <= 0:
+            raise ValueError(f"fl.{key}={value} must be > 0")
+    if not 0.0 < fl.fraction_train <= 1.0:
+        raise ValueError(f"fl.fraction_train={fl.fraction_train} must lie in (0, 1]")
+    if not 0.0 <= fl.fraction_evaluate <= 1.0:
+        raise ValueError(f"fl.fraction_evaluate={fl.fraction_evaluate} must lie in [0, 1] "
+                         "(0: no federated evaluation)")
+    if fl.get("resume") not in (None, True, False):
+        raise ValueError(f"fl.resume={fl.resume!r} must be null (auto), true or false")
+    if fl.get("keep_checkpoints", 0) < 0:
+        raise ValueError(f"fl.keep_checkpoints={fl.keep_checkpoints} must be >= 0 (0 = all)")
+
+
+def _check_names(cfg) -> None:
+    """Names that select code paths: pruning score, edge cache policy, train method, data."""
+    from fedmoe.data import SCHEMES
+
+    _one_of("train.method", cfg.train.method, ("full", "lora"))
+    _one_of("data.partition", cfg.data.partition, SCHEMES)
+    prune = cfg.get("prune")
+    if prune is not None and prune.get("score") is not None:
+        from fedmoe.prune.scores import SCORES
+
+        _one_of("prune.score", prune.score, SCORES)
+    edge = cfg.get("edge")
+    if edge is not None and edge.get("policy") is not None:
+        from fedmoe.edge.cache import POLICIES
+
+        _one_of("edge.policy", edge.policy, (*POLICIES, "none"))
+
+
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is unknown; one of {list(allowed)}")
 
 
 # --- TLS certificates and SuperNode keys ---------------------------------------------------
@@ -394,14 +502,20 @@ class Service:
         self.log_path = Path(log_path)
         self.env, self.cwd = dict(env) if env else None, cwd
         self.proc: subprocess.Popen | None = None
+        self.log_start = 0
 
     def start(self) -> Service:
+        """Start the process in a session of its own (its pid is its process group id), so
+        :meth:`stop` also reaches children it left behind; ``log_start`` is where this start's
+        output begins in the log."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== start {' '.join(self.cmd)}\n".encode())
             log.flush()
+            self.log_start = self.log_path.stat().st_size
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd)
+                                         stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd,
+                                         start_new_session=True)
         return self
 
     @property
@@ -411,19 +525,24 @@ class Service:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    def log(self, since_start: bool = False, since: int = 0) -> str:
+        """The log's text from byte offset ``since`` (this start's part with ``since_start``)."""
+        if not self.log_path.exists():
+            return ""
+        offset = self.log_start if since_start else since
+        return self.log_path.read_bytes()[offset:].decode(errors="replace")
 
     def wait_for(self, pattern: str, timeout: float, since: int = 0) -> re.Match:
-        """Wait until ``pattern`` (a regex) appears in the log after offset ``since``."""
+        """Wait until ``pattern`` (a regex) appears in the log after byte offset ``since``."""
         deadline = time.monotonic() + timeout
         while True:
-            match = re.search(pattern, self.log()[since:])
+            match = re.search(pattern, self.log(since=since))
             if match:
                 return match
             if not self.alive():
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode if self.proc else '-'}) "
-                                   f"before logging {pattern!r}; log tail:\n{self.log()[-3000:]}")
+                code = self.proc.returncode if self.proc else "-"
+                raise RuntimeError(f"{self.name} exited ({code}) before logging {pattern!r}; "
+                                   f"log tail:\n{self.log()[-3000:]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name}: no {pattern!r} within {timeout:.0f} s; "
                                    f"log tail:\n{self.log()[-3000:]}")
@@ -442,12 +561,39 @@ class Service:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=timeout)
+        # Children the process left behind (e.g. a SuperExec whose SuperNode exited) are
+        # still in its process group, whose id is its pid.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def __enter__(self) -> Service:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stop_all(services: Sequence[Service | None], timeout: float = 10.0) -> None:
+    """Stop many services at once: terminate every process tree, then wait for all."""
+    trees = []
+    for service in services:
+        if service is not None and service.proc is not None:
+            try:
+                root = psutil.Process(service.proc.pid)
+                trees += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+    for p in trees:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(trees, timeout=timeout)
+    for service in services:
+        if service is not None:
+            service.stop(timeout=timeout)  # kills what is left, reaps, clears the group
 
 
 def stop_tree(pid: int, timeout: float = 10.0, kill: bool = False) -> None:
@@ -498,13 +644,14 @@ def flwr(args: Sequence[str], env: Mapping[str, str], cwd: str | Path | None = N
 
 
 def _json_out(proc: subprocess.CompletedProcess) -> dict:
-    """The JSON object ``flwr ... --format json`` printed (the last line that parses)."""
-    for line in reversed(proc.stdout.strip().splitlines()):
+    """The JSON object ``flwr ... --format json`` printed (it may follow other lines)."""
+    text = proc.stdout
+    for start in [m.start() for m in re.finditer(r"^\{", text, re.MULTILINE)]:
         try:
-            return json.loads(line)
+            return json.JSONDecoder().raw_decode(text[start:])[0]
         except json.JSONDecodeError:
             continue
-    raise RuntimeError(f"no JSON in `flwr` output:\n{proc.stdout[-2000:]}")
+    raise RuntimeError(f"no JSON in `flwr` output:\n{text[-2000:]}")
 
 
 def register_supernode(public_key: str | Path, connection: str, env: Mapping[str, str]) -> int:
@@ -531,28 +678,227 @@ def start_run(app_dir: str | Path, connection: str, overrides: Sequence[str],
     return int(out["run-id"])
 
 
-def run_status(run_id: int, connection: str, env: Mapping[str, str]) -> dict:
-    """``flwr list --run-id``: the run's row (``status`` is e.g. ``finished:completed``)."""
-    proc = flwr(["list", connection, "--run-id", str(run_id), "--format", "json"], env)
-    runs = _json_out(proc).get("runs", [])
-    if not runs:
-        raise RuntimeError(f"run {run_id} unknown to the SuperLink of {connection!r}")
-    return runs[0]
+class Control:
+    """The SuperLink's Control API, in this process (polling with ``flwr list`` would start a
+    Python process per poll).
 
+    Parameters
+    ----------
+    address : str
+        The SuperLink's ``host:port``.
+    root_certificates : str or Path or None
+        CA certificate of a TLS SuperLink; ``None`` for an ``--insecure`` one.
+    """
 
-def wait_for_run(run_id: int, connection: str, env: Mapping[str, str], timeout: float,
-                 poll: float = 2.0) -> dict:
-    """Wait until the run has finished; its last status row."""
-    deadline = time.monotonic() + timeout
-    while True:
-        row = run_status(run_id, connection, env)
-        if str(row.get("status", "")).startswith("finished"):
-            return row
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"run {run_id} not finished after {timeout:.0f} s: {row}")
-        time.sleep(poll)
+    def __init__(self, address: str, root_certificates: str | Path | None) -> None:
+        from flwr.supercore.control import ControlHttpClient
+
+        self.client = ControlHttpClient.from_server_address(
+            address, insecure=root_certificates is None,
+            root_certificates=None if root_certificates is None else str(root_certificates),
+            interceptors=[])
+
+    def run_status(self, run_id: int) -> tuple[str, str]:
+        """``(status, details)`` of a run; status is ``pending``, ``starting``, ``running``
+        or ``finished:<completed|failed|stopped>``."""
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        runs = self.client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict
+        if run_id not in runs:
+            raise RuntimeError(f"run {run_id} unknown to the SuperLink")
+        status = runs[run_id].status
+        text = status.status + (f":{status.sub_status}" if status.sub_status else "")
+        return text, status.details
+
+    def wait_for_run(self, run_id: int, timeout: float, poll: float = 1.0) -> tuple[str, str]:
+        """Wait until the run has finished; its final ``(status, details)``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, details = self.run_status(run_id)
+            if status.startswith("finished"):
+                return status, details
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} still {status} after {timeout:.0f} s")
+            time.sleep(poll)
+
+    def nodes(self) -> dict[int, str]:
+        """Node id -> status (``registered``, ``online``, ``offline``, ...) of every node."""
+        from flwr.proto.control_pb2 import ListNodesRequest
+
+        response = self.client.ListNodes(ListNodesRequest())
+        return {int(info.node_id): info.status for info in response.nodes_info}
+
+    def logs(self, run_id: int) -> str:
+        """What the run's ServerApp has logged so far (``flwr log <run-id> --show``)."""
+        from flwr.proto.control_pb2 import StreamLogsRequest
+
+        for response in self.client.StreamLogs(StreamLogsRequest(run_id=run_id,
+                                                                  after_timestamp=0.0)):
+            return response.log_output
+        return ""
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def stop_run(run_id: int, connection: str, env: Mapping[str, str]) -> None:
     """``flwr stop``: stop a run that is still going (its ServerApp exits)."""
     flwr(["stop", str(run_id), connection], env)
+
+
+# --- a whole federation on this machine ----------------------------------------------------
+
+
+class LocalFederation:
+    """One SuperLink and any number of SuperNodes on 127.0.0.1: tests, benchmarks, demos.
+
+    TLS and SuperNode authentication are on unless turned off. Every process is stopped by
+    its pid on :meth:`stop` (or leaving the ``with`` block).
+
+    Parameters
+    ----------
+    root : str or Path
+        Working directory: ``flwr/`` (FLWR_HOME), ``certs/``, ``keys/``, ``logs/``.
+    tls : bool
+        Serve TLS with a fresh test CA (off: ``--insecure`` everywhere).
+    auth : bool
+        ``--enable-supernode-auth``: only registered SuperNode keys may join.
+    database : bool
+        Keep the SuperLink's state in ``superlink.db`` (registered nodes survive a restart).
+    env : Mapping[str, str] or None
+        Extra environment for every process (e.g. ``FEDMOE_CACHE``).
+    connection : str
+        Name of the SuperLink connection in ``$FLWR_HOME/config.toml``.
+    """
+
+    def __init__(self, root: str | Path, *, tls: bool = True, auth: bool = True,
+                 database: bool = False, env: Mapping[str, str] | None = None,
+                 connection: str = "fedmoe") -> None:
+        self.root = Path(root).resolve()
+        self.env = flwr_env(self.root / "flwr", env)
+        self.tls = generate_tls_certificates(self.root / "certs") if tls else None
+        self.auth, self.connection = auth, connection
+        self.database = self.root / "superlink.db" if database else None
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.superlink: Service | None = None
+        self.nodes: list[Service] = []
+        self._control: Control | None = None
+        write_superlink_connection(self.root / "flwr", connection, self.address,
+                                   root_certificates=self.tls.ca_cert if self.tls else None,
+                                   insecure=self.tls is None)
+
+    @property
+    def ca_cert(self) -> Path | None:
+        return self.tls.ca_cert if self.tls else None
+
+    def start_superlink(self, timeout: float = 60.0) -> Service:
+        """Start (or restart, on the same port) the SuperLink and wait until it serves."""
+        cmd = superlink_command(self.port, tls=self.tls, auth=self.auth, database=self.database)
+        self.superlink = Service("superlink", cmd, self.root / "logs" / "superlink.log",
+                                 self.env).start()
+        wait_for_port("127.0.0.1", self.port, timeout)
+        self.superlink.wait_for(r"Uvicorn running|Starting the SuperLink Fleet", timeout,
+                                since=self.superlink.log_start)
+        self._control = None
+        return self.superlink
+
+    @property
+    def control(self) -> Control:
+        if self._control is None:
+            self._control = Control(self.address, self.ca_cert)
+        return self._control
+
+    def node_keys(self, name: str, register: bool = True) -> NodeKeys:
+        """A key pair for SuperNode ``name`` (reused if present), registered when asked."""
+        keys = NodeKeys(self.root / "keys" / name, self.root / "keys" / f"{name}.pub")
+        if not keys.private_key.exists():
+            keys = generate_supernode_keys(self.root / "keys", name)
+        if register and self.auth:
+            register_supernode(keys.public_key, self.connection, self.env)
+        return keys
+
+    def start_node(self, name: str, node_config: Mapping[str, str | int | float | bool], *,
+                   keys: NodeKeys | None = None, register: bool = True) -> Service:
+        """Start a SuperNode with ``node_config``; with auth, its keys are made and registered
+        first unless ``keys`` are given (``register=False``: an unregistered node)."""
+        if self.auth and keys is None:
+            keys = self.node_keys(name, register=register)
+        cmd = supernode_command(self.address, free_port(), node_config,
+                                root_certificates=self.ca_cert,
+                                private_key=keys.private_key if keys else None)
+        node = Service(name, cmd, self.root / "logs" / f"{name}.log", self.env).start()
+        self.nodes.append(node)
+        return node
+
+    def restart_node(self, name: str, node_config: Mapping[str, str | int | float | bool],
+                     timeout: float = 180.0) -> Service:
+        """Start SuperNode ``name`` again (same keys, same node config) after a crash.
+
+        Flower 1.42 refuses to activate an authenticated node whose previous session it still
+        counts as online (until 2 heartbeat intervals, 2 x 30 s, after its last heartbeat):
+        it prints Flower exit code 305 and exits. This retries until the node is admitted.
+        """
+        keys = self.node_keys(name, register=False) if self.auth else None
+        deadline = time.monotonic() + timeout
+        while True:
+            node = self.start_node(name, node_config, keys=keys)
+            try:
+                node.wait_for(r"SuperNode ID: \d+", timeout=max(deadline - time.monotonic(), 1),
+                              since=node.log_start)
+                return node
+            except RuntimeError:  # exited: not admitted (yet)
+                self.nodes.remove(node)
+                node.stop()
+                if (time.monotonic() > deadline
+                        or "Failed to activate" not in node.log(since_start=True)):
+                    raise
+                time.sleep(3.0)
+
+    def wait_for_nodes(self, count: int, timeout: float = 120.0) -> None:
+        """Wait until ``count`` SuperNodes are online."""
+        deadline = time.monotonic() + timeout
+        while True:
+            online = [n for n, status in self.control.nodes().items() if status == "online"]
+            if len(online) >= count:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(online)} of {count} SuperNodes online after "
+                                   f"{timeout:.0f} s: {self.control.nodes()}")
+            time.sleep(0.5)
+
+    def run(self, app_dir: str | Path, overrides: Sequence[str],
+            federation_config: str | None = None) -> int:
+        """``flwr run <app_dir> <connection>`` with the Hydra ``overrides``; the run id."""
+        return start_run(app_dir, self.connection, overrides, self.env, federation_config)
+
+    def wait(self, run_id: int, timeout: float) -> tuple[str, str]:
+        """Wait for the run to finish; ``(status, details)``."""
+        return self.control.wait_for_run(run_id, timeout)
+
+    def stop(self) -> None:
+        """Stop every SuperNode, then the SuperLink, each by its pid (and its children)."""
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        stop_all([*self.nodes, self.superlink])
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def stage_app(app_dir: str | Path, dst: str | Path) -> Path:
+    """Copy what the Flower App bundle holds (``pyproject.toml``, ``fedmoe/``, ``conf/``) to
+    ``dst``: ``flwr run`` on the copy skips walking a repository's virtualenv and caches."""
+    src, dst = Path(app_dir).resolve(), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("fedmoe", "conf"):
+        shutil.copytree(src / name, dst / name, ignore=ignore, dirs_exist_ok=True)
+    for name in ("pyproject.toml", "README.md", ".gitignore"):
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+    return dst

@@ -4,28 +4,45 @@ One directory per client holds ``personal.safetensors`` (the routed experts and 
 non-aggregated trained tensors, plus routing statistics) and ``meta.json`` (small metadata:
 rounds trained, kept expert ids). Both are written atomically (write to a temporary file in
 the same directory, then rename), so a crash mid-write leaves the last good state in place.
+
+The last good state survives a corrupt or truncated file too: before a save replaces a
+readable state, it is copied to ``personal.prev.safetensors`` / ``meta.prev.json``. Both
+files of a state carry the same ``state id`` (the tensors in their safetensors header), so a
+pair torn by a crash between the two renames is detected. ``load`` falls back to the previous
+state, with a warning naming the unreadable file; only when neither is readable does it raise
+:class:`PersonalStateError`, naming the files.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 TENSORS = "personal.safetensors"
 META = "meta.json"
+PREV_TENSORS = "personal.prev.safetensors"
+PREV_META = "meta.prev.json"
+# Ties the two files of one saved state together (meta.json key, safetensors header key).
+STATE_ID = "_state_id"
+
+logger = logging.getLogger(__name__)
 
 
 class PersonalStateError(RuntimeError):
     """A personal-state file exists but cannot be read; the message names the file."""
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Run ``write(tmp)`` on a temporary file next to ``path``, fsync it, rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -60,27 +77,69 @@ class PersonalStore:
         return self.directory / META
 
     def exists(self) -> bool:
-        return self.meta_path.exists()
+        return self.meta_path.exists() or (self.directory / PREV_META).exists()
 
     def save(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Write tensors then metadata, each atomically (metadata last marks completion)."""
+        """Keep the current state as the previous one (when readable), then write tensors and
+        metadata, each atomically (metadata last marks completion)."""
+        if _pair_ok(self.tensors_path, self.meta_path):
+            atomic_write(self.directory / PREV_TENSORS,
+                          lambda tmp: shutil.copyfile(self.tensors_path, tmp))
+            atomic_write(self.directory / PREV_META,
+                          lambda tmp: shutil.copyfile(self.meta_path, tmp))
+        state_id = uuid.uuid4().hex
         plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        _atomic_write(self.tensors_path, lambda tmp: save_file(plain, tmp))
-        text = json.dumps(meta, indent=1, sort_keys=True)
-        _atomic_write(self.meta_path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(self.tensors_path,
+                      lambda tmp: save_file(plain, tmp, metadata={STATE_ID: state_id}))
+        text = json.dumps(meta | {STATE_ID: state_id}, indent=1, sort_keys=True)
+        atomic_write(self.meta_path, lambda tmp: Path(tmp).write_text(text))
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """The saved state, ``None`` if there is none yet; a clear error if it is corrupt."""
+        """The saved state, ``None`` if there is none yet.
+
+        An unreadable current state falls back to the previous one (logged, naming the
+        file); :class:`PersonalStateError` names the files when neither can be read.
+        """
         if not self.exists():
             return None
-        try:
-            meta = json.loads(self.meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise PersonalStateError(f"corrupt personal-state file {self.meta_path}: {e}") from e
-        try:
-            tensors = load_file(self.tensors_path)
-        except (OSError, SafetensorError, RuntimeError) as e:
-            raise PersonalStateError(
-                f"corrupt personal-state file {self.tensors_path}: {e}"
-            ) from e
-        return tensors, meta
+        state, error = _read_pair(self.tensors_path, self.meta_path)
+        if state is not None:
+            return state
+        prev, prev_error = _read_pair(self.directory / PREV_TENSORS, self.directory / PREV_META)
+        if prev is None:
+            raise PersonalStateError(f"{error}; no readable previous state either ({prev_error})")
+        logger.warning("%s; using the last good state %s (round %s)", error,
+                       self.directory / PREV_TENSORS, prev[1].get("last_round", "?"))
+        return prev
+
+
+def _pair_ok(tensors_path: Path, meta_path: Path) -> bool:
+    """Whether a saved pair exists and is readable, from the headers only (no tensor data:
+    safetensors refuses a header that does not cover the file, so truncation shows)."""
+    try:
+        meta_id = json.loads(meta_path.read_text()).get(STATE_ID)
+        with safe_open(tensors_path, framework="pt") as f:
+            return (f.metadata() or {}).get(STATE_ID) == meta_id
+    except (OSError, json.JSONDecodeError, SafetensorError, RuntimeError):
+        return False
+
+
+def _read_pair(tensors_path: Path, meta_path: Path) -> tuple[tuple | None, str | None]:
+    """``((tensors, meta), None)`` for a readable, matching pair, else ``(None, reason)``."""
+    if not meta_path.exists():
+        return None, f"missing personal-state file {meta_path}"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return None, f"corrupt personal-state file {meta_path}: {e}"
+    try:
+        with safe_open(tensors_path, framework="pt") as f:
+            header_id = (f.metadata() or {}).get(STATE_ID)
+        tensors = load_file(tensors_path)
+    except (OSError, SafetensorError, RuntimeError) as e:
+        return None, f"corrupt personal-state file {tensors_path}: {e}"
+    meta_id = meta.pop(STATE_ID, None)
+    if header_id != meta_id:  # both None: a state saved before state ids existed
+        return None, (f"personal-state files {tensors_path} and {meta_path} belong to "
+                      f"different saves (state id {header_id} vs {meta_id})")
+    return (tensors, meta), None

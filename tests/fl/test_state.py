@@ -38,7 +38,7 @@ def test_failed_write_keeps_the_last_good_state(tmp_path, monkeypatch):
     store.save({"a": torch.ones(2)}, {"rounds": 1})
     import fedmoe.fl.state as state
 
-    def boom(tensors, path):
+    def boom(tensors, path, metadata=None):
         with open(path, "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")
@@ -48,7 +48,9 @@ def test_failed_write_keeps_the_last_good_state(tmp_path, monkeypatch):
         store.save({"a": torch.zeros(2)}, {"rounds": 2})
     tensors, meta = PersonalStore(tmp_path).load()
     assert meta["rounds"] == 1 and torch.equal(tensors["a"], torch.ones(2))
-    assert sorted(os.listdir(tmp_path)) == ["meta.json", "personal.safetensors"]
+    # No temporary file left; the state being replaced was kept as the previous one
+    assert sorted(os.listdir(tmp_path)) == ["meta.json", "meta.prev.json",
+                                            "personal.prev.safetensors", "personal.safetensors"]
 
 
 _CLIENT = textwrap.dedent("""

@@ -1,0 +1,113 @@
+"""Start a Flower SuperNode on a device, with its node config.
+
+    python scripts/deploy/start_supernode.py --superlink 192.168.1.10:9093 \\
+        --ca deploy/certs/ca.crt --key deploy/keys/phone \\
+        --partition-id 0 --data-path ~/notes.jsonl --state-dir ~/.fedmoe/state \\
+        --base-model ~/.fedmoe/base --memory-budget-mb 64
+
+Node config keys (what the ClientApp reads, see fedmoe/fl/client_app.py):
+``partition-id`` names this client (its state directory and results entry; without
+``data-path`` also its partition of the run's data); ``data-path`` is the device's own
+json/jsonl/csv/parquet/txt file, read on the device only; ``state-dir`` keeps its personal
+experts across rounds and restarts; ``base-model`` is its copy of the base checkpoint;
+``memory-budget-mb`` prunes its routed experts to fit. ``--debug-delay-s`` is a test hook
+(sleep before training) and must not be used on a real device.
+
+After a crash the SuperLink refuses the same key for up to 60 s (its previous session still
+counts as online); ``--retry-activation`` keeps trying that long.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import flwr_home
+
+from fedmoe.fl.deploy import flwr_env, stop_tree, supernode_command
+
+# What flower-supernode prints (then exits) when the SuperLink refuses to activate it.
+REFUSED = "Failed to activate SuperNode"
+
+
+def node_config(args: argparse.Namespace) -> dict:
+    config: dict = {}
+    if args.partition_id is not None:
+        config["partition-id"] = args.partition_id
+    for key in ("data_path", "state_dir", "base_model"):
+        value = getattr(args, key)
+        if value is not None:
+            config[key.replace("_", "-")] = str(Path(value).expanduser().resolve())
+    if args.memory_budget_mb is not None:
+        config["memory-budget-mb"] = args.memory_budget_mb
+    if args.debug_delay_s:
+        config |= {"debug-delay-s": args.debug_delay_s, "debug-delay-round": args.debug_delay_round}
+    return config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--superlink", required=True, help="SuperLink host:port")
+    parser.add_argument("--ca", type=Path, help="CA certificate (TLS)")
+    parser.add_argument("--key", type=Path, help="this node's private key (authentication)")
+    parser.add_argument("--insecure", action="store_true", help="no TLS (testing only)")
+    parser.add_argument("--port", type=int, default=9094,
+                        help="this SuperNode's local API port (unique per SuperNode on a host)")
+    parser.add_argument("--partition-id", type=int)
+    parser.add_argument("--data-path", type=Path)
+    parser.add_argument("--state-dir", type=Path, default=Path("~/.fedmoe/state"))
+    parser.add_argument("--base-model", type=Path)
+    parser.add_argument("--memory-budget-mb", type=float)
+    parser.add_argument("--retry-activation", type=float, default=90.0, metavar="SECONDS")
+    parser.add_argument("--debug-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--debug-delay-round", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.insecure == (args.ca is not None):
+        parser.error("give --ca (TLS) or --insecure, not both or neither")
+    if args.partition_id is None and args.data_path is None:
+        parser.error("give --partition-id and/or --data-path")
+    if args.data_path is not None and not args.data_path.expanduser().exists():
+        parser.error(f"--data-path {args.data_path} does not exist")
+    cmd = supernode_command(args.superlink, args.port, node_config(args),
+                            root_certificates=args.ca, private_key=args.key)
+    env = flwr_env(flwr_home())
+    sys.exit(run_with_retry(cmd, env, args.retry_activation))
+
+
+def run_with_retry(cmd: list[str], env: dict, retry_for: float) -> int:
+    """Run the SuperNode (its output passed through); start it again while the SuperLink
+    refuses its activation: a key not registered (yet), or its previous session still online."""
+    deadline = time.monotonic() + retry_for
+    while True:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda s, _f, p=proc: _stop(p, s))
+        refused = False
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            if REFUSED in line:
+                # flower-supernode may linger after refusing (its SuperExec keeps retrying)
+                refused = True
+                stop_tree(proc.pid)
+                break
+        code = proc.wait()
+        if not refused or time.monotonic() > deadline:
+            return code
+        print("SuperLink refused activation (key not registered, or the previous session of "
+              "this key still online); retrying in 5 s", file=sys.stderr, flush=True)
+        time.sleep(5)
+
+
+def _stop(proc: subprocess.Popen, signum: int) -> None:
+    """Stop the SuperNode and the processes it started (its SuperExec, ClientApps), then exit."""
+    stop_tree(proc.pid)
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":
+    main()
