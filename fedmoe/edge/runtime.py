@@ -15,10 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from fedmoe.edge.offload import EdgeConfig
+from fedmoe.moe.models import DTYPES
 from fedmoe.moe.routing import capture_routing
 
 ROUTING_FILE = "fedmoe_experts.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_model_dir(model_dir: str | None, pretrain_overrides: list[str] | None = None) -> Path:
@@ -55,7 +55,7 @@ def compose_pretrain(overrides: list[str] | None = None) -> DictConfig:
 def load_model(model_dir: str | Path, dtype: str = "float32",
                device: str = "cpu") -> tuple[PreTrainedModel, Any]:
     """Model (eval mode, on ``device``) and tokenizer of a checkpoint directory."""
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype])
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return model.to(device).eval(), tokenizer
 
