@@ -58,3 +58,15 @@ def fedmoe_cache(tmp_path_factory):
     """One cache (corpus, pretrained smoke base model) for the whole test session."""
     path = os.environ.get("FEDMOE_TEST_CACHE")
     return Path(path) if path else tmp_path_factory.mktemp("fedmoe_cache")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(fedmoe_cache, tmp_path_factory) -> Path:
+    """One real ``fedmoe simulate experiment=smoke`` run (a few tens of seconds), shared by
+    the session: its run dir holds ``results.json`` and each client's exported model."""
+    from fedmoe.cli import main as fedmoe_main
+
+    run_dir = tmp_path_factory.mktemp("smoke_run")
+    fedmoe_main(["simulate", "experiment=smoke", f"cache_dir={fedmoe_cache}",
+                 f"hydra.run.dir={run_dir}"])
+    return run_dir

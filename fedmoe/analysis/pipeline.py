@@ -24,7 +24,7 @@ from fedmoe.analysis.attribution import blocking_effects, most_used_experts, out
 from fedmoe.analysis.collect import Routing, collect_routing, domain_blocks
 from fedmoe.analysis.consistency import policy_curves, routing_mask, sch_table, srp
 from fedmoe.analysis.cost import edge_vs_cloud, load_bench
-from fedmoe.analysis.retrieval import PatternLibrary, evaluate_retrieval
+from fedmoe.analysis.retrieval import PatternLibrary, evaluate_retrieval, tcess
 from fedmoe.analysis.specialization import (
     load_client_usage,
     load_client_usage_by_round,
@@ -33,6 +33,7 @@ from fedmoe.analysis.specialization import (
     usage_from_routing,
 )
 from fedmoe.moe.adapter import MoEAdapter
+from fedmoe.prune.export import EXPERTS_FILE, load_experts_info
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,43 @@ def specialization_section(routing: Routing, domain_rows: Mapping[str, np.ndarra
 # --- retrieval ------------------------------------------------------------------------------
 
 
+def client_pruning(model_dir: str | Path, keep: Mapping[int, int]) -> dict | None:
+    """The client's own pruning of a client export, as expert ids of the loaded model.
+
+    A pruned export IS the client's pruning: every expert it holds is kept. An unpruned
+    export keeps, per layer, the ``keep[layer]`` experts its own routing statistics
+    (``fedmoe_experts.json``: TCESS, else selection counts) rank highest, which is what the
+    client's ``prune.keep`` would have kept. ``None`` when the directory holds no statistics.
+    """
+    path = Path(model_dir)
+    if not (path / EXPERTS_FILE).is_file():
+        return None
+    info = load_experts_info(path)
+    held = {layer: len(ids) for layer, ids in info["kept"].items()}
+    original = int(info.get("num_experts_original") or max(held.values(), default=0))
+    if held and max(held.values()) < original:
+        return {"source": "pruned export", "num_experts_original": original,
+                "kept": {layer: list(range(n)) for layer, n in held.items()}}
+    stats = info.get("routing_stats") or {}
+    kept, score = {}, None
+    for layer, k in keep.items():
+        rec = stats.get(str(layer)) or {}
+        values = rec.get("tcess") or rec.get("counts")
+        if not values:
+            return None
+        score = "tcess" if rec.get("tcess") else "frequency"
+        kept[layer] = np.argsort(-np.asarray(values, dtype=np.float64), kind="stable")[:k].tolist()
+    return {"source": f"client routing statistics ({score})", "kept": kept}
+
+
 def retrieval_section(model: PreTrainedModel, calibration: Mapping[str, torch.Tensor],
-                      test: Mapping[str, torch.Tensor], r: Mapping, batch_size: int) -> dict:
-    """TAER: one pattern per domain from train blocks, retrieval on held-out prompts."""
+                      test: Mapping[str, torch.Tensor], r: Mapping, batch_size: int,
+                      model_dir: str | Path | None = None) -> dict:
+    """TAER: one pattern per domain from train blocks, retrieval on held-out prompts.
+
+    Judged against the full model, the true domain's pattern (oracle), one static set from
+    all domains pooled (``global``) and, for a client export, the client's own pruning.
+    """
     adapter = MoEAdapter(model)
     top_k = int(r.get("top_k") or adapter.top_k)
     task_logits = {d: collect_routing(model, blocks, batch_size, adapter).router_logits
@@ -138,7 +173,21 @@ def retrieval_section(model: PreTrainedModel, calibration: Mapping[str, torch.Te
     keep = {layer.index: max(layer.top_k, round(float(r["keep_fraction"]) * layer.num_experts))
             for layer in adapter.moe_layers()}
     library = PatternLibrary.build(task_logits, top_k, keep=max(keep.values()))
-    result = evaluate_retrieval(model, library, test, int(r["prompt_len"]), top_k, batch_size)
+    # What retrieval is judged against, at the same number of experts per layer: one static
+    # set for every prompt, from all tasks' calibration pooled, and the client's own pruning.
+    pooled = {layer: tcess(np.concatenate([t[layer].reshape(-1, t[layer].shape[-1])
+                                           for t in task_logits.values()]), top_k)
+              for layer in keep}
+    static = {"global": {layer: np.argsort(-s, kind="stable")[: keep[layer]].tolist()
+                         for layer, s in pooled.items()}}
+    client = client_pruning(model_dir, keep) if model_dir is not None else None
+    if client is not None:
+        static["client"] = client["kept"]
+    result = evaluate_retrieval(model, library, test, int(r["prompt_len"]), top_k, batch_size,
+                                static=static)
+    result["client_pruning"] = ({k: v for k, v in client.items() if k != "kept"} if client
+                                else {"skipped": f"no {EXPERTS_FILE} with routing statistics "
+                                                 f"in the model directory"})
     result["keep"] = max(keep.values())
     result["tcess_top_k"] = top_k
     result["patterns"] = {p.task: {str(k): v for k, v in p.experts.items()}
@@ -245,7 +294,7 @@ def run_analysis(a: Mapping, data: Mapping, model_dir: str | Path, out_dir: str 
         r = a["retrieval"]
         calibration = domain_blocks(corpus["train"], tokenizer, seq_len,
                                     int(r["calibration_blocks"]))
-        report["retrieval"] = retrieval_section(model, calibration, test, r, bs)
+        report["retrieval"] = retrieval_section(model, calibration, test, r, bs, model_dir)
     if "attribution" in sections:
         by_domain = {d: routing.select(rows) for d, rows in domain_rows.items()}
         report["attribution"] = attribution_section(model, test, by_domain, a["attribution"],

@@ -33,14 +33,18 @@ def key_tables(report: Mapping) -> list[tuple[str, list[str], list[list[str]]]]:
                        [[u, *[_f(base[u][p]) for p in policies]] for u in base]))
     if "retrieval" in report:
         r = report["retrieval"]
-        rows = [[d, _f(t["accuracy"]), str(t["prompts"]), _f(t["ppl_full"], 2),
-                 _f(t["ppl_retrieved"], 2), _f(t["ppl_oracle"], 2)]
+        ppl = [k for k in ("full", "retrieved", "oracle", "global", "client")
+               if f"ppl_{k}" in r]
+        rows = [[d, _f(t["accuracy"]), str(t["prompts"]), *[_f(t[f"ppl_{k}"], 2) for k in ppl]]
                 for d, t in r["tasks"].items()]
-        rows.append(["all", _f(r["accuracy"]), str(r["prompts"]), _f(r["ppl_full"], 2),
-                     _f(r["ppl_retrieved"], 2), _f(r["ppl_oracle"], 2)])
-        tables.append((f"task-adaptive expert retrieval (keep {r['keep']} experts/layer)",
-                       ["domain", "retrieval acc", "prompts", "ppl full", "ppl retrieved",
-                        "ppl own pattern"], rows))
+        rows.append(["all", _f(r["accuracy"]), str(r["prompts"]),
+                     *[_f(r[f"ppl_{k}"], 2) for k in ppl]])
+        names = {"full": "ppl full", "retrieved": "ppl retrieved", "oracle": "ppl own pattern",
+                 "global": "ppl global static", "client": "ppl client's pruning"}
+        source = r.get("client_pruning", {}).get("source")
+        tables.append((f"task-adaptive expert retrieval (keep {r['keep']} experts/layer"
+                       + (f"; client's pruning from {source})" if source else ")"),
+                       ["domain", "retrieval acc", "prompts", *[names[k] for k in ppl]], rows))
     if "attribution" in report:
         a = report["attribution"]
         layers = sorted({k for s in a["shares"].values() for k in s}, key=int)

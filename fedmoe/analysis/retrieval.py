@@ -234,23 +234,32 @@ def continuation_loss(model: nn.Module, blocks: torch.Tensor, start: int,
 
 def evaluate_retrieval(model: nn.Module, library: PatternLibrary,
                        test_blocks: Mapping[str, torch.Tensor], prompt_len: int,
-                       top_k: int | None = None, batch_size: int = 8) -> dict:
+                       top_k: int | None = None, batch_size: int = 8,
+                       static: Mapping[str, Mapping[int, Sequence[int]]] | None = None) -> dict:
     """Retrieval accuracy on held-out prompts of known task, and perplexities.
 
     Each test block's first ``prompt_len`` tokens retrieve a pattern; perplexity is measured
-    on the rest of the block with the full model, with the retrieved pattern's experts, and
-    with the true task's pattern (the oracle).
+    on the rest of the block with the full model, with the retrieved pattern's experts, with
+    the true task's pattern (the oracle), and with each ``static`` expert set (one set for
+    every prompt, e.g. the client's own pruning): what retrieval is judged against.
+
+    Parameters
+    ----------
+    static : Mapping, optional
+        Name -> ``{layer: kept expert ids}``; reported as ``ppl_<name>``.
 
     Returns
     -------
     dict
         ``accuracy``, ``confusion`` ``{true: {retrieved: count}}``, per task
-        ``{"accuracy", "ppl_full", "ppl_retrieved", "ppl_oracle", "prompts"}`` under
-        ``tasks``, and token-weighted totals ``ppl_full``, ``ppl_retrieved``, ``ppl_oracle``.
+        ``{"accuracy", "ppl_full", "ppl_retrieved", "ppl_oracle", "ppl_<static>", "prompts"}``
+        under ``tasks``, and totals over all prompts under the same ``ppl_*`` keys.
     """
     adapter = MoEAdapter(model)
+    static = dict(static or {})
     by_task = {p.task: p for p in library.patterns}
-    per_task, confusion, losses = {}, {}, {"full": [], "retrieved": [], "oracle": []}
+    per_task, confusion = {}, {}
+    losses: dict[str, list[torch.Tensor]] = {"full": [], "retrieved": [], "oracle": []}
     for task, blocks in test_blocks.items():
         keys = prompt_keys(model, blocks[:, :prompt_len], top_k, adapter)
         picked = [library.retrieve(key) for key in keys]
@@ -265,11 +274,15 @@ def evaluate_retrieval(model: nn.Module, library: PatternLibrary,
         if task in by_task:
             with restrict_experts(model, by_task[task].experts, adapter):
                 oracle = continuation_loss(model, blocks, prompt_len, batch_size)
+        measured = {"full": full, "retrieved": retrieved, "oracle": oracle}
+        for name, keep in static.items():
+            with restrict_experts(model, keep, adapter):
+                measured[name] = continuation_loss(model, blocks, prompt_len, batch_size)
         per_task[task] = {"accuracy": confusion[task].get(task, 0) / len(picked),
-                          "ppl_full": _ppl(full), "ppl_retrieved": _ppl(retrieved),
-                          "ppl_oracle": _ppl(oracle), "prompts": len(picked)}
-        for name, value in (("full", full), ("retrieved", retrieved), ("oracle", oracle)):
-            losses[name].append(value)
+                          "prompts": len(picked),
+                          **{f"ppl_{name}": _ppl(v) for name, v in measured.items()}}
+        for name, value in measured.items():
+            losses.setdefault(name, []).append(value)
     correct = sum(c.get(t, 0) for t, c in confusion.items())
     total = sum(sum(c.values()) for c in confusion.values())
     return {"accuracy": correct / max(total, 1), "prompts": total, "confusion": confusion,

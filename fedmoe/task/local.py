@@ -315,6 +315,10 @@ class LocalClient:
         routing = {str(layer): {"counts": [counts.get(str(layer), [])[i] for i in ids],
                                 "counts_by_original_id": counts.get(str(layer), [])}
                    for layer, ids in kept.items() if str(layer) in counts}
+        if meta.get("routing_stats"):  # TCESS of the held experts, in the model's order
+            for layer, score in RoutingStats.from_dict(meta["routing_stats"]).tcess().items():
+                if str(layer) in routing and len(score) == len(kept[layer]):
+                    routing[str(layer)]["tcess"] = score.tolist()
         try:
             export_checkpoint(self.model, _tokenizer(self.checkpoint), out, kept=kept,
                               scores=meta.get("scores"), routing_stats=routing)

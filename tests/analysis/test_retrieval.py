@@ -104,3 +104,55 @@ def test_taer_retrieves_the_right_task_on_a_tiny_model():
         t = result["tasks"][task]
         assert t["ppl_retrieved"] == pytest.approx(t["ppl_oracle"])
         assert t["ppl_retrieved"] != pytest.approx(t["ppl_full"])
+
+
+def test_static_expert_sets_are_measured_next_to_retrieval():
+    # Prepare: the same library; static sets "all" (every expert) and "mid" (mid's pattern)
+    model = tiny_model("qwen2_moe", seed=1)
+    adapter = MoEAdapter(model)
+    logits = {}
+    for task, blocks in synthetic_tasks(6, 24, seed=0).items():
+        with torch.no_grad(), capture_routing(model, adapter) as trace:
+            model(input_ids=blocks)
+        logits[task] = {r.layer: r.router_logits.numpy() for r in trace}
+    library = PatternLibrary.build(logits, top_k=2, keep=4)
+    mid = next(p for p in library.patterns if p.task == "mid").experts
+    every = {layer.index: list(range(layer.num_experts)) for layer in adapter.moe_layers()}
+    test = synthetic_tasks(4, 24, seed=1)
+    # Execute
+    result = evaluate_retrieval(model, library, test, prompt_len=12, batch_size=4,
+                                static={"all": every, "mid": mid})
+    # Assert: keeping every expert is the full model; mid's set is mid's oracle
+    assert result["ppl_all"] == pytest.approx(result["ppl_full"])
+    assert result["tasks"]["mid"]["ppl_mid"] == pytest.approx(result["tasks"]["mid"]["ppl_oracle"])
+    assert result["tasks"]["low"]["ppl_mid"] != pytest.approx(result["tasks"]["low"]["ppl_oracle"])
+
+
+def test_client_pruning_reads_the_clients_export(tmp_path):
+    from fedmoe.analysis.pipeline import client_pruning
+    from fedmoe.prune.export import export_checkpoint
+    from fedmoe.prune.slicing import keep_experts
+
+    # Prepare: an unpruned export whose TCESS ranks experts 5, 2, 7 first in layer 0,
+    # and a pruned export holding 4 of 8 experts per layer
+    model = tiny_model("qwen2_moe")
+    layers = [layer.index for layer in MoEAdapter(model).moe_layers()]
+    tcess_0 = [0.1, 0.0, 0.8, 0.2, 0.3, 0.9, 0.0, 0.5]
+    routing = {str(i): {"counts": [1] * 8, "tcess": tcess_0 if i == layers[0] else
+                        list(range(8))} for i in layers}
+    export_checkpoint(model, None, tmp_path / "full", routing_stats=routing)
+    export_checkpoint(model, None, tmp_path / "bare")
+    pruned = tiny_model("qwen2_moe")
+    keep_experts(pruned, {i: [0, 3, 4, 6] for i in layers})
+    export_checkpoint(pruned, None, tmp_path / "pruned")
+    # Execute
+    full = client_pruning(tmp_path / "full", {i: 3 for i in layers})
+    bare = client_pruning(tmp_path / "bare", {i: 3 for i in layers})
+    cut = client_pruning(tmp_path / "pruned", {i: 2 for i in layers})
+    # Assert
+    assert full["kept"][layers[0]] == [5, 2, 7]
+    assert full["kept"][layers[1]] == [7, 6, 5]
+    assert full["source"] == "client routing statistics (tcess)"
+    assert bare is None  # no routing statistics: nothing to compare with
+    assert cut["source"] == "pruned export"
+    assert cut["kept"] == {i: [0, 1, 2, 3] for i in layers}

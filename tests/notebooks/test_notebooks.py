@@ -18,7 +18,6 @@ from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
 from fedmoe.analysis import notebook
-from fedmoe.cli import main as fedmoe_main
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 EXPECTED = {
@@ -35,15 +34,6 @@ TIMEOUT_S = 300  # per cell; each notebook takes well under a minute on smoke in
 @pytest.fixture(scope="session")
 def notebook_cache(fedmoe_cache) -> Path:
     return Path(fedmoe_cache)
-
-
-@pytest.fixture(scope="session")
-def smoke_run(notebook_cache, tmp_path_factory) -> Path:
-    """One real smoke simulation (a few tens of seconds), shared by the session."""
-    run_dir = tmp_path_factory.mktemp("smoke_run")
-    fedmoe_main(["simulate", "experiment=smoke", f"cache_dir={notebook_cache}",
-                 f"hydra.run.dir={run_dir}"])
-    return run_dir
 
 
 @pytest.fixture(scope="session")
