@@ -293,7 +293,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "fl.num_rounds": (_at_least(1), "an integer >= 1"),
     "fl.fraction_train": (_fraction, "a fraction in (0, 1]"),
-    "fl.fraction_evaluate": (_fraction, "a fraction in (0, 1]"),
+    "fl.fraction_evaluate": (lambda v: 0 <= v <= 1, "in [0, 1] (0: no federated evaluation)"),
     "fl.min_train_nodes": (_at_least(1), "an integer >= 1"),
     "fl.min_evaluate_nodes": (_at_least(1), "an integer >= 1"),
     "fl.min_available_nodes": (_at_least(1), "an integer >= 1"),
@@ -329,13 +329,17 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, simulated: bool = True) -> None:
     """Check every group ``cfg`` holds against its schema, its ranges and the cross-group rules.
 
     Parameters
     ----------
     cfg : DictConfig
         A composed ``simulate`` or ``pretrain`` config (groups that are absent are skipped).
+    simulated : bool
+        The run is a simulation of ``data.num_clients`` nodes, so the ``fl.min_*_nodes`` may
+        not exceed it. False for a deployment, where the SuperNodes that connect are the
+        clients and ``data.num_clients`` only sizes the partitions.
 
     Raises
     ------
@@ -344,7 +348,7 @@ def validate(cfg: DictConfig) -> None:
     """
     errors = _schema_errors(cfg)
     if not errors:  # ranges assume the types are right
-        errors += _range_errors(cfg) + _cross_group_errors(cfg)
+        errors += _range_errors(cfg) + _cross_group_errors(cfg, simulated)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -453,13 +457,13 @@ def _range_errors(cfg: DictConfig) -> list[str]:
     return errors
 
 
-def _cross_group_errors(cfg: DictConfig) -> list[str]:
+def _cross_group_errors(cfg: DictConfig, simulated: bool = True) -> list[str]:
     errors = []
     if "model" in cfg:
         errors += _top_k_errors(cfg.model)
     if "train" in cfg and not cfg.train.trainable:
         errors.append(f"train.trainable is empty: name at least one of {list(ROLES)}")
-    if "fl" in cfg and "data" in cfg:
+    if simulated and "fl" in cfg and "data" in cfg:
         # The Simulation Engine starts data.num_clients nodes; the server would wait forever.
         for key in ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes"):
             if cfg.fl[key] > cfg.data.num_clients:

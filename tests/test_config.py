@@ -43,7 +43,7 @@ def test_every_preset_of_every_group_validates(group, monkeypatch):
     ("strategy.server_opt=sgd", "strategy.server_opt", "adam, yogi"),
     ("prune.score=magnitude", "prune.score", "frequency, tcess, reap"),
     ("fl.fraction_train=0", "fl.fraction_train=0", "(0, 1]"),
-    ("fl.fraction_evaluate=1.5", "fl.fraction_evaluate=1.5", "(0, 1]"),
+    ("fl.fraction_evaluate=1.5", "fl.fraction_evaluate=1.5", "in [0, 1]"),
     ("prune.keep=1.5", "prune.keep=1.5", "(0, 1]"),
     ("strategy.trim_beta=0.5", "strategy.trim_beta=0.5", "[0, 0.5)"),
     ("model.config.num_experts_per_tok=17", "model.config.num_experts_per_tok=17",

@@ -48,105 +48,37 @@ LOCAL_ADDRESS = ":local:"
 # refused, and fl.min_*_nodes <= data.num_clients is required (devices with their own
 # data-path need no partitions). These checks cover what a deployment can get wrong.
 
-STRATEGY_GROUPS = ("fedmoe", "fedavg", "local")
-
-
 def check_config(cfg) -> None:
     """Reject a config that cannot run, before anything starts or trains.
 
     Launchers call it before ``flwr run``; the ServerApp calls it before building anything.
-    Each error names the config key, the value and what is allowed.
+    It is :func:`fedmoe.config.validate` (the schemas, ranges and cross-group rules that
+    ``fedmoe simulate`` checks: unknown families, roles, strategies, rules, scores, top-k
+    outside ``1..num_experts``, out-of-range ``fl`` numbers, misspelt keys) for a deployment,
+    whose nodes are the SuperNodes that connect rather than ``data.num_clients``, plus what
+    only a run needs: the edge cache policy and DP's full-size updates.
 
     Raises
     ------
     ValueError
-        On an unknown model family, a top-k outside ``1..num_experts``, an unknown role in
-        ``fl.aggregate``, an unknown strategy, rule, server optimizer, pruning score or edge
-        cache policy, DP settings out of range or combined with pruning, or an out-of-range
-        ``fl`` number.
+        Naming the config key, the value and what is allowed.
     """
-    from fedmoe.moe.families import Role, family_spec
-
-    spec = family_spec(cfg.model.family)  # names model.family
-    model_config = cfg.model.get("config") or {}
-    num_experts = model_config.get(spec.num_experts_key)
-    top_k = model_config.get(spec.top_k_key)
-    if num_experts is not None and top_k is not None and not 1 <= top_k <= num_experts:
-        raise ValueError(f"model.config.{spec.top_k_key}={top_k} must be between 1 and "
-                         f"model.config.{spec.num_experts_key}={num_experts}")
-    roles = [r.value for r in Role]
-    unknown = [r for r in cfg.fl.aggregate if r not in roles]
-    if unknown:
-        raise ValueError(f"fl.aggregate={list(cfg.fl.aggregate)} holds unknown roles "
-                         f"{unknown}; roles are {roles}")
-    _check_strategy(cfg.strategy, cfg.get("prune"))
-    _check_fl(cfg.fl)
-    _check_names(cfg)
-
-
-def _check_strategy(strategy, prune) -> None:
-    from fedmoe.fl.aggregate import RULES
-    from fedmoe.fl.strategy import SERVER_OPTS
+    from fedmoe.config import validate
     from fedmoe.prune import pruning_enabled
 
-    _one_of("strategy.name", strategy.name, STRATEGY_GROUPS)
-    _one_of("strategy.rule", strategy.rule, RULES)
-    if strategy.server_opt not in (None, "", "none"):
-        _one_of("strategy.server_opt", strategy.server_opt, SERVER_OPTS)
-    dp = strategy.get("dp")
-    if dp is None or not dp.enabled:
-        return
-    if dp.noise_multiplier < 0:
-        raise ValueError(f"strategy.dp.noise_multiplier={dp.noise_multiplier} must be >= 0")
-    if dp.clipping_norm <= 0:
-        raise ValueError(f"strategy.dp.clipping_norm={dp.clipping_norm} must be > 0")
-    if dp.num_sampled_clients is not None and dp.num_sampled_clients < 1:
-        raise ValueError(f"strategy.dp.num_sampled_clients={dp.num_sampled_clients} "
-                         "must be >= 1 (or null: fl.min_train_nodes)")
-    if prune is not None and pruning_enabled(prune):
+    validate(cfg, simulated=False)
+    dp, prune = cfg.strategy.get("dp"), cfg.get("prune")
+    if dp is not None and dp.enabled and prune is not None and pruning_enabled(prune):
         raise ValueError("strategy.dp.enabled=true needs full-size updates from every client, "
                          "but pruning is on (prune.*): clients send the router rows of their "
                          "kept experts only; turn one of them off")
-
-
-def _check_fl(fl) -> None:
-    positive = {"num_rounds": fl.num_rounds, "round_timeout": fl.round_timeout,
-                "min_replies": fl.get("min_replies", 1)}
-    for key, value in positive.items():
-        if value is None or value <= 0:
-            raise ValueError(f"fl.{key}={value} must be > 0")
-    if not 0.0 < fl.fraction_train <= 1.0:
-        raise ValueError(f"fl.fraction_train={fl.fraction_train} must lie in (0, 1]")
-    if not 0.0 <= fl.fraction_evaluate <= 1.0:
-        raise ValueError(f"fl.fraction_evaluate={fl.fraction_evaluate} must lie in [0, 1] "
-                         "(0: no federated evaluation)")
-    if fl.get("resume") not in (None, True, False):
-        raise ValueError(f"fl.resume={fl.resume!r} must be null (auto), true or false")
-    if fl.get("keep_checkpoints", 0) < 0:
-        raise ValueError(f"fl.keep_checkpoints={fl.keep_checkpoints} must be >= 0 (0 = all)")
-
-
-def _check_names(cfg) -> None:
-    """Names that select code paths: pruning score, edge cache policy, train method, data."""
-    from fedmoe.data import SCHEMES
-
-    _one_of("train.method", cfg.train.method, ("full", "lora"))
-    _one_of("data.partition", cfg.data.partition, SCHEMES)
-    prune = cfg.get("prune")
-    if prune is not None and prune.get("score") is not None:
-        from fedmoe.prune.scores import SCORES
-
-        _one_of("prune.score", prune.score, SCORES)
     edge = cfg.get("edge")
     if edge is not None and edge.get("policy") is not None:
         from fedmoe.edge.cache import POLICIES
 
-        _one_of("edge.policy", edge.policy, (*POLICIES, "none"))
-
-
-def _one_of(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is unknown; one of {list(allowed)}")
+        if edge.policy not in (*POLICIES, "none"):
+            raise ValueError(f"edge.policy={edge.policy!r} is unknown; one of "
+                             f"{[*POLICIES, 'none']}")
 
 
 # --- TLS certificates and SuperNode keys ---------------------------------------------------

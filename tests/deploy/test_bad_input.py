@@ -9,6 +9,7 @@ last good state, naming the file. Configs: rejected before anything is built, na
 from __future__ import annotations
 
 import json
+import re
 import logging
 
 import numpy as np
@@ -213,22 +214,22 @@ def test_meta_written_before_state_ids_still_loads(tmp_path):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["model.config.num_experts_per_tok=17"],
-     "model.config.num_experts_per_tok=17 must be between 1 and model.config.num_experts=16"),
+     "model.config.num_experts_per_tok=17: must be between 1 and model.config.num_experts=16"),
     (["model.config.num_experts_per_tok=0"], "model.config.num_experts_per_tok=0"),
-    (["fl.aggregate=[router,experts]"], "fl.aggregate=['router', 'experts'] holds unknown roles"),
-    (["model.family=gpt2"], "model family 'gpt2' is not supported (model.family)"),
+    (["fl.aggregate=[router,experts]"], "fl.aggregate[1]: Invalid value 'experts'"),
+    (["model.family=gpt2"], "model.family: Invalid value 'gpt2'"),
     (["+edge.policy=mru"], "edge.policy='mru' is unknown"),
-    (["prune.keep=0.5", "prune.score=magnitude"], "prune.score='magnitude' is unknown"),
-    (["strategy.rule=mode"], "strategy.rule='mode' is unknown"),
-    (["strategy.server_opt=sgd"], "strategy.server_opt='sgd' is unknown"),
+    (["prune.keep=0.5", "prune.score=magnitude"], "prune.score: Invalid value 'magnitude'"),
+    (["strategy.rule=mode"], "strategy.rule: Invalid value 'mode'"),
+    (["strategy.server_opt=sgd"], "strategy.server_opt: Invalid value 'sgd'"),
     (["strategy.dp.enabled=true", "strategy.dp.clipping_norm=0"],
-     "strategy.dp.clipping_norm=0 must be > 0"),
+     "strategy.dp.clipping_norm=0: must be > 0"),
     (["strategy.dp.enabled=true", "prune.keep=0.5"], "strategy.dp.enabled=true needs"),
-    (["fl.round_timeout=0"], "fl.round_timeout=0 must be > 0"),
-    (["fl.min_replies=0"], "fl.min_replies=0 must be > 0"),
+    (["fl.round_timeout=0"], "fl.round_timeout=0: must be > 0"),
+    (["fl.min_replies=0"], "fl.min_replies=0: must be an integer >= 1"),
     (["fl.fraction_train=1.5"], "fl.fraction_train=1.5"),
-    (["fl.resume=maybe"], "fl.resume='maybe'"),
-    (["train.method=qlora"], "train.method='qlora' is unknown"),
+    (["fl.resume=maybe"], "fl.resume: Value 'maybe' is not a valid bool"),
+    (["train.method=qlora"], "train.method: Invalid value 'qlora'"),
 ])
 def test_invalid_config_is_rejected_naming_the_key(overrides, message):
     with pytest.raises(ValueError) as error:
@@ -256,5 +257,15 @@ def test_server_app_rejects_a_bad_config_before_building_anything(monkeypatch):
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                       run_config=to_run_config(["experiment=smoke", "fl.aggregate=[gate]"]))
     # Execute / Assert
-    with pytest.raises(ValueError, match=r"fl.aggregate=\['gate'\] holds unknown roles"):
+    with pytest.raises(ValueError, match=r"fl.aggregate\[0\]: Invalid value 'gate'"):
         server_app.main(None, context)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["fl.num_rounds=two"], "fl.num_rounds"),  # a type only the schema knows
+    (["+fl.rounds=3"], "fl.rounds: unknown key"),  # a misspelt key
+    (["train.lr=-1"], "train.lr=-1"),  # a range only the schema knows
+])
+def test_deployment_checks_include_the_simulation_schemas(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_config(compose(["experiment=smoke", *overrides]))
