@@ -8,7 +8,9 @@ crashed, then ``flwr run`` again) resumes after the newest complete checkpoint i
 the base model: ``fl.resume`` null resumes when there is one, true requires one, false
 ignores them. Personal experts need nothing here: they live on the clients' disks.
 
-Not restored: a server optimizer's moments (``strategy.server_opt``) start again from zero.
+A server optimizer's moments (``strategy.server_opt``: FedAdam/FedYogi's ``m_t`` and
+``v_t``) go to ``round_<n>.optimizer.safetensors`` (sha256 in the json too) and are restored
+with the tensors, so a resumed run takes the same server steps as one never interrupted.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from fedmoe.fl.strategy import RoundLog
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "server_state"
+_MOMENTS = ("m_t", "v_t")  # flwr.serverapp.strategy.FedOpt's server-optimizer state
+_SEP = "::"
 # RoundLog fields keyed by client id (JSON turns the int keys into strings).
 _BY_CLIENT = ("bytes_up_by_client", "rejected", "eval_by_client", "eval_rejected")
 
@@ -39,8 +43,11 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def save_checkpoint(run_dir: str | Path, server_round: int, arrays: ArrayRecord,
-                    history: dict[int, RoundLog], keep: int = 0) -> Path:
+                    history: dict[int, RoundLog], keep: int = 0,
+                    optimizer: dict[str, dict[str, np.ndarray]] | None = None) -> Path:
     """Write the checkpoint of a completed round; keep the newest ``keep`` (0: all).
+
+    ``optimizer`` is the server optimizer's state (:func:`optimizer_state`), if any.
 
     Returns
     -------
@@ -58,12 +65,19 @@ def save_checkpoint(run_dir: str | Path, server_round: int, arrays: ArrayRecord,
         "saved_at": time.time(),
         "history": {str(r): dataclasses.asdict(log) for r, log in sorted(history.items())},
     }
+    if optimizer:
+        moments = {f"{name}{_SEP}{key}": np.ascontiguousarray(value)
+                   for name, state in optimizer.items() for key, value in state.items()}
+        opt_path = directory / f"round_{server_round}.optimizer.safetensors"
+        atomic_write(opt_path, lambda tmp: save_file(moments, tmp))
+        meta["optimizer"] = {"tensors": opt_path.name, "sha256": _sha256(opt_path)}
     json_path = directory / f"round_{server_round}.json"
     text = json.dumps(meta, indent=1, default=str)
     atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
     if keep > 0:
         for old in _rounds(directory)[:-keep]:
-            for suffix in (".json", ".safetensors"):  # json first: the pair stops counting
+            # json first: the round stops counting
+            for suffix in (".json", ".safetensors", ".optimizer.safetensors"):
                 (directory / f"round_{old}{suffix}").unlink(missing_ok=True)
     return json_path
 
@@ -89,6 +103,48 @@ def load_checkpoint(run_dir: str | Path) -> tuple[int, ArrayRecord, dict[int, Ro
         arrays = ArrayRecord({k: Array(v) for k, v in tensors.items()})
         return int(meta["round"]), arrays, _history(meta["history"])
     return None
+
+
+def optimizer_state(strategy) -> dict[str, dict[str, np.ndarray]]:
+    """The moments of a server optimizer (Flower's FedOpt family: ``m_t``, ``v_t``) of
+    ``strategy`` or of the strategy a wrapper (DP) holds; empty for plain averaging."""
+    inner = getattr(strategy, "strategy", strategy)
+    return {name: dict(value) for name in _MOMENTS
+            if (value := getattr(inner, name, None))}
+
+
+def restore_optimizer(strategy, run_dir: str | Path, server_round: int) -> bool:
+    """Load the server optimizer's moments saved with round ``server_round`` into
+    ``strategy``; False when that checkpoint holds none (a plain-averaging run).
+
+    Raises
+    ------
+    ValueError
+        The strategy has a server optimizer but the file is missing or corrupt (naming it),
+        or the checkpoint holds moments a strategy without one cannot use.
+    """
+    json_path = checkpoint_dir(run_dir) / f"round_{server_round}.json"
+    entry = json.loads(json_path.read_text()).get("optimizer")
+    inner = getattr(strategy, "strategy", strategy)
+    has_opt = all(hasattr(inner, name) for name in _MOMENTS)
+    if entry is None:
+        if has_opt:
+            logger.warning("server checkpoint %s holds no server-optimizer moments: they "
+                           "start from zero", json_path)
+        return False
+    if not has_opt:
+        raise ValueError(f"server checkpoint {json_path} holds server-optimizer moments but "
+                         "strategy.server_opt is off; set it as in the run that wrote them "
+                         "or use fl.resume=false")
+    path = json_path.parent / entry["tensors"]
+    if not path.is_file() or _sha256(path) != entry["sha256"]:
+        raise ValueError(f"{path} is missing or does not match the sha256 in {json_path}")
+    for key, value in load_file(path).items():
+        name, tensor = key.split(_SEP, 1)
+        state = getattr(inner, name) or {}
+        state[tensor] = value
+        setattr(inner, name, state)
+    return True
 
 
 def resume(cfg, arrays: ArrayRecord) -> tuple[int, ArrayRecord, dict[int, RoundLog]]:

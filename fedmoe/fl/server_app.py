@@ -161,7 +161,8 @@ def _checkpointing(reporter, cfg, strategy, done: int):
             return reporter(0, arrays)
         out = reporter(server_round + done, arrays)
         checkpoint.save_checkpoint(cfg.run_dir, server_round + done, arrays, strategy.history,
-                                   keep=int(cfg.fl.get("keep_checkpoints", 0)))
+                                   keep=int(cfg.fl.get("keep_checkpoints", 0)),
+                                   optimizer=checkpoint.optimizer_state(strategy))
         return out
 
     return evaluate_fn
@@ -190,6 +191,8 @@ def main(grid: Grid, context: Context) -> None:
     payload = int(sum(np.asarray(a.numpy()).nbytes for a in arrays.values()))
     strategy = _strategy(cfg, rows)
     done, arrays, strategy.history = checkpoint.resume(cfg, arrays)
+    if done:
+        checkpoint.restore_optimizer(strategy, cfg.run_dir, done)
     with build_tracker(cfg) as tracker:  # closed as failed if anything below raises
         reporter = RoundReporter(cfg, strategy, payload, tracker)
         reporter.trainable_bytes = trainable_bytes

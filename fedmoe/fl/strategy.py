@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
 
@@ -158,6 +159,8 @@ class FedMoE(FedAvg):
             raise TypeError("FedMoE() needs the keyword argument 'expert_rows'")
         self.history: dict[int, RoundLog] = {}
         self._global: dict[str, np.ndarray] | None = None
+        self._sent: list[Message] = []  # this round's instructions (ids set when pushed)
+        self._client_of_node: dict[int, int] = {}  # learnt from replies' client-id
 
     def set_moe_options(
         self,
@@ -197,6 +200,7 @@ class FedMoE(FedAvg):
     ) -> Iterable[Message]:
         """Sample clients as FedAvg does; remember the global arrays and bytes sent."""
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent = messages
         self.history[server_round] = RoundLog()
         self._remember(server_round, arrays, len(messages), evaluate=False)
         return messages
@@ -206,6 +210,7 @@ class FedMoE(FedAvg):
     ) -> Iterable[Message]:
         """Sample clients as FedAvg does; count the bytes sent."""
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._sent = messages
         self._remember(server_round, arrays, len(messages), evaluate=True)
         return messages
 
@@ -269,16 +274,16 @@ class FedMoE(FedAvg):
         self, message: Message, current: dict[str, np.ndarray], round_log: RoundLog
     ) -> _TrainReply | None:
         """Unpack and check one train reply; log and record a rejection."""
-        client = client_id(message)
-        reply, reason, nbytes = self._unpack_train_reply(message, client, current)
+        client, node = self._source(message)
+        reply, reason, nbytes = self._unpack_train_reply(message, client, node, current)
         round_log.bytes_up += nbytes
         round_log.bytes_up_by_client[client] = round_log.bytes_up_by_client.get(client, 0) + nbytes
         if reason is not None:
-            self._reject(round_log.rejected, message.metadata.src_node_id, client, reason)
+            self._reject(round_log.rejected, node, client, reason)
         return reply
 
     def _unpack_train_reply(
-        self, message: Message, client: int, current: dict[str, np.ndarray]
+        self, message: Message, client: int, node: int, current: dict[str, np.ndarray]
     ) -> tuple[_TrainReply | None, str | None, int]:
         """Return ``(reply, None, bytes)`` or ``(None, reason, bytes)``."""
         if message.has_error():
@@ -296,7 +301,6 @@ class FedMoE(FedAvg):
         weight, weight_reason = reply_weight(content, self.weighted_by_key)
         if reason or weight_reason:
             return None, reason or weight_reason, nbytes
-        node = message.metadata.src_node_id
         return _TrainReply(client, node, update, held, weight, content), None, nbytes
 
     def _drop_norm_outliers(
@@ -334,10 +338,10 @@ class FedMoE(FedAvg):
         round_log = self.history.setdefault(server_round, RoundLog())
         accepted = []
         for message in replies:
-            client = client_id(message)
+            client, node = self._source(message)
             reason = check_metrics_reply(message, self.weighted_by_key)
             if reason is not None:
-                self._reject(round_log.eval_rejected, message.metadata.src_node_id, client, reason)
+                self._reject(round_log.eval_rejected, node, client, reason)
                 continue
             accepted.append(message.content)
             round_log.eval_by_client[client] = dict(only_metric_record(message.content))
@@ -347,6 +351,24 @@ class FedMoE(FedAvg):
         return metrics
 
     # --- shared -------------------------------------------------------------------------
+
+    def _source(self, message: Message) -> tuple[int, int]:
+        """``(client id, node id)`` of a reply.
+
+        The SuperLink answers for a node that died with an error reply from itself
+        (``SUPERLINK_NODE_ID``); that reply is traced to the node its instruction went to, and
+        the client id to the one that node reported before (else the node id).
+        """
+        node = message.metadata.src_node_id
+        if node == SUPERLINK_NODE_ID and message.has_error():
+            sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent
+                       if m.metadata.message_id}  # ids are set when the grid pushes
+            node = sent_to.get(message.metadata.reply_to_message_id, node)
+        client = client_id(message)
+        if client is None:
+            return self._client_of_node.get(node, node), node
+        self._client_of_node[node] = client
+        return client, node
 
     def _aggregate_metrics(self, contents: list[RecordDict], train: bool) -> MetricRecord:
         """Flower's metric aggregation when keys agree, a per-key mean otherwise."""
@@ -383,14 +405,14 @@ class FedMoE(FedAvg):
 # --- reply helpers -------------------------------------------------------------------------
 
 
-def client_id(message: Message) -> int:
-    """The reply's ``client-id`` metric, or its source node id when it has none."""
+def client_id(message: Message) -> int | None:
+    """The reply's ``client-id`` metric, or None when it has none."""
     if message.has_content():
         for record in message.content.metric_records.values():
             value = record.get(CLIENT_ID)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 return int(value)
-    return message.metadata.src_node_id
+    return None
 
 
 def only_metric_record(content: RecordDict) -> MetricRecord:

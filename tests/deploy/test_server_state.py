@@ -177,3 +177,43 @@ def test_dp_wraps_fedmoe_adds_noise_and_sends_the_clipping_norm(tmp_path):
     noise = aggregated[ROUTER].numpy() - 1.0
     assert noise.std() > 0.05 and abs(noise.mean()) < 1.0
     assert strategy.history[1].accepted == [1, 2]  # FedMoE's own checks still ran
+
+
+def test_resumed_server_optimizer_takes_the_uninterrupted_step(tmp_path):
+    # Prepare: FedMoE + FedAdam; round 1 is checkpointed with Adam's moments
+    from fedmoe.fl.strategy import build_strategy
+
+    def adam():
+        return build_strategy("fedmoe", server_opt="adam", expert_rows={ROUTER: 1},
+                              min_available_nodes=1, eta=0.1)
+
+    def train_round(strategy, server_round, start, value):
+        sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+            server_round, start, ConfigRecord(), Grid([1, 2]))}
+        return strategy.aggregate_train(server_round, replies_from(sent, [1, 2], value))[0]
+
+    first = adam()
+    after_1 = train_round(first, 1, arrays(0.0), 1.0)
+    checkpoint.save_checkpoint(tmp_path, 1, after_1, first.history,
+                               optimizer=checkpoint.optimizer_state(first))
+    uninterrupted = train_round(first, 2, after_1, 3.0)[ROUTER].numpy()
+    # Execute: a new ServerApp process resumes round 2 from the checkpoint
+    resumed = adam()
+    done, saved, resumed.history = checkpoint.resume(cfg(tmp_path), after_1)
+    restored = checkpoint.restore_optimizer(resumed, tmp_path, done)
+    step = train_round(resumed, 2, saved, 3.0)[ROUTER].numpy()
+    from_zero = train_round(adam(), 2, saved, 3.0)[ROUTER].numpy()
+    # Assert: the same step as without the restart; zero moments would step elsewhere
+    assert restored and done == 1
+    np.testing.assert_array_equal(step, uninterrupted)
+    assert not np.allclose(from_zero, uninterrupted)
+
+
+def test_plain_averaging_checkpoints_no_optimizer_and_refuses_foreign_moments(tmp_path):
+    plain = FedMoE(expert_rows={ROUTER: 1})
+    assert checkpoint.optimizer_state(plain) == {}
+    checkpoint.save_checkpoint(tmp_path, 1, arrays(), {}, optimizer={"m_t": {ROUTER: np.ones(2)},
+                                                                      "v_t": {ROUTER: np.ones(2)}})
+    assert (tmp_path / "server_state" / "round_1.optimizer.safetensors").is_file()
+    with pytest.raises(ValueError, match="strategy.server_opt is off"):
+        checkpoint.restore_optimizer(plain, tmp_path, 1)

@@ -279,6 +279,28 @@ def test_error_reply_is_rejected_by_node_id():
     np.testing.assert_allclose(numpy_of(arrays)[ROUTER], AB_ROUTER)
 
 
+def test_superlinks_error_reply_for_a_dead_node_names_that_nodes_client():
+    # Prepare: round 1, node 3 replies as client 12; round 2, node 3 has died and the
+    # SuperLink answers its instruction itself (source: the SuperLink's node id)
+    strategy = FedMoE(expert_rows=EXPERT_ROWS)
+    sent = start_round(strategy, nodes=(7, 8, 9))
+    first = reply(sent[9], {ROUTER: f32(A_ROUTER), SHARED: f32(A_SHARED)},
+                  {"num-examples": 1, "client-id": 12})
+    strategy.aggregate_train(1, [first])
+    sent = start_round(strategy, nodes=(7, 8, 9), server_round=2)
+    for message in sent.values():  # what the grid does when it pushes them
+        message.metadata.__dict__["_message_id"] = message.object_id
+    dead = Message(Error(code=0, reason="node unavailable"), reply_to=sent[9])
+    dead.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+    assert dead.metadata.src_node_id == SUPERLINK_NODE_ID
+
+    # Execute
+    strategy.aggregate_train(2, [dead])
+
+    # Assert
+    assert strategy.history[2].rejected == {12: "error reply: node unavailable"}
+
+
 def test_nothing_accepted_returns_none():
     # Prepare
     strategy = FedMoE(expert_rows=EXPERT_ROWS)
