@@ -217,8 +217,6 @@ def test_device_data_stays_on_the_device(secure):
 # --- faults: a slow node, a crashed node and its restart --------------------------------
 
 
-@pytest.mark.skip(reason="held out of CI this landing: failed in the lead's run before the "
-                         "check_config fix, passed after it (152 s) in one run only; see issue 7")
 def test_slow_and_crashed_nodes_miss_their_round_only(tmp_path, make_federation, base_model,
                                                      app_dir):
     """Round 1: node1 sleeps past the round timeout (test hook) and is dropped. Round 2:
@@ -264,8 +262,6 @@ def test_slow_and_crashed_nodes_miss_their_round_only(tmp_path, make_federation,
 # --- load ---------------------------------------------------------------------------------
 
 
-@pytest.mark.skip(reason="held out of CI this landing: failed in the lead's run before the "
-                         "check_config fix, passed after it (127 s) in one run only; see issue 7")
 def test_six_supernodes_three_rounds(tmp_path, make_federation, base_model, app_dir):
     """Six SuperNodes (plain HTTP, no authentication: the `--insecure` path) for 3 rounds."""
     # Prepare
