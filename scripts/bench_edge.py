@@ -1,7 +1,7 @@
 """Benchmark edge inference: offloaded experts with caching and prefetch vs in-memory.
 
     .venv/bin/python scripts/bench_edge.py --quick            # < 3 minutes
-    .venv/bin/python scripts/bench_edge.py [--model-dir EXPORT] [--out edge_bench.json]
+    .venv/bin/python scripts/bench_edge.py [--model-dir EXPORT] [--out edge_bench.json]  # ~15 min
 
 Models
     (a) the tiny pretrained base model (``fedmoe pretrain``; ``--quick``: its smoke variant),
@@ -19,7 +19,10 @@ them) and maps expert ``e`` of the j-th to ``(j * E_src + e) mod E`` (a collisio
 token moves to the next free id), so every slot keeps a real expert's temporal pattern. The
 replay swaps the top-k ids at the experts' input, for in-memory and offloaded contenders alike;
 gate weights stay the model's own. Static pins come from a calibration pass over other
-documents of the same domain (train split), mapped the same way.
+documents of the same domain (train split), mapped the same way. Prefetch guesses are replayed
+too: model (a)'s own per-token predictions (layer l's router on layer l-1's expert input, as
+the runtime predicts), mapped the same way; the random routers of (b) and (c) would guess ids
+unrelated to the replayed routing.
 
 Goals reported: at 2x the active experts per layer, the best online policy with prefetch
 reaches >= 90% of Belady's hit rate on the same trace; decode tokens/s >= 50% of the fastest
@@ -42,12 +45,14 @@ from transformers import AutoModelForCausalLM, OlmoeConfig, Qwen2MoeConfig
 
 from fedmoe.data import load_data
 from fedmoe.edge.bench import bench_model, contender_configs, print_table, replay_routing
+from fedmoe.edge.prefetch import predicted_top_k
 from fedmoe.edge.runtime import (
     compose_pretrain,
     load_model,
     resolve_model_dir,
     routing_counts,
 )
+from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.routing import capture_routing
 
 SMOKE = ["pretraining=smoke", "data.max_mb_per_domain=0.5", "model.config.num_hidden_layers=2",
@@ -85,11 +90,34 @@ def corpus_tokens(tokenizer, cfg, split: str, min_tokens: int,
 
 
 @torch.inference_mode()
-def record_top_k(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Per MoE layer (in depth order), the ``(T, k)`` top-k ids of one teacher-forced pass."""
-    with capture_routing(model, router_probs=False) as trace:
-        model(input_ids=input_ids, use_cache=False)
-    return [r.top_k_index for r in trace]
+def record_top_k(model, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per MoE layer (in depth order), of one teacher-forced pass: the ``(T, k)`` top-k ids,
+    and the ``(T, k)`` ids the prefetcher predicts for that layer (its router on the previous
+    MoE layer's expert input, as :mod:`fedmoe.edge.prefetch` does at run time; the first
+    layer, which has no previous one, on the token embeddings)."""
+    layers = MoEAdapter(model).moe_layers()
+    inputs: dict[int, torch.Tensor] = {}
+
+    def keep(index):
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            inputs[index] = hidden.reshape(-1, hidden.shape[-1])
+        return hook
+
+    handles = [layer.experts.register_forward_pre_hook(keep(layer.index), with_kwargs=True)
+               for layer in layers]
+    try:
+        with capture_routing(model, router_probs=False) as trace:
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    embeddings = model.get_input_embeddings()(input_ids)
+    previous = [embeddings.reshape(-1, embeddings.shape[-1])]
+    previous += [inputs[layer.index] for layer in layers[:-1]]
+    predicted = [predicted_top_k(h.float(), layer) for h, layer in zip(previous, layers,
+                                                                          strict=True)]
+    return [r.top_k_index for r in trace], predicted
 
 
 def stack_routing(source: list[torch.Tensor], source_experts: int, layers: list[int],
@@ -157,7 +185,7 @@ def goals(rows: list[dict]) -> dict[str, float | bool | None]:
 
 
 def bench_one(name: str, model, input_ids, *, quick: bool, large: bool, new_tokens: int,
-              counts, replay=None, repeats: int = 1) -> dict:
+              counts, replay=None, predictions=None, repeats: int = 1) -> dict:
     # batched_mm gathers one weight copy per (token, expert) pair: GBs at real dimensions.
     in_memory = ["eager", "grouped_mm"] if large and quick else ["eager", "batched_mm",
                                                                  "grouped_mm"]
@@ -172,7 +200,8 @@ def bench_one(name: str, model, input_ids, *, quick: bool, large: bool, new_toke
     with tempfile.TemporaryDirectory(prefix="fedmoe-bench-store-") as store:
         rows = bench_model(model, input_ids, store, max_new_tokens=new_tokens,
                            in_memory=in_memory, configs=configs,
-                           around=(lambda: replay_routing(model, replay)) if replay else None,
+                           around=(lambda: replay_routing(model, replay, predictions))
+                           if replay else None,
                            repeats=repeats)
     print_table(rows, f"{name}: prompt {input_ids.shape[1]} tokens, {new_tokens} new")
     result = {"model": name, "prompt_tokens": input_ids.shape[1], "new_tokens": new_tokens,
@@ -187,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = SMOKE if args.quick else []
     cfg = compose_pretrain(overrides)
     model_dir = resolve_model_dir(args.model_dir, overrides)
-    prompt_len, new_tokens = (32, 16) if args.quick else (64, 32)
+    prompt_len, new_tokens = (32, 16) if args.quick else (64, 128)
     results = []
 
     # (a) the tiny pretrained (or personalized) model: its own routing.
@@ -195,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = corpus_tokens(tokenizer, cfg, "validation", prompt_len + new_tokens)
     # The client's routing statistics: 64 tokens of each of many train documents.
     calibration = corpus_tokens(tokenizer, cfg, "train", 1024, per_document=64)
-    routing = record_top_k(model, doc)
-    routing_cal = record_top_k(model, calibration)
+    routing, routing_predicted = record_top_k(model, doc)
+    routing_cal, _ = record_top_k(model, calibration)
     counts = routing_counts(model, calibration)
     source_experts = max(len(c) for c in counts.values())
     results.append(bench_one(f"(a) {model_dir.name}", model, doc[:, :prompt_len],
@@ -208,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     # (b), (c): real dimensions, replayed real routing.
     if not args.skip_large:
         dtype = getattr(torch, args.dtype)
-        large_prompt, large_new = (8, 8) if args.quick else (16, new_tokens)
+        large_prompt, large_new = (8, 8) if args.quick else (16, 128)
         for letter, (name, config) in zip("bc", large_configs(len(tokenizer)).items(),
                                           strict=True):
             torch.manual_seed(0)
@@ -216,10 +245,11 @@ def main(argv: list[str] | None = None) -> int:
             layers = list(range(config.num_hidden_layers))
             e, k = config.num_experts, config.num_experts_per_tok
             replay = stack_routing(routing, source_experts, layers, e, k)
+            predictions = stack_routing(routing_predicted, source_experts, layers, e, k)
             cal = counts_of(stack_routing(routing_cal, source_experts, layers, e, k), e)
             results.append(bench_one(f"({letter}) {name}", model, doc[:, :large_prompt],
                                      quick=args.quick, large=True, new_tokens=large_new,
-                                     counts=cal, replay=replay))
+                                     counts=cal, replay=replay, predictions=predictions))
             del model
             gc.collect()
 

@@ -110,14 +110,24 @@ def belady_stats(trace: Mapping[int, Sequence[Sequence[int]]], capacities: Mappi
 
 
 @contextmanager
-def replay_routing(model: nn.Module, trace: Mapping[int, torch.Tensor]) -> Iterator[None]:
+def replay_routing(model: nn.Module, trace: Mapping[int, torch.Tensor],
+                   predictions: Mapping[int, torch.Tensor] | None = None) -> Iterator[None]:
     """Replace each MoE layer's top-k ids by the rows of ``trace[layer]`` (``(T, k)``), in order.
 
     Every forward call of a layer consumes as many rows as it has tokens (wrapping around), so
     prefill and decode see a recorded sequence of real routing decisions. The gate weights stay
     the model's own; only which experts run changes.
+
+    ``predictions[layer]`` (``(T, k)``, aligned with the trace) replaces the prefetcher's guess
+    for that layer: the experts most of the current tokens' recorded predictions name. Without
+    it, an offloaded model would guess the replayed routing with its own routers, which have
+    nothing to do with it.
     """
-    handles = []
+    from fedmoe.edge.offload import PREDICTOR_ATTR
+    from fedmoe.edge.prefetch import most_voted
+
+    handles, marked = [], []
+    current: dict[str, torch.Tensor] = {}  # the rows of the tokens in flight
     for layer in MoEAdapter(model).moe_layers():
         rows = trace[layer.index]
         position = [0]
@@ -128,15 +138,27 @@ def replay_routing(model: nn.Module, trace: Mapping[int, torch.Tensor]) -> Itera
             ids = values["top_k_index"]  # (T, k)
             take = torch.arange(position[0], position[0] + ids.shape[0]) % rows.shape[0]
             position[0] += ids.shape[0]
+            current["take"] = take
             values["top_k_index"] = rows[take].to(ids.device, ids.dtype)
             return (), values
 
         handles.append(layer.experts.register_forward_pre_hook(swap, with_kwargs=True))
+        if predictions is not None and layer.index in predictions:
+            guesses = predictions[layer.index]
+
+            def predict(_hidden, limit, guesses=guesses):
+                take = current["take"] % guesses.shape[0]
+                return most_voted(guesses[take], limit)
+
+            setattr(layer.experts, PREDICTOR_ATTR, predict)
+            marked.append(layer.experts)
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        for experts in marked:
+            delattr(experts, PREDICTOR_ATTR)
 
 
 def run_in_memory(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,

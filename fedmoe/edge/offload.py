@@ -34,6 +34,9 @@ from fedmoe.moe.adapter import MoEAdapter, MoELayer
 
 IMPLEMENTATION = "fedmoe_offload"
 _ATTR = "_fedmoe_offload"
+# An experts module carrying this attribute, ``fn(previous_hidden (T, H), limit) -> ids``,
+# has its prefetch guess made by ``fn`` instead of by its router.
+PREDICTOR_ATTR = "_fedmoe_predictor"
 
 
 @dataclass
@@ -133,6 +136,15 @@ class OffloadedLayer:
         if admitted:
             self.weights[expert] = tensors
 
+    def predict(self, previous_hidden: torch.Tensor) -> list[int]:
+        """This layer's experts guessed from the previous layer's expert input (at most the
+        cache capacity); a predictor set on the experts module (``PREDICTOR_ATTR``, e.g. a
+        benchmark replaying recorded routing) replaces the router's guess."""
+        override = getattr(self.layer.experts, PREDICTOR_ATTR, None)
+        if override is not None:
+            return override(previous_hidden, self.cache.capacity)
+        return predict_experts(previous_hidden, self.layer, self.cache.capacity)
+
     def expect(self, experts: list[int]) -> None:
         """The previous layer predicts ``experts``: start loading the missing ones."""
         self.predicted = experts
@@ -149,8 +161,7 @@ class OffloadedLayer:
         needed = sorted(set(top_k_index.flatten().tolist()))
         self.trace.append(needed)
         if self.prefetcher is not None and self.next is not None:
-            guess = predict_experts(hidden_states, self.next.layer, self.next.cache.capacity)
-            self.next.expect(guess)
+            self.next.expect(self.next.predict(hidden_states))
         hits, _ = self.cache.lookup(needed)
         if self.predicted is not None:
             correct = len(set(self.predicted) & set(needed))

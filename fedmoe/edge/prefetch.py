@@ -31,6 +31,11 @@ def predict_experts(hidden_states: torch.Tensor, next_layer: MoELayer, limit: in
     limit : int
         Cap on the prediction (the cache capacity): the experts picked by most tokens.
     """
+    return most_voted(predicted_top_k(hidden_states, next_layer), limit)
+
+
+def predicted_top_k(hidden_states: torch.Tensor, next_layer: MoELayer) -> torch.Tensor:
+    """Per token, the top-k ids ``next_layer``'s router gives ``hidden_states`` ``(T, k)``."""
     router = next_layer.router
     logits = torch.nn.functional.linear(hidden_states, router.weight,
                                         getattr(router, "bias", None))  # (T, E)
@@ -38,8 +43,12 @@ def predict_experts(hidden_states: torch.Tensor, next_layer: MoELayer, limit: in
     for name in next_layer.router_buffers:  # e.g. DeepSeek-V3's selection bias
         scores = scores + getattr(router, name).float()
     top_k = min(next_layer.top_k, scores.shape[-1])
-    picks = scores.topk(top_k, dim=-1).indices.flatten().tolist()  # (T * k,)
-    votes = Counter(picks)
+    return scores.topk(top_k, dim=-1).indices  # (T, k)
+
+
+def most_voted(top_k_ids: torch.Tensor, limit: int) -> list[int]:
+    """The ``limit`` experts most tokens picked in ``top_k_ids`` ``(T, k)`` (ties: lower id)."""
+    votes = Counter(top_k_ids.flatten().tolist())
     return [e for e, _ in sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
 
 
