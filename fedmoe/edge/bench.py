@@ -181,7 +181,8 @@ def run_in_memory(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
 
 
 def run_offloaded(runtime: EdgeRuntime, input_ids: torch.Tensor, max_new_tokens: int,
-                  config: EdgeConfig, repeats: int = 1, around: Any = None) -> dict[str, Any]:
+                  config: EdgeConfig, repeats: int = 1, around: Any = None,
+                  name: str | None = None) -> dict[str, Any]:
     """One offloaded contender: fresh caches under ``config`` for each of ``repeats`` timed
     generations (speeds: the best; statistics: the last, identical for greedy decoding)."""
 
@@ -197,8 +198,8 @@ def run_offloaded(runtime: EdgeRuntime, input_ids: torch.Tensor, max_new_tokens:
     belady = belady_stats(runtime.trace(), runtime.capacities, warm=config.policy == "static")
     belady_total = sum(belady.values(), CacheStats())
     resident = 0 if config.policy == "none" else runtime.resident_expert_nbytes
-    name = ("naive offload" if config.policy == "none" else
-            f"{config.policy} {config.budget}{' +prefetch' if config.prefetch else ''}")
+    name = name or ("naive offload" if config.policy == "none" else
+                    f"{config.policy} {config.budget}{' +prefetch' if config.prefetch else ''}")
     return {"contender": name, "policy": config.policy, "budget": str(config.budget),
             "prefetch": bool(config.prefetch), "hit_rate": stats["overall"]["hit_rate"],
             "belady_hit_rate": belady_total.hit_rate,
@@ -260,7 +261,8 @@ _IN_MEMORY = ("eager", "batched_mm", "grouped_mm")
 
 def bench_model(model: nn.Module, input_ids: torch.Tensor, store: Any, *, max_new_tokens: int,
                 in_memory: Sequence[str], configs: Sequence[EdgeConfig],
-                around: Any = None, repeats: int = 1) -> list[dict[str, Any]]:
+                around: Any = None, repeats: int = 1,
+                fedmoe_in_memory: bool = True) -> list[dict[str, Any]]:
     """Every contender on one model; the model ends up offloaded (its experts freed).
 
     Parameters
@@ -282,6 +284,9 @@ def bench_model(model: nn.Module, input_ids: torch.Tensor, store: Any, *, max_ne
         ``lambda: replay_routing(model, trace)``).
     repeats : int
         Timed runs per contender; the fastest counts (a shared machine is noisy).
+    fedmoe_in_memory : bool
+        Also time ``"fedmoe in-memory"``: the offloaded model with every expert pinned before
+        the first token (budget ``all``), i.e. fedmoe's experts forward without any load.
 
     Returns
     -------
@@ -297,6 +302,11 @@ def bench_model(model: nn.Module, input_ids: torch.Tensor, store: Any, *, max_ne
     runtime = offload(model, store, EdgeConfig(budget=1, policy="none"))
     gc.collect()
     try:
+        if fedmoe_in_memory:  # every expert pinned up front: fedmoe's experts forward alone
+            every = {layer.index: [1.0] * layer.layer.num_experts for layer in runtime.layers}
+            rows.append(run_offloaded(runtime, input_ids, max_new_tokens,
+                                      EdgeConfig(budget="all", policy="static", counts=every),
+                                      repeats, around, name="fedmoe in-memory"))
         for config in configs:
             rows.append(run_offloaded(runtime, input_ids, max_new_tokens, config, repeats,
                                       around))

@@ -51,15 +51,18 @@ def test_bench_writes_every_contender_with_the_documented_keys(tiny_checkpoint, 
     result = json.loads(output.read_text())
     printed = capsys.readouterr().out
 
-    # Assert: 2 in-memory, naive, lru x2, static, consistency x2
+    # Assert: 2 HF in-memory, fedmoe in-memory, naive, lru x2, static, consistency x2
     rows = result["contenders"]
     assert [r["contender"] for r in rows] == [
-        "in-memory eager", "in-memory grouped_mm", "naive offload", "lru 2x",
-        "lru 2x +prefetch", "static 2x", "consistency 2x", "consistency 2x +prefetch"]
+        "in-memory eager", "in-memory grouped_mm", "fedmoe in-memory", "naive offload",
+        "lru 2x", "lru 2x +prefetch", "static 2x", "consistency 2x", "consistency 2x +prefetch"]
     for row in rows:
         assert set(KEYS) <= set(row)
         assert row["hit_rate"] <= row["belady_hit_rate"] + 1e-12 or row["prefetch"]
         assert row["same_output"] is True
-    naive = rows[2]
+    ours = rows[2]  # every expert pinned before the first token: nothing loaded after
+    assert ours["hit_rate"] == 1.0 and ours["bytes_loaded"] == 0
+    assert ours["resident_expert_fraction"] == 1.0
+    naive = rows[3]
     assert naive["hit_rate"] == 0.0 and naive["bytes_loaded"] > 0
     assert "naive offload" in printed
