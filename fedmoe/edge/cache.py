@@ -26,7 +26,7 @@ import bisect
 import math
 import re
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,15 +305,23 @@ class CacheState:
         self.policy.access(experts, self.stats.steps - 1)
         return hits, misses
 
-    def admit(self, expert: int) -> tuple[bool, int | None]:
-        """Try to bring ``expert`` in; ``(admitted, evicted expert or None)``."""
+    def admit(self, expert: int, protect: Collection[int] = ()) -> tuple[bool, int | None]:
+        """Try to bring ``expert`` in; ``(admitted, evicted expert or None)``.
+
+        ``protect``: experts that may not be evicted for it (a prefetched expert arriving as
+        a step starts must not push out what that step needs); with nothing else to evict,
+        ``expert`` stays out.
+        """
         if expert in self.resident:
             return True, None
         if not self.policy.admits:
             return False, None
         evicted = None
         if len(self.resident) >= self.capacity:
-            evicted = self.policy.victim(list(self.resident), expert)
+            candidates = [e for e in self.resident if e not in protect]
+            if not candidates:
+                return False, None
+            evicted = self.policy.victim(candidates, expert)
             if evicted == expert:
                 return False, None
             del self.resident[evicted]

@@ -18,7 +18,7 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,12 +129,14 @@ class OffloadedLayer:
     def _load(self, expert: int) -> dict[str, torch.Tensor]:
         return self.store.load(self.index, expert, device=self.device)
 
-    def _admit(self, expert: int, tensors: dict[str, torch.Tensor]) -> None:
-        admitted, evicted = self.cache.admit(expert)
+    def _admit(self, expert: int, tensors: dict[str, torch.Tensor],
+               protect: Collection[int] = ()) -> bool:
+        admitted, evicted = self.cache.admit(expert, protect)
         if evicted is not None:
             del self.weights[evicted]
         if admitted:
             self.weights[expert] = tensors
+        return admitted
 
     def predict(self, previous_hidden: torch.Tensor) -> list[int]:
         """This layer's experts guessed from the previous layer's expert input (at most the
@@ -155,10 +157,15 @@ class OffloadedLayer:
     def forward(self, experts: nn.Module, hidden_states: torch.Tensor,
                 top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         # hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)
-        for p in self.pending:  # prefetched experts enter the cache before the lookup
-            self._admit(p.expert, p.result())
-        self.pending = []
         needed = sorted(set(top_k_index.flatten().tolist()))
+        # Prefetched experts enter the cache before the lookup, evicting none of the experts
+        # this step needs (the router has run); one that finds no room is still used once.
+        staged = {}
+        for p in self.pending:
+            tensors = p.result()
+            if not self._admit(p.expert, tensors, protect=needed):
+                staged[p.expert] = tensors
+        self.pending = []
         self.trace.append(needed)
         if self.prefetcher is not None and self.next is not None:
             self.next.expect(self.next.predict(hidden_states))
@@ -172,7 +179,7 @@ class OffloadedLayer:
         final = torch.zeros_like(hidden_states)  # (T, H)
         slots = top_k_index.T  # (k, T)
         for e in needed:  # ascending, as eager sums, so results match it bit for bit
-            w = held[e] if e in held else self._load(e)
+            w = held[e] if e in held else staged.get(e) or self._load(e)
             top_k_pos, token_idx = torch.where(slots == e)
             x = hidden_states[token_idx]  # (n, H)
             h = experts._apply_gate(nn.functional.linear(x, w["gate_up_proj"]))  # (n, I)

@@ -188,6 +188,19 @@ def test_cache_state_never_exceeds_capacity():
         assert len(state.resident) <= 3
 
 
+def test_admit_never_evicts_a_protected_expert():
+    # Prepare: LRU holding 1 (oldest) and 2
+    state = CacheState(2, make_policy("lru"))
+    for e in (1, 2):
+        state.lookup([e])
+        state.admit(e)
+    # Execute / Assert: 1 is LRU's victim unless the step needs it
+    assert state.admit(3, protect=[1]) == (True, 2)
+    assert state.admit(4, protect=[1, 3]) == (False, None)
+    assert list(state.resident) == [1, 3]
+    assert state.admit(4) == (True, 1)
+
+
 @pytest.mark.parametrize(("budget", "expected"), [
     ("2x", 4), ("1x", 2), ("all", 8), (3, 3), ("5", 5), ("100x", 8),
     ("1MB", 1_000_000 // (1000 * 4)), ("0.5MiB", 2**19 // (1000 * 4)),
