@@ -8,6 +8,10 @@ the layer's cache for the weights, loading misses from the store, so ``model.gen
 unchanged on every supported family, and greedy outputs equal the in-memory ``eager`` ones
 bit for bit (same per-expert ops, summed in the same ascending expert order).
 
+Memory: each layer holds at most its cache capacity; with ``prefetch`` the guesses for the
+next layer (at most that layer's capacity, while decoding its top-k) are in flight on top of
+it until that layer runs, where they are admitted without evicting anything it needs.
+
 Usage::
 
     runtime = offload(model, "store/", EdgeConfig(budget="2x", policy="consistency",
