@@ -263,9 +263,10 @@ def test_slow_and_crashed_nodes_miss_their_round_only(tmp_path, make_federation,
 
 
 def test_six_supernodes_three_rounds(tmp_path, make_federation, base_model, app_dir):
-    """Six SuperNodes (plain HTTP, no authentication: the `--insecure` path) for 3 rounds."""
+    """Six SuperNodes for 3 rounds, with TLS and SuperNode authentication on (the default
+    deployment: six key pairs registered before the run)."""
     # Prepare
-    fed = make_federation(tmp_path, tls=False, auth=False)
+    fed = make_federation(tmp_path)
     run_dir = tmp_path / "run"
     overrides = [*TINY, f"fl.base_model={base_model}", f"run_dir={run_dir}", "fl.num_rounds=3",
                  "fl.fraction_evaluate=0", "data.num_clients=6", "fl.min_available_nodes=6",
