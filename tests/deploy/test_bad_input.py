@@ -9,8 +9,8 @@ last good state, naming the file. Configs: rejected before anything is built, na
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
 
 import numpy as np
 import pytest
