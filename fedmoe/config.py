@@ -32,6 +32,7 @@ DATA_NAMES = ("embedded", "hf")
 STRATEGY_NAMES = ("fedmoe", "fedavg", "local")  # conf/strategy/*.yaml
 SERVER_OPTS = ("adam", "yogi")
 TRAIN_METHODS = ("full", "lora")
+TRAIN_DEVICES = ("auto", "cpu", "cuda", "mps")  # fedmoe.checkpoints.DEVICES
 DTYPES = ("float32", "float16", "bfloat16")
 LOGGERS = ("none", "wandb")
 LOGGER_MODES = ("auto", "offline", "online", "disabled")
@@ -51,6 +52,7 @@ StrategyName = _choices("StrategyName", STRATEGY_NAMES)
 Rule = _choices("Rule", RULES)
 ServerOpt = _choices("ServerOpt", SERVER_OPTS)
 TrainMethod = _choices("TrainMethod", TRAIN_METHODS)
+TrainDevice = _choices("TrainDevice", TRAIN_DEVICES)
 DType = _choices("DType", DTYPES)
 LoggerName = _choices("LoggerName", LOGGERS)
 LoggerMode = _choices("LoggerMode", LOGGER_MODES)
@@ -122,6 +124,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     lora: LoraConfig = field(default_factory=LoraConfig)
+    device: TrainDevice = TrainDevice.auto
+    gradient_checkpointing: bool = False
+    grad_accumulation: int = 1
 
 
 @dataclass
@@ -147,6 +152,7 @@ class FLConfig:
     audit_dir: str | None = None
     client_threads: int | None = 1
     client_resources: ClientResources = field(default_factory=ClientResources)
+    max_concurrent_clients: int | None = None
     resume: bool | None = None
     keep_checkpoints: int = 2
 
@@ -289,6 +295,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.weight_decay": (_at_least(0), ">= 0"),
     "train.max_grad_norm": (_positive, "> 0, or null (no clipping)"),
     "train.lora.r": (_at_least(1), "an integer >= 1"),
+    "train.grad_accumulation": (_at_least(1), "an integer >= 1 (batches per optimizer step)"),
     "train.lora.alpha": (_positive, "> 0"),
     "train.lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "fl.num_rounds": (_at_least(1), "an integer >= 1"),
@@ -302,6 +309,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "fl.keep_checkpoints": (_at_least(0), "an integer >= 0 (0 = keep all)"),
     "fl.client_threads": (_at_least(1), "an integer >= 1, or null (torch's default)"),
     "fl.client_resources.num_cpus": (_positive, "> 0"),
+    "fl.max_concurrent_clients": (_at_least(1), "an integer >= 1, or null (from memory)"),
     "fl.client_resources.num_gpus": (_at_least(0), ">= 0"),
     "strategy.trim_beta": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     "strategy.server_lr": (_positive, "> 0"),

@@ -11,16 +11,16 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
+from fedmoe.checkpoints import resolve_base_model
 from fedmoe.fl.bridge import compose, config_from_run_config, overrides_from_run_config
+from fedmoe.fl.codec import decode_record, encode_record
 from fedmoe.fl.mods import audit_mod
 from fedmoe.task.local import LocalClient
-from fedmoe.task.pretrain import base_checkpoint_dir
 
 app = ClientApp(mods=[audit_mod])
 
@@ -93,29 +93,14 @@ def _client(context: Context) -> LocalClient:
         torch.set_num_threads(int(cfg.fl.client_threads))
     if not cfg.verbose:
         logging.getLogger("transformers").setLevel(logging.ERROR)
-    checkpoint = node.get("base-model") or cfg.fl.base_model or base_model_dir(cfg)
+    checkpoint = node.get("base-model") or resolve_base_model(cfg, progress=False)
     return LocalClient(cfg, client_id, checkpoint, Path(state_root) / f"client_{client_id:04d}",
                        data_path=node.get("data-path"))
 
 
-def _array_dict(arrays: dict[str, np.ndarray]) -> dict[str, Array]:
-    return {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
-
-
-def base_model_dir(cfg) -> str:
-    """The base checkpoint when the launcher named none: ``model.path`` or the pretrained one."""
-    if cfg.model.path:
-        return str(cfg.model.path)
-    path = base_checkpoint_dir(cfg)
-    if not path.exists():
-        raise FileNotFoundError(f"no base model at {path}: run `fedmoe pretrain` with the same "
-                                "model/data/pretraining config, or set fl.base_model")
-    return str(path)
-
-
-def _arrays(msg: Message) -> dict[str, np.ndarray]:
-    record = msg.content.array_records.get("arrays", ArrayRecord())
-    return {k: v.numpy() for k, v in record.items()}
+def _arrays(msg: Message) -> dict[str, torch.Tensor]:
+    """The global tensors of an instruction, in the dtype they were sent in."""
+    return decode_record(msg.content.array_records.get("arrays", ArrayRecord()))
 
 
 @app.train(mods=[dp_clipping_mod])
@@ -124,8 +109,9 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
     _debug_delay(context, server_round)
     out = client.fit(_arrays(msg), server_round)
+    wire = client.wire_dtype()  # the base checkpoint's dtype: bf16 travels as 2 bytes
     content = RecordDict({
-        "arrays": ArrayRecord(_array_dict(out["arrays"])),
+        "arrays": encode_record(out["arrays"], {k: wire for k in out["arrays"]}),
         "metrics": MetricRecord(out["metrics"]),
     })
     if out["experts"]:

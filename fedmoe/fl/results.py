@@ -26,6 +26,7 @@ def round_entry(server_round: int, log, payload_bytes: int) -> dict:
         "bytes_up": int(log.bytes_up),
         "payload_bytes": int(payload_bytes),
         "wall_seconds": float(log.wall_s),
+        "sampled": int(getattr(log, "sampled", 0)),
         "accepted": sorted(int(c) for c in log.accepted),
         "rejected": {str(c): r for c, r in log.rejected.items()},
     }
@@ -35,12 +36,15 @@ def client_entries(history: dict, payload_bytes: int) -> dict[str, dict]:
     """Per client: final held-out perplexity, examples, bytes sent and received in total."""
     clients: dict[str, dict] = {}
     for _, log in sorted(history.items()):
-        trained = set(log.accepted) | set(log.rejected)
-        for c in trained:
+        for c in set(log.accepted) | set(log.rejected):
             entry = clients.setdefault(str(c), _empty_client())
             entry["bytes_sent"] += int(log.bytes_up_by_client.get(c, 0))
             entry["bytes_received"] += payload_bytes
-            entry["rounds_trained"] += 1
+            if c in log.accepted:  # a rejected reply trained nothing the run kept
+                entry["rounds_trained"] += 1
+            else:
+                entry["rounds_rejected"] += 1
+                entry["last_error"] = one_line(log.rejected[c])
         for c, m in log.eval_by_client.items():
             entry = clients.setdefault(str(c), _empty_client())
             entry["bytes_received"] += payload_bytes
@@ -51,12 +55,47 @@ def client_entries(history: dict, payload_bytes: int) -> dict[str, dict]:
             entry["experts_kept"] = {k.split(".", 1)[1]: int(v) for k, v in sorted(m.items())
                                      if k.startswith("experts_kept.")}
             entry["examples"] = int(m.get("num-examples", 0))
+            entry["personal_mb"] = _num(m.get("personal_mb"))
     return dict(sorted(clients.items(), key=lambda kv: int(kv[0])))
 
 
 def _empty_client() -> dict:
     return {"final_ppl": None, "base_ppl": None, "examples": 0, "bytes_sent": 0,
-            "bytes_received": 0, "rounds_trained": 0}
+            "bytes_received": 0, "rounds_trained": 0, "rounds_rejected": 0}
+
+
+def one_line(reason: str, width: int = 160) -> str:
+    """The first meaningful line of a (possibly multi-line) failure reason, cut to ``width``."""
+    lines = [x.strip() for x in str(reason).splitlines() if x.strip()]
+    # Tracebacks end with the exception line; plain reasons are one line already.
+    line = next((x for x in reversed(lines) if "Error" in x or "error" in x), lines[0] if lines
+                else "unknown failure")
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+_HINTS = (("memory", "lower fl.max_concurrent_clients or use train=lora"),
+          ("killed", "lower fl.max_concurrent_clients or use train=lora"),
+          ("timeout", "raise fl.round_timeout"))
+
+
+def run_failure(results: dict) -> str | None:
+    """Why a finished run must not count as a success, in one line; ``None`` if it may.
+
+    A round in which no train reply was accepted trained nothing (the global tensors stayed
+    as they were), and a run in which no client ever trained is no result at all.
+    """
+    for r in results.get("rounds", []):
+        if r.get("accepted"):
+            continue
+        reasons = [one_line(x) for x in r.get("rejected", {}).values()]
+        why = reasons[0] if reasons else "no reply within fl.round_timeout"
+        hint = next((h for word, h in _HINTS if word in why.lower()), None)
+        sampled = r.get("sampled") or len(r.get("rejected", {}))
+        return (f"round {r['round']}: 0 of {sampled} clients trained: {why}"
+                + (f" -- {hint}" if hint else ""))
+    if not results.get("rounds"):
+        return "no round ran: no client ever trained"
+    return None
 
 
 def _num(x) -> float | None:
@@ -96,6 +135,16 @@ def print_summary(results: dict) -> None:
                         str(c["examples"]), f"{c['bytes_sent'] / 2**20:.2f}",
                         f"{c['bytes_received'] / 2**20:.2f}")
     console.print(clients)
+    for cid, c in results["clients"].items():
+        if c.get("rounds_rejected"):
+            console.print(f"client {cid}: {c['rounds_rejected']} round(s) rejected, last: "
+                          f"{c.get('last_error')}")
+    memory = results.get("memory") or {}
+    if memory.get("peak_pss_bytes"):
+        ratio = memory.get("peak_over_checkpoint")
+        console.print(f"peak memory of the simulation (PSS, all processes): "
+                      f"{memory['peak_pss_bytes'] / 2**30:.2f} GiB"
+                      + (f" = {ratio:.2f}x the base checkpoint" if ratio else ""))
     for line in headline(results):
         console.print(line)
 

@@ -10,7 +10,7 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
@@ -18,38 +18,52 @@ from tqdm.auto import tqdm
 
 from fedmoe.fl import checkpoint
 from fedmoe.fl.bridge import config_from_run_config
+from fedmoe.fl.codec import encode_record, wire_nbytes
 from fedmoe.fl.deploy import check_config
 from fedmoe.fl.progress import ProgressGrid
 from fedmoe.fl.results import client_entries, round_entry, write_json
 from fedmoe.fl.strategy import build_strategy
-from fedmoe.moe.adapter import MoEAdapter
+from fedmoe.moe.adapter import MoEAdapter, role_of_name
+from fedmoe.moe.families import Role, family_spec
 from fedmoe.plots import write_run_plots
 from fedmoe.prune import check_budget, pruning_enabled
 from fedmoe.task.local import aggregated_names, expert_rows, prepare_model, trainable_names
+from fedmoe.task.train import weight_dtype
 from fedmoe.tracking import Tracker, build_tracker
 
 app = ServerApp()
 logger = logging.getLogger(__name__)
 
 
-def initial_arrays(cfg) -> tuple[ArrayRecord, dict[str, int], int]:
-    """The aggregated tensors of the base model (float32), which of them are per-expert, and
-    the float32 bytes of every trainable tensor (what FedAvg-style training would send)."""
-    model = prepare_model(cfg.model, cfg.fl.base_model, cfg.train, cfg.seed)
+def initial_arrays(cfg) -> tuple[ArrayRecord, dict[str, int], int, dict[str, str]]:
+    """The aggregated tensors of the base model (float32, as the strategy keeps them), which
+    of them are per-expert, the bytes every trainable tensor would take on the wire (what
+    FedAvg-style training sends) and the wire dtype of each aggregated tensor.
+
+    The model is built on the ``meta`` device and only the base tensors of the aggregated
+    roles are read: the server of a 7B model holds megabytes, not the model.
+    """
+    roles = {Role(r) for r in cfg.fl.aggregate}
+    model_type = family_spec(cfg.model.family).model_type
+    model = prepare_model(cfg.model, cfg.fl.base_model, cfg.train, cfg.seed, device="cpu",
+                          skip=lambda name: role_of_name(model_type, name) not in roles)
     adapter = MoEAdapter(model)
     if pruning_enabled(cfg.prune):
         check_budget(cfg.prune, adapter)  # a budget that cannot be met fails before training
     names = aggregated_names(model, adapter, cfg)
     params = dict(model.named_parameters())
+    wire = str(weight_dtype(model)).removeprefix("torch.")
     arrays = ArrayRecord({n: Array(params[n].detach().float().numpy().copy()) for n in names})
-    trainable = sum(params[n].numel() * 4 for n in trainable_names(model))
-    return arrays, expert_rows(model, adapter, names), trainable
+    itemsize = torch.empty(0, dtype=weight_dtype(model)).element_size()
+    trainable = sum(params[n].numel() * itemsize for n in trainable_names(model))
+    return arrays, expert_rows(model, adapter, names), trainable, {n: wire for n in names}
 
 
-def _strategy(cfg, rows: dict[str, int]):
+def _strategy(cfg, rows: dict[str, int], wire_dtypes: dict[str, str]):
     s, fl = cfg.strategy, cfg.fl
     kwargs = dict(
-        expert_rows=rows, rule=s.rule, trim_beta=s.trim_beta, max_update_norm=s.max_update_norm,
+        expert_rows=rows, wire_dtypes=wire_dtypes, rule=s.rule, trim_beta=s.trim_beta,
+        max_update_norm=s.max_update_norm,
         fraction_train=fl.fraction_train, fraction_evaluate=fl.fraction_evaluate,
         min_train_nodes=fl.min_train_nodes, min_evaluate_nodes=fl.min_evaluate_nodes,
         min_available_nodes=fl.min_available_nodes,
@@ -187,9 +201,10 @@ def _runtime_config(cfg, run_id: int):
 def main(grid: Grid, context: Context) -> None:
     check_config(config_from_run_config(context.run_config))  # before anything is built
     cfg = _runtime_config(config_from_run_config(context.run_config), context.run_id)
-    arrays, rows, trainable_bytes = initial_arrays(cfg)
-    payload = int(sum(np.asarray(a.numpy()).nbytes for a in arrays.values()))
-    strategy = _strategy(cfg, rows)
+    arrays, rows, trainable_bytes, wire_dtypes = initial_arrays(cfg)
+    payload = int(sum(wire_nbytes(a) for a in encode_record(
+        {k: a.numpy() for k, a in arrays.items()}, wire_dtypes).values()))
+    strategy = _strategy(cfg, rows, wire_dtypes)
     done, arrays, strategy.history = checkpoint.resume(cfg, arrays)
     if done:
         checkpoint.restore_optimizer(strategy, cfg.run_dir, done)

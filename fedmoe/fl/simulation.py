@@ -17,7 +17,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fedmoe.fl.bridge import RUN_CONFIG_KEY, to_run_config
-from fedmoe.fl.results import print_summary
+from fedmoe.fl.results import print_summary, run_failure, write_json
+from fedmoe.memory import GiB, PeakMemory, available_bytes, checkpoint_bytes
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,7 +42,8 @@ def _write_app_dir(app_dir: Path, run_config: dict[str, str]) -> None:
 
 
 def run_simulation_engine(run_config: dict[str, str], num_supernodes: int, app_dir: Path,
-                          client_resources: dict, verbose: bool = False) -> None:
+                          client_resources: dict, verbose: bool = False,
+                          num_cpus: int | None = None) -> None:
     """Run fedmoe's ServerApp and ClientApp on the Simulation Engine (Ray backend).
 
     ``flwr.simulation.run_simulation`` leaves ``context.run_config`` empty, so this calls the
@@ -72,7 +74,8 @@ def run_simulation_engine(run_config: dict[str, str], num_supernodes: int, app_d
     backend_config = {
         "client_resources": dict(client_resources),
         "init_args": {"logging_level": level, "log_to_driver": verbose,
-                      "include_dashboard": False, "configure_logging": True},
+                      "include_dashboard": False, "configure_logging": True,
+                      **({"num_cpus": num_cpus} if num_cpus else {})},
     }
     _quiet_flower(verbose)  # after the imports: flwr sets its logger's level on import
     engine._run_simulation(
@@ -114,28 +117,83 @@ def simulation_overrides(cfg: DictConfig, task_overrides: list[str], run_dir: Pa
     return [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") not in keys] + extra
 
 
+# Memory of one client actor beyond its base model: Python, torch, transformers, Ray's
+# worker (measured about 0.5 GB on this machine), plus a quarter of the model for the
+# trainable tensors, optimizer state and activations of a LoRA run.
+ACTOR_OVERHEAD_BYTES = 768 * 2**20
+ACTOR_MODEL_FACTOR = 1.25
+
+
+def max_concurrent(cfg: DictConfig, base: str | Path, cpus: int,
+                   available: int | None = None) -> tuple[int, str]:
+    """How many client actors may run at once, and why.
+
+    Each actor holds one base model (``fedmoe.task.local.SharedModel``); two copies side by
+    side must never be what kills a run that fits once. ``fl.max_concurrent_clients`` wins;
+    otherwise as many as fit in 80% of MemAvailable (the server and driver load no model),
+    at most as many as the CPUs allow.
+    """
+    by_cpu = max(int(cpus // float(cfg.fl.client_resources.num_cpus)), 1)
+    if cfg.fl.get("max_concurrent_clients"):
+        return min(int(cfg.fl.max_concurrent_clients), by_cpu), "fl.max_concurrent_clients"
+    model = checkpoint_bytes(base)
+    if model is None:
+        return by_cpu, "CPUs (model size unknown)"
+    per_actor = model * ACTOR_MODEL_FACTOR + ACTOR_OVERHEAD_BYTES
+    free = available if available is not None else available_bytes()
+    by_memory = max(int(0.8 * free // per_actor), 1)
+    if by_memory < by_cpu:
+        return by_memory, (f"memory: {free / GiB:.1f} GiB available, about "
+                           f"{per_actor / GiB:.1f} GiB per client")
+    return by_cpu, "CPUs"
+
+
+def _client_resources(cfg: DictConfig, concurrent: int, cpus: int) -> dict:
+    """Ray resources per actor so that at most ``concurrent`` actors run at once."""
+    resources = dict(cfg.fl.client_resources)
+    resources["num_cpus"] = max(float(resources["num_cpus"]), cpus / concurrent)
+    return resources
+
+
 def main(cfg: DictConfig) -> dict:
     """Hydra task of ``fedmoe simulate``; returns the run's results."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from fedmoe.task.pretrain import ensure_base_model
+    from fedmoe.checkpoints import resolve_base_model
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
-    base = Path(ensure_base_model(cfg)).resolve() if not cfg.model.path else cfg.model.path
+    base = resolve_base_model(cfg)
+    if Path(base).exists():
+        base = str(Path(base).resolve())
     # One W&B group per sweep, named after the sweep directory.
     group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     overrides = simulation_overrides(cfg, list(hydra_cfg.overrides.task), run_dir, base, group)
-    run_simulation_engine(
-        to_run_config(overrides), num_supernodes=int(cfg.data.num_clients),
-        app_dir=run_dir / "flower_app", client_resources=dict(cfg.fl.client_resources),
-        verbose=bool(cfg.verbose),
-    )
+    cpus = os.cpu_count() or 1
+    concurrent, why = max_concurrent(cfg, base, cpus)
+    logging.getLogger(__name__).info("at most %d client(s) at once (%s)", concurrent, why)
+    with PeakMemory() as peak:
+        run_simulation_engine(
+            to_run_config(overrides), num_supernodes=int(cfg.data.num_clients),
+            app_dir=run_dir / "flower_app",
+            client_resources=_client_resources(cfg, concurrent, cpus),
+            verbose=bool(cfg.verbose), num_cpus=cpus,
+        )
     results_path = run_dir / "results.json"
     if not results_path.exists():
         raise RuntimeError(f"the simulation wrote no {results_path}; rerun with verbose=true")
     results = json.loads(results_path.read_text())
+    model = checkpoint_bytes(base)
+    results["memory"] = {
+        "peak_pss_bytes": peak.peak_bytes, "checkpoint_bytes": model,
+        "peak_over_checkpoint": peak.peak_bytes / model if model else None,
+        "max_concurrent_clients": concurrent, "why": why, "samples": peak.samples,
+    }
+    write_json(results_path, results)
     print_summary(results)
     print(f"results: {results_path}")
+    failure = run_failure(results)
+    if failure:
+        raise SystemExit(f"fedmoe simulate: {failure}")
     return results

@@ -40,6 +40,7 @@ from fedmoe.fl.aggregate import (
     update_norm,
     weighted_mean_metrics,
 )
+from fedmoe.fl.codec import encode_record, to_numpy, wire_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class RoundLog:
         Client id -> its evaluate metrics (``eval_ppl``, ``num-examples``, ...).
     eval_rejected : dict[int, str]
         Client id -> reason its evaluate reply was skipped.
+    sampled : int
+        Train instructions sent this round.
     wall_s : float
         Seconds from ``configure_train`` to the end of ``aggregate_evaluate``.
     started_at : float
@@ -94,6 +97,7 @@ class RoundLog:
     eval_metrics: dict = field(default_factory=dict)
     eval_by_client: dict[int, dict] = field(default_factory=dict)
     eval_rejected: dict[int, str] = field(default_factory=dict)
+    sampled: int = 0
     wall_s: float = 0.0
     started_at: float = field(default_factory=time.perf_counter)
 
@@ -143,9 +147,15 @@ class FedMoE(FedAvg):
         rule: str = "mean",
         trim_beta: float = 0.2,
         max_update_norm: float | None = None,
+        wire_dtypes: dict[str, str] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        # Key -> dtype the global tensors travel in (the model's: bf16 as 2-byte payloads,
+        # fedmoe.fl.codec); the strategy itself keeps and aggregates float32. Composed
+        # classes (FedMoEAdam) set it before FedOpt.__init__ reaches here.
+        if wire_dtypes is not None or not hasattr(self, "wire_dtypes"):
+            self.wire_dtypes = dict(wire_dtypes or {})
         # Composed classes (FedMoEAdam) set the options before FedOpt.__init__ reaches
         # here with FedAvg's arguments only.
         if expert_rows is not None:
@@ -199,26 +209,35 @@ class FedMoE(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample clients as FedAvg does; remember the global arrays and bytes sent."""
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        wire = self._wire(arrays)
+        messages = list(super().configure_train(server_round, wire, config, grid))
         self._sent = messages
-        self.history[server_round] = RoundLog()
-        self._remember(server_round, arrays, len(messages), evaluate=False)
+        self.history[server_round] = RoundLog(sampled=len(messages))
+        self._remember(server_round, arrays, wire, len(messages), evaluate=False)
         return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample clients as FedAvg does; count the bytes sent."""
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        wire = self._wire(arrays)
+        messages = list(super().configure_evaluate(server_round, wire, config, grid))
         self._sent = messages
-        self._remember(server_round, arrays, len(messages), evaluate=True)
+        self._remember(server_round, arrays, wire, len(messages), evaluate=True)
         return messages
 
+    def _wire(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The global arrays in the dtype they travel in (unchanged when all are float32)."""
+        if not any(dtype != "float32" for dtype in self.wire_dtypes.values()):
+            return arrays
+        return encode_record({k: to_numpy(a) for k, a in arrays.items()}, self.wire_dtypes)
+
     def _remember(
-        self, server_round: int, arrays: ArrayRecord, num_messages: int, evaluate: bool
+        self, server_round: int, arrays: ArrayRecord, wire: ArrayRecord, num_messages: int,
+        evaluate: bool,
     ) -> None:
-        self._global = {key: array.numpy() for key, array in arrays.items()}
-        sent = sum(value.nbytes for value in self._global.values()) * num_messages
+        self._global = {key: to_numpy(array) for key, array in arrays.items()}
+        sent = sum(wire_nbytes(array) for array in wire.values()) * num_messages
         round_log = self.history.setdefault(server_round, RoundLog())
         round_log.bytes_down += sent
         if evaluate:
@@ -291,8 +310,9 @@ class FedMoE(FedAvg):
         content = message.content
         if len(content.array_records) != 1:
             return None, f"expected 1 ArrayRecord, got {len(content.array_records)}", 0
-        update, reason = decode_arrays(next(iter(content.array_records.values())))
-        nbytes = sum(value.nbytes for value in update.values())
+        record = next(iter(content.array_records.values()))
+        update, reason = decode_arrays(record)
+        nbytes = sum(wire_nbytes(array) for key, array in record.items() if key in update)
         if reason is not None:
             return None, reason, nbytes
         expert_rows = self._expert_rows(current)
@@ -421,11 +441,12 @@ def only_metric_record(content: RecordDict) -> MetricRecord:
 
 
 def decode_arrays(record: ArrayRecord) -> tuple[dict[str, np.ndarray], str | None]:
-    """Decode every array to numpy; return the decoded ones and a reason on failure."""
+    """Decode every array to numpy (bf16/fp16 payloads widened to float32, exactly); return
+    the decoded ones and a reason on failure."""
     decoded: dict[str, np.ndarray] = {}
     for key, array in record.items():
         try:
-            decoded[key] = array.numpy()
+            decoded[key] = to_numpy(array)
         except (TypeError, ValueError, OSError) as error:
             return decoded, f"array '{key}' could not be decoded: {error}"
     return decoded, None
@@ -490,10 +511,12 @@ class _ServerOptOnFedMoE:
         rule: str = "mean",
         trim_beta: float = 0.2,
         max_update_norm: float | None = None,
+        wire_dtypes: dict[str, str] | None = None,
         **kwargs,
     ) -> None:
         # FedOpt.__init__ calls FedMoE.__init__ with FedAvg's arguments only, so the
         # FedMoE options are set first.
+        self.wire_dtypes = dict(wire_dtypes or {})
         self.set_moe_options(
             expert_rows=expert_rows,
             rule=rule,

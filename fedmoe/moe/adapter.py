@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 from torch import nn
@@ -41,6 +41,20 @@ def normalize_name(name: str) -> str:
 def _compile(pattern: str) -> re.Pattern[str]:
     body = re.escape(pattern).replace(r"\{L\}", r"(?P<layer>\d+)").replace(r"\*", r".*")
     return re.compile(f"^{body}$")
+
+
+@lru_cache(maxsize=16)
+def _family_patterns(model_type: str) -> tuple[tuple[Role, re.Pattern[str]], ...]:
+    spec = family_spec(model_type)
+    return tuple((role, _compile(p)) for role, pats in spec.patterns.items() for p in pats)
+
+
+def role_of_name(model_type: str, name: str) -> Role | None:
+    """The role of a parameter name in a family, without a model (``None``: no pattern
+    claims it, e.g. a buffer). :meth:`MoEAdapter.role_of` is the checked version."""
+    base = normalize_name(name)
+    claims = {role for role, rx in _family_patterns(model_type) if rx.match(base)}
+    return claims.pop() if len(claims) == 1 else None
 
 
 @dataclass

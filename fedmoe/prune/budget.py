@@ -42,8 +42,8 @@ def expert_mb(model_or_adapter: nn.Module | MoEAdapter) -> dict[int, float]:
     sizes = {}
     for layer in _adapter(model_or_adapter).moe_layers():
         experts = base_experts(layer.experts)
-        params = [p for p in experts.parameters(recurse=False)
-                  if p.shape[:1] == (layer.num_experts,)]
+        params = [p for n, p in experts.named_parameters(recurse=False)
+                  if p.shape[:1] == (layer.num_experts,) and not n.startswith("lora_")]
         sizes[layer.index] = sum(p[0].numel() * p.element_size() for p in params) / MB
     return sizes
 

@@ -27,11 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from safetensors.torch import save_file
 from torch import nn
+from transformers.core_model_loading import revert_weight_conversion
 
-from fedmoe.moe.adapter import MoEAdapter
+from fedmoe.moe.adapter import MoEAdapter, normalize_name
+from fedmoe.moe.families import Role
 from fedmoe.prune.scores import RoutingStats
-from fedmoe.prune.slicing import kept_experts
+from fedmoe.prune.slicing import _deepseek_grouping, kept_experts
+from fedmoe.task.expert_lora import IMPLEMENTATION, has_expert_lora, merged_expert_weights
 
 EXPERTS_FILE = "fedmoe_experts.json"
 
@@ -43,23 +48,33 @@ def export_checkpoint(
     kept: dict[int, list[int]] | None = None,
     scores: dict[int, np.ndarray] | None = None,
     routing_stats: RoutingStats | dict | None = None,
+    select: dict[int, list[int]] | None = None,
 ) -> Path:
     """Write ``model`` (pruned or not, optionally PEFT) as an HF checkpoint in ``out_dir``.
+
+    Tensors are merged (LoRA folded in), sliced and written one decoder layer at a time, in
+    the checkpoint layout transformers saves (``revert_weight_conversion``): the live model
+    is never copied, so exporting a 7B model costs one layer of memory.
 
     Parameters
     ----------
     model : nn.Module
-        A model of a supported family, optionally a ``PeftModel``.
+        A model of a supported family, optionally a ``PeftModel`` or with fedmoe's expert
+        LoRA (:mod:`fedmoe.task.expert_lora`).
     tokenizer : PreTrainedTokenizerBase or None
         Saved alongside when given.
     out_dir : str or Path
         Target directory; replaced atomically if it exists.
     kept : dict, optional
-        Layer -> original ids of the kept experts (default: what slicing recorded).
+        Layer -> original ids of the exported experts (default: what slicing recorded, or
+        ``select`` on an unpruned model).
     scores : dict, optional
         Layer -> the scores pruning used.
     routing_stats : RoutingStats or dict, optional
         The client's routing statistics (``RoutingStats.to_dict()`` form is stored).
+    select : dict, optional
+        Layer -> positions along the model's expert axis to export (default: all), for a
+        shared model whose routing is restricted rather than sliced (``fedmoe.task.local``).
 
     Returns
     -------
@@ -69,21 +84,27 @@ def export_checkpoint(
     Raises
     ------
     ValueError
-        If MoE layers hold different numbers of experts.
+        If MoE layers would hold different numbers of experts.
     """
     out = Path(out_dir)
     adapter = MoEAdapter(model)
-    counts = {layer.index: layer.num_experts for layer in adapter.moe_layers()}
+    layers = adapter.moe_layers()
+    select = {layer.index: list(select[layer.index]) if select and layer.index in select
+              else list(range(layer.num_experts)) for layer in layers}
+    counts = {i: len(ids) for i, ids in select.items()}
     if len(set(counts.values())) > 1:
         raise ValueError(
             f"cannot export a model whose MoE layers keep different numbers of experts "
             f"{counts}: an HF config has one expert count. Prune with prune.keep or "
             f"prune.keep_per_layer (equal counts) instead of prune.max_mb to export"
         )
+    if kept is None:
+        held = kept_experts(model)
+        kept = {i: [held[i][j] for j in ids] for i, ids in select.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write(model, tokenizer, tmp, adapter, kept or kept_experts(model), scores, routing_stats)
+        _write(model, tokenizer, tmp, adapter, kept, select, scores, routing_stats)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -92,12 +113,21 @@ def export_checkpoint(
 
 
 def _write(model: nn.Module, tokenizer: Any, tmp: Path, adapter: MoEAdapter,
-           kept: dict[int, list[int]], scores: dict[int, np.ndarray] | None,
+           kept: dict[int, list[int]], select: dict[int, list[int]],
+           scores: dict[int, np.ndarray] | None,
            routing_stats: RoutingStats | dict | None) -> None:
-    if hasattr(model, "merge_and_unload"):  # a PeftModel
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    sliced = any(len(ids) != layer.num_experts for layer, ids in
+                 zip(adapter.moe_layers(), select.values(), strict=True))
+    if hasattr(model, "merge_and_unload") and not sliced:  # a PeftModel's unmerged adapter
         model.save_pretrained(tmp / "adapter")
-        model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(tmp)
+    weight_map = _write_shards(model, base, adapter, select, tmp)
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sum(weight_map.pop("__bytes__").values())},
+         "weight_map": weight_map}, indent=2))
+    _export_config(base, adapter, kept, select).save_pretrained(tmp)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if isinstance(routing_stats, RoutingStats):
@@ -112,6 +142,110 @@ def _write(model: nn.Module, tokenizer: Any, tmp: Path, adapter: MoEAdapter,
         "routing_stats": routing_stats,
     }
     (tmp / EXPERTS_FILE).write_text(json.dumps(info, indent=1))
+
+
+def _export_config(base: nn.Module, adapter: MoEAdapter, kept: dict[int, list[int]],
+                   select: dict[int, list[int]]):
+    """The config of the exported model: its expert count, the original ids, no fedmoe
+    experts implementation (plain transformers loads it)."""
+    config = copy.deepcopy(base.config)
+    if getattr(config, "fedmoe_num_experts_original", None) is None:
+        config.fedmoe_num_experts_original = adapter.num_experts
+    setattr(config, adapter.spec.num_experts_key, len(next(iter(select.values()))))
+    config.fedmoe_kept_experts = {str(i): [int(e) for e in ids] for i, ids in kept.items()}
+    if getattr(config, "_experts_implementation", None) in (IMPLEMENTATION, "fedmoe_offload"):
+        config._experts_implementation = None
+    if adapter.spec.model_type == "deepseek_v3":
+        positions = {i: torch.tensor(ids) for i, ids in select.items()}
+        if not _deepseek_grouping(adapter, positions, "auto"):
+            config.n_group = config.topk_group = 1
+    return config
+
+
+@torch.no_grad()
+def _write_shards(model: nn.Module, base: nn.Module, adapter: MoEAdapter,
+                  select: dict[int, list[int]], tmp: Path) -> dict:
+    """One safetensors shard per decoder layer (plus one for the rest): merged, sliced,
+    in the original checkpoint layout. Returns the weight map (and shard sizes)."""
+    groups: dict[str, list[str]] = {}
+    tensors = _base_tensors(model, base)
+    for name in tensors:
+        layer = adapter.layer_of(name)
+        groups.setdefault("rest" if layer is None else f"layer{layer:04d}", []).append(name)
+    deltas = _lora_deltas(model)
+    weight_map: dict = {"__bytes__": {}}
+    order = sorted(groups)
+    for n, group in enumerate(order, 1):
+        file = f"model-{n:05d}-of-{len(order):05d}.safetensors"
+        shard = {name: _export_tensor(name, tensors[name], deltas, adapter, select)
+                 for name in groups[group]}
+        shard = {k: v.contiguous() for k, v in revert_weight_conversion(base, shard).items()}
+        save_file(shard, str(tmp / file), metadata={"format": "pt"})
+        weight_map |= {k: file for k in shard}
+        weight_map["__bytes__"][file] = sum(t.numel() * t.element_size() for t in shard.values())
+    return weight_map
+
+
+def _base_tensors(model: nn.Module, base: nn.Module) -> dict[str, torch.Tensor]:
+    """Base-model name -> tensor, the trained copy of PEFT's ``modules_to_save`` taking the
+    place of the original; LoRA factors and tied duplicates left out."""
+    out: dict[str, torch.Tensor] = {}
+    trained: set[str] = set()
+    for name, tensor in base.state_dict(keep_vars=True).items():
+        if ".lora_A." in name or ".lora_B." in name:  # PEFT's factors
+            continue
+        if name.rsplit(".", 1)[-1].startswith("lora_"):  # fedmoe's expert LoRA factors
+            continue
+        key = normalize_name(name)
+        if ".original_module." in name and key in trained:
+            continue
+        if ".modules_to_save." in name:
+            trained.add(key)
+        out[key] = tensor
+    if getattr(base.config, "tie_word_embeddings", False):
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def _lora_deltas(model: nn.Module) -> dict[str, Any]:
+    """Base name -> a function giving the LoRA delta to add (PEFT layers, fedmoe experts)."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas: dict[str, Any] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer) and module.active_adapters:
+            name = getattr(module, "parameter_name", None) or "weight"
+            key = normalize_name(f"{path}.{name}")
+            deltas[key] = (lambda m: lambda: sum(m.get_delta_weight(a)
+                                                 for a in m.active_adapters))(module)
+        elif has_expert_lora(module):
+            merged = (lambda m: lambda sel: merged_expert_weights(m, sel))(module)
+            for part in ("gate_up_proj", "down_proj"):
+                deltas[normalize_name(f"{path}.{part}")] = ("merged", merged, part)
+    return deltas
+
+
+def _export_tensor(name: str, tensor: torch.Tensor, deltas: dict, adapter: MoEAdapter,
+                   select: dict[int, list[int]]) -> torch.Tensor:
+    """One tensor as exported: LoRA merged, expert-indexed rows cut to ``select``."""
+    layer_index = adapter.layer_of(name)
+    rows = None
+    if layer_index is not None and layer_index in select:
+        layer = adapter.layer(layer_index)
+        role = adapter.role_of(name) if not name.endswith(adapter.spec.router_buffers) \
+            else Role.ROUTER
+        if role in (Role.ROUTER, Role.ROUTED_EXPERTS) and tensor.shape[:1] == \
+                (layer.num_experts,):
+            rows = select[layer_index]
+    delta = deltas.get(name)
+    if isinstance(delta, tuple):  # fedmoe expert LoRA: merged one expert at a time
+        return delta[1](rows)[delta[2]].cpu()
+    value = tensor.detach()
+    if delta is not None:
+        value = (value.float() + delta().float()).to(tensor.dtype)
+    if rows is not None and len(rows) != tensor.shape[0]:
+        value = value[torch.tensor(rows, device=value.device)]
+    return value.to("cpu", copy=True)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

@@ -101,3 +101,72 @@ def _sigmoid_grouped(
     if router.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * router.routed_scaling_factor, index
+
+
+# --- pruning a shared model without slicing it ------------------------------------------------
+
+KEEP_ATTR = "_fedmoe_keep"  # on a restricted router: (E,) bool, the experts it may pick
+
+
+class RoutingRestriction:
+    """Restrict a model's routing to some experts per layer, in place and reversibly.
+
+    Many clients share one base model in a process (``fedmoe.task.local``); a pruned client
+    must route as its sliced model would without the model being sliced or copied. A
+    forward hook on each restricted router replaces its top-k weights and ids by
+    :func:`masked_routing` over the held experts -- exactly the routing of the sliced model
+    (the module docstring) -- and marks the router with ``_fedmoe_keep`` so the load-balancing
+    loss counts the held experts only. The dropped experts' weights stay in memory, unused.
+
+    Parameters
+    ----------
+    adapter : MoEAdapter
+        Of the shared model.
+    """
+
+    def __init__(self, adapter) -> None:
+        self.adapter = adapter
+        self.handles: list = []
+        self.routers: list[nn.Module] = []
+
+    def clear(self) -> None:
+        """Every router routes among all its experts again."""
+        for handle in self.handles:
+            handle.remove()
+        for router in self.routers:
+            if hasattr(router, KEEP_ATTR):
+                delattr(router, KEEP_ATTR)
+        self.handles, self.routers = [], []
+
+    def set(self, held: dict[int, list[int]] | None) -> None:
+        """Route each layer among ``held[layer]`` (positions along its expert axis); layers
+        not listed, or ``None``, route among all experts."""
+        from fedmoe.prune.slicing import _deepseek_grouping
+
+        self.clear()
+        layers = {layer.index: layer for layer in self.adapter.moe_layers()}
+        held = {i: ids for i, ids in (held or {}).items() if len(ids) < layers[i].num_experts}
+        if not held:
+            return
+        index = {i: torch.tensor(sorted(ids)) for i, ids in held.items()}
+        grouped = _deepseek_grouping(self.adapter, index, "auto")
+        model_type = self.adapter.spec.model_type
+        for i, ids in index.items():
+            layer = layers[i]
+            keep = torch.zeros(layer.num_experts, dtype=torch.bool)
+            keep[ids] = True
+            keep = keep.to(layer.router.weight.device)
+            setattr(layer.router, KEEP_ATTR, keep)
+            self.routers.append(layer.router)
+            self.handles.append(layer.router.register_forward_hook(
+                _restricted(model_type, keep, layer.top_k, grouped)))
+
+
+def _restricted(model_type: str, keep: torch.Tensor, top_k: int, grouped: bool):
+    def hook(router: nn.Module, _args, output):
+        logits = output[0]
+        weights, index = masked_routing(router, model_type, logits, keep, top_k=top_k,
+                                        grouped=grouped)
+        return logits, weights, index
+
+    return hook

@@ -15,19 +15,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.models import plain
-from fedmoe.prune.budget import (
-    _get,
-    check_budget,
-    expert_mb,
-    plan_keep,
-    pruning_enabled,
-    routed_mb,
-)
+from fedmoe.prune.budget import _get, check_budget, expert_mb, plan_keep, pruning_enabled
 from fedmoe.prune.scores import RoutingStats, compute_scores
 from fedmoe.prune.slicing import keep_experts
 
@@ -55,6 +49,78 @@ def budget_for_round(
     return plain(prune_cfg) if int(_get(prune_cfg, "at_round") or 1) == server_round else None
 
 
+def plan_pruning(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    prune_cfg: Any,
+    stats: RoutingStats | None = None,
+    *,
+    budget: Mapping[str, Any] | None = None,
+    held: Mapping[int, list[int]] | None = None,
+) -> dict[str, Any]:
+    """Score the experts on the client's data and plan the budget; the model is untouched.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The client's model (optionally PEFT).
+    blocks : Tensor
+        ``(N, T)`` client token blocks, for the scores that need a pass.
+    prune_cfg : DictConfig or dict
+        The ``prune`` config group (``conf/prune/default.yaml``).
+    stats : RoutingStats, optional
+        Routing statistics over the held experts, accumulated during training; used for
+        ``frequency`` and ``tcess`` instead of a pass when it has seen tokens.
+    budget : Mapping, optional
+        Overrides the config's budget keys (e.g. from :func:`budget_for_round`).
+    held : dict, optional
+        Layer -> positions (along the model's expert axis) of the experts the client holds,
+        when a shared model restricts routing to them instead of slicing
+        (``fedmoe.task.local``); default every expert of the model.
+
+    Returns
+    -------
+    dict
+        ``score``, ``scores`` (layer -> array over the held experts), ``kept_current``
+        (layer -> kept positions among the held experts), ``num_experts`` (layer -> count
+        after pruning), ``mb_before`` / ``mb_after`` (routed-expert MB), ``stats`` (``stats``
+        re-indexed to the kept experts, or None).
+    """
+    adapter = MoEAdapter(model)
+    cfg = plain(prune_cfg) | {"enabled": True}
+    if budget is not None:  # the override replaces every budget key of the config
+        cfg |= {k: budget.get(k) for k in ("keep", "keep_per_layer", "max_mb")}
+    check_budget(cfg, adapter)
+    layers = adapter.moe_layers()
+    held = {layer.index: list(held[layer.index]) if held else list(range(layer.num_experts))
+            for layer in layers}
+    score = cfg["score"]
+    if score in ("frequency", "tcess") and stats is not None and stats.num_tokens > 0:
+        scores = stats.scores(score)
+    else:  # a pass over the model: every expert of the axis, then the held ones
+        scores = compute_scores(model, blocks, score, tcess_k=cfg.get("tcess_k"),
+                                calibration_tokens=cfg.get("calibration_tokens"),
+                                seed=int(cfg.get("seed") or 0), adapter=adapter)
+        scores = {i: np.asarray(s)[held[i]] if len(s) != len(held[i]) else s
+                  for i, s in scores.items()}
+    for layer in layers:
+        if len(scores[layer.index]) != len(held[layer.index]):
+            raise ValueError(f"scores of MoE layer {layer.index} cover {len(scores[layer.index])}"
+                             f" experts, the client holds {len(held[layer.index])} (stale stats?)")
+    top_k = {layer.index: layer.top_k for layer in layers}
+    sizes = expert_mb(adapter)
+    kept_current = plan_keep(scores, cfg, top_k, sizes)
+    return {
+        "score": score,
+        "scores": scores,
+        "kept_current": kept_current,
+        "num_experts": {i: len(kept_current.get(i, held[i])) for i in held},
+        "mb_before": sum(sizes[i] * len(ids) for i, ids in held.items()),
+        "mb_after": sum(sizes[i] * len(kept_current.get(i, held[i])) for i in held),
+        "stats": stats.select(kept_current) if stats is not None else None,
+    }
+
+
 def prune_model(
     model: nn.Module,
     blocks: torch.Tensor,
@@ -65,56 +131,14 @@ def prune_model(
 ) -> dict[str, Any]:
     """Score the experts on the client's data, plan the budget and slice, in place.
 
-    Parameters
-    ----------
-    model : nn.Module
-        The client's model (optionally PEFT); rebuild optimizers afterwards.
-    blocks : Tensor
-        ``(N, T)`` client token blocks, for the scores that need a pass.
-    prune_cfg : DictConfig or dict
-        The ``prune`` config group (``conf/prune/default.yaml``).
-    stats : RoutingStats, optional
-        Routing statistics accumulated during training; used for ``frequency`` and ``tcess``
-        instead of a pass when it has seen tokens.
-    budget : Mapping, optional
-        Overrides the config's budget keys (e.g. from :func:`budget_for_round`).
+    Parameters are those of :func:`plan_pruning` (without ``held``); rebuild optimizers
+    afterwards.
 
     Returns
     -------
     dict
-        ``score``, ``scores`` (layer -> array over the experts before pruning), ``kept``
-        (layer -> ORIGINAL ids now held), ``kept_current`` (layer -> ids among the experts
-        before this pruning), ``num_experts`` (layer -> count), ``mb_before`` / ``mb_after``
-        (routed-expert MB), ``stats`` (``stats`` re-indexed to the kept experts, or None).
+        :func:`plan_pruning`'s report plus ``kept`` (layer -> ORIGINAL ids now held).
     """
-    adapter = MoEAdapter(model)
-    cfg = plain(prune_cfg) | {"enabled": True}
-    if budget is not None:  # the override replaces every budget key of the config
-        cfg |= {k: budget.get(k) for k in ("keep", "keep_per_layer", "max_mb")}
-    check_budget(cfg, adapter)
-    score = cfg["score"]
-    if score in ("frequency", "tcess") and stats is not None and stats.num_tokens > 0:
-        scores = stats.scores(score)
-    else:
-        scores = compute_scores(model, blocks, score, tcess_k=cfg.get("tcess_k"),
-                                calibration_tokens=cfg.get("calibration_tokens"),
-                                seed=int(cfg.get("seed") or 0), adapter=adapter)
-    layers = adapter.moe_layers()
-    for layer in layers:
-        if len(scores[layer.index]) != layer.num_experts:
-            raise ValueError(f"scores of MoE layer {layer.index} cover {len(scores[layer.index])}"
-                             f" experts, the layer holds {layer.num_experts} (stale stats?)")
-    top_k = {layer.index: layer.top_k for layer in layers}
-    kept_current = plan_keep(scores, cfg, top_k, expert_mb(adapter))
-    mb_before = routed_mb(adapter)
-    kept = keep_experts(model, kept_current)
-    return {
-        "score": score,
-        "scores": scores,
-        "kept": kept,
-        "kept_current": kept_current,
-        "num_experts": {layer.index: layer.num_experts for layer in layers},
-        "mb_before": mb_before,
-        "mb_after": routed_mb(adapter),
-        "stats": stats.select(kept_current) if stats is not None else None,
-    }
+    report = plan_pruning(model, blocks, prune_cfg, stats, budget=budget)
+    report["kept"] = keep_experts(model, report["kept_current"])
+    return report

@@ -8,7 +8,6 @@ experts). Nothing here imports Flower; ``fedmoe/fl/client_app.py`` moves records
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -21,23 +20,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from fedmoe.checkpoints import load_model, resolve_device
 from fedmoe.fl.state import PersonalStore
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
-from fedmoe.moe.models import load_model
-from fedmoe.moe.routing import capture_routing
-from fedmoe.prune import (
-    RoutingStats,
-    budget_for_round,
-    export_checkpoint,
-    keep_experts,
-    kept_experts,
-    prune_model,
-    pruning_enabled,
-    routed_mb,
-)
+from fedmoe.moe.routing import LayerRouting, RoutingTrace, capture_routing
+from fedmoe.prune import RoutingStats, budget_for_round, export_checkpoint, pruning_enabled
+from fedmoe.prune.budget import expert_mb
+from fedmoe.prune.masked import RoutingRestriction
+from fedmoe.prune.pipeline import plan_pruning
 from fedmoe.task.lora import apply_lora
-from fedmoe.task.train import evaluate_lm, set_trainable, train_lm
+from fedmoe.task.train import autocast_for, evaluate_lm, set_trainable, train_lm, weight_dtype
 
 
 @dataclass
@@ -49,15 +42,22 @@ class ClientBlocks:
     domains: list[str]
 
 
-def prepare_model(model_cfg, checkpoint: str | Path, train_cfg, seed: int = 0) -> nn.Module:
+def prepare_model(model_cfg, checkpoint: str | Path, train_cfg, seed: int = 0,
+                  device: str | torch.device = "cpu", skip=None) -> nn.Module:
     """The trainable model of a run: full fine-tuning of ``train.trainable`` roles, or LoRA
     on them (``train.method=lora``). Server and clients build it the same way, so tensor
-    names agree on both sides."""
-    model = load_model(model_cfg, checkpoint=checkpoint)
+    names (and LoRA's starting factors) agree on both sides.
+
+    ``skip(name)`` leaves base tensors unloaded on the ``meta`` device (the server builds
+    the model this way, loading only what it aggregates).
+    """
+    model = load_model(model_cfg, checkpoint=checkpoint, device=device, skip=skip)
+    if train_cfg.get("gradient_checkpointing"):
+        # Recompute each decoder layer in backward: activations of one layer, not all.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train_cfg.method == "lora":
-        torch.manual_seed(seed)  # LoRA A matrices start from the same draw everywhere
         lora = train_cfg.lora
-        return apply_lora(model, train_cfg.trainable, lora.r, lora.alpha, lora.dropout)
+        return apply_lora(model, train_cfg.trainable, lora.r, lora.alpha, lora.dropout, seed)
     if train_cfg.method != "full":
         raise ValueError(f"train.method={train_cfg.method!r}: expected one of ['full', 'lora']")
     set_trainable(model, train_cfg.trainable)
@@ -82,7 +82,7 @@ def personal_names(model: nn.Module, adapter: MoEAdapter, cfg: DictConfig) -> li
 
 def expert_rows(model: nn.Module, adapter: MoEAdapter, names: list[str]) -> dict[str, int]:
     """Of ``names``, those whose first dim indexes the routed experts -> their layer index
-    (router rows, fused expert tensors; not LoRA factors, whose rows mix experts and rank)."""
+    (router rows, fused expert tensors and fedmoe's expert LoRA factors)."""
     params = dict(model.named_parameters())
     rows = {}
     for name in names:
@@ -94,13 +94,40 @@ def expert_rows(model: nn.Module, adapter: MoEAdapter, names: list[str]) -> dict
     return rows
 
 
-@lru_cache(maxsize=2)
-def _base(checkpoint: str, model_yaml: str, train_yaml: str,
-          seed: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """One model instance per process and its starting weights (reset before each use)."""
-    model = prepare_model(OmegaConf.create(model_yaml), checkpoint, OmegaConf.create(train_yaml),
-                          seed)
-    return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+class SharedModel:
+    """The one base model of a process, shared by every client that runs in it.
+
+    Loaded once (``fedmoe.checkpoints.load_model`` streams it: no second copy), never
+    copied. A client switch writes only what differs: :meth:`reset` puts the trainable
+    tensors back to their starting values (LoRA factors and router: small; full fine-tuning
+    keeps a copy of the trained roles) and lifts any routing restriction; the client then
+    writes the global and its personal tensors, and restricts routing to the experts it
+    holds (a pruned client is a view of the shared model, not a slice of a copy).
+    """
+
+    def __init__(self, checkpoint: str, model_cfg, train_cfg, seed: int,
+                 device: torch.device) -> None:
+        self.model = prepare_model(model_cfg, checkpoint, train_cfg, seed, device)
+        self.adapter = MoEAdapter(self.model)
+        self.params = dict(self.model.named_parameters())
+        self.trainable = trainable_names(self.model)
+        self.initial = {n: self.params[n].detach().clone() for n in self.trainable}
+        self.restriction = RoutingRestriction(self.adapter)
+        self.device = device
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for name, value in self.initial.items():
+            self.params[name].copy_(value)
+        self.restriction.clear()
+
+
+@lru_cache(maxsize=1)
+def shared_model(checkpoint: str, model_yaml: str, train_yaml: str, seed: int,
+                 device: str) -> SharedModel:
+    """The process's base model (one: a different config replaces it)."""
+    return SharedModel(checkpoint, OmegaConf.create(model_yaml), OmegaConf.create(train_yaml),
+                       seed, torch.device(device))
 
 
 @lru_cache(maxsize=2)
@@ -162,7 +189,7 @@ def local_blocks(data_path: str, data_yaml: str, checkpoint: str) -> ClientBlock
 
 
 class LocalClient:
-    """A client's personalized model, rebuilt from base + global + personal state.
+    """A client's personalized model: the shared base + global tensors + personal state.
 
     Parameters
     ----------
@@ -177,6 +204,9 @@ class LocalClient:
     data_path : str or Path or None
         The device's own text file (any format ``load_text_dataset`` reads); ``None``: the
         client's partition of the run's data.
+
+    Personal tensors are stored sliced to the experts the client holds (expert-indexed
+    tensors have one row per held expert, in id order), as a pruned model would hold them.
     """
 
     def __init__(self, cfg: DictConfig, client_id: int, checkpoint: str | Path,
@@ -185,76 +215,107 @@ class LocalClient:
         self.client_id = client_id
         self.checkpoint = str(checkpoint)
         self.store = PersonalStore(state_dir)
-        model_yaml = OmegaConf.to_yaml(cfg.model, resolve=True)
-        train_yaml = OmegaConf.to_yaml(cfg.train, resolve=True)
-        self._template, _ = _base(self.checkpoint, model_yaml, train_yaml, cfg.seed)
-        template_adapter = MoEAdapter(self._template)
-        self._rows = expert_rows(self._template, template_adapter,
-                                 aggregated_names(self._template, template_adapter, cfg))
-        self.model, self.adapter = self._template, template_adapter
+        device = resolve_device(cfg.train.get("device", "cpu"))
+        self.shared = shared_model(self.checkpoint, OmegaConf.to_yaml(cfg.model, resolve=True),
+                                   OmegaConf.to_yaml(cfg.train, resolve=True), cfg.seed,
+                                   str(device))
+        self.model, self.adapter = self.shared.model, self.shared.adapter
+        self._rows = expert_rows(self.model, self.adapter,
+                                 aggregated_names(self.model, self.adapter, cfg))
+        self._personal = personal_names(self.model, self.adapter, cfg)
+        self._personal_rows = expert_rows(self.model, self.adapter, self._personal)
+        self.held = self._all_experts()
         data_yaml = OmegaConf.to_yaml(cfg.data, resolve=True)
         self.data = (local_blocks(str(data_path), data_yaml, self.checkpoint) if data_path
                      else client_blocks(data_yaml, self.checkpoint, client_id))
 
+    def _all_experts(self) -> dict[int, list[int]]:
+        return {layer.index: list(range(layer.num_experts))
+                for layer in self.adapter.moe_layers()}
+
     # ---- model assembly ------------------------------------------------------------------
-    def assemble(self, global_arrays: dict[str, np.ndarray]) -> dict:
-        """Base model, sliced to the kept experts, then global, then personal tensors."""
+    @torch.no_grad()
+    def assemble(self, global_arrays: dict[str, torch.Tensor | np.ndarray]) -> dict:
+        """The shared model reset, then global tensors, then personal ones; routing
+        restricted to the experts this client holds."""
         saved = self.store.load()
         tensors, meta = saved if saved else ({}, {"rounds": 0})
-        # A fresh copy each time: clients of one process share the template, and pruning
-        # replaces tensors in place.
-        self.model = copy.deepcopy(self._template)
-        kept = {int(k): v for k, v in (meta.get("kept") or {}).items()}
-        if kept:
-            keep_experts(self.model, kept)
-        self.adapter = MoEAdapter(self.model)
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in global_arrays.items():
-                layer = self._rows.get(name)
-                if layer is not None and layer in kept:
-                    value = value[kept[layer]]  # router rows of the experts this client holds
-                params[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
-            for name, value in tensors.items():
-                if name in params:
-                    params[name].copy_(value)
+        self.shared.reset()
+        kept = {int(k): [int(i) for i in v] for k, v in (meta.get("kept") or {}).items()}
+        self.held = self._all_experts() | kept
+        self.shared.restriction.set(kept)
+        for name, value in global_arrays.items():
+            # Router rows come for every expert; a pruned client's other rows go unused.
+            self.shared.params[name].copy_(torch.as_tensor(value))
+        for name, value in tensors.items():
+            if name in self.shared.params:
+                self._scatter(name, value)
         return meta
 
-    def personal_tensors(self) -> dict[str, torch.Tensor]:
-        params = dict(self.model.named_parameters())
-        names = personal_names(self.model, self.adapter, self.cfg)
-        return {n: params[n].detach().clone() for n in names}
+    def _scatter(self, name: str, value: torch.Tensor) -> None:
+        """Write a personal tensor, stored with one row per held expert, into its rows."""
+        param = self.shared.params[name]
+        layer = self._personal_rows.get(name)
+        if layer is None or value.shape[0] == param.shape[0]:
+            param.copy_(value)
+        else:
+            param[torch.tensor(self.held[layer], device=param.device)] = value.to(param.device,
+                                                                                  param.dtype)
 
-    def outgoing(self) -> dict[str, np.ndarray]:
-        """The aggregated tensors after local training (float32, as the server keeps them)."""
-        params = dict(self.model.named_parameters())
-        return {n: params[n].detach().float().numpy().copy()
+    def _gather(self, name: str, rows: dict[str, int]) -> torch.Tensor:
+        """A tensor as this client holds it: expert-indexed rows cut to the held experts."""
+        param = self.shared.params[name].detach()
+        layer = rows.get(name)
+        if layer is not None and len(self.held[layer]) != param.shape[0]:
+            param = param[torch.tensor(self.held[layer], device=param.device)]
+        return param
+
+    def personal_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: self._gather(n, self._personal_rows).to("cpu", copy=True)
+                for n in self._personal}
+
+    def personal_mb(self) -> float:
+        """MB of the personal state this client keeps on disk (its trained tensors)."""
+        return sum(self._gather(n, self._personal_rows).numel()
+                   * self.shared.params[n].element_size() for n in self._personal) / 2**20
+
+    def outgoing(self) -> dict[str, torch.Tensor]:
+        """The aggregated tensors after local training (router rows of the held experts)."""
+        return {n: self._gather(n, self._rows).to("cpu")
                 for n in aggregated_names(self.model, self.adapter, self.cfg)}
 
+    def wire_dtype(self) -> str:
+        """The dtype tensors travel in: the base checkpoint's (bf16 for the real presets)."""
+        return str(weight_dtype(self.model)).removeprefix("torch.")
+
     # ---- one round -----------------------------------------------------------------------
-    def fit(self, global_arrays: dict[str, np.ndarray], server_round: int) -> dict:
+    def fit(self, global_arrays: dict[str, torch.Tensor | np.ndarray], server_round: int) -> dict:
         """Local steps on the client's data, pruning when due; personal state saved."""
         meta = self.assemble(global_arrays)
         if "base_ppl" not in meta:
             # Before any local step the model is the shared starting point: remember how well
             # it does on this client's held-out data, to report what personalization gained.
             meta["base_ppl"] = self._held_out()["ppl"]
-            meta["routed_mb_before"] = routed_mb(self.model)
+            meta["routed_mb_before"] = self._routed_mb()
         start = time.perf_counter()
         with capture_routing(self.model, self.adapter, router_probs=False) as trace:
             result = self._train(server_round)
+        trace = held_layout(trace, self.held)
         stats = self._routing_stats(meta)
         stats.update(trace)  # frequency and TCESS accumulate from training: no extra pass
-        meta = _merge_routing(meta, trace, kept_experts(self.model), server_round)
+        meta = _merge_routing(meta, trace, self.held, server_round)
         meta |= {"rounds": meta["rounds"] + 1, "last_round": server_round}
         meta |= self._maybe_prune(server_round, stats)
-        self.store.save(self.personal_tensors(), meta)
+        personal = self.personal_tensors()
+        self.store.save(personal, meta)
         return {
             "arrays": self.outgoing(),
             "metrics": {"num-examples": int(self.data.train.shape[0]),
                         "client-id": self.client_id, "train_loss": result.loss,
                         "aux_loss": result.aux_loss, "steps": result.steps,
-                        "train_seconds": time.perf_counter() - start},
+                        "train_seconds": time.perf_counter() - start,
+                        "personal_mb": sum(t.numel() * t.element_size()
+                                           for t in personal.values()) / 2**20},
             "experts": meta.get("kept"),
         }
 
@@ -263,7 +324,7 @@ class LocalClient:
         return train_lm(
             self.model, self.data.train, steps=t.local_steps, batch_size=t.batch_size,
             lr=t.lr, aux_loss_coef=t.aux_loss_coef, weight_decay=t.weight_decay,
-            max_grad_norm=t.max_grad_norm,
+            max_grad_norm=t.max_grad_norm, accumulate=int(t.get("grad_accumulation") or 1),
             seed=self.cfg.seed * 1_000_003 + self.client_id * 1_009 + server_round,
             progress=f"client {self.client_id}" if self.cfg.verbose else False,
         )
@@ -274,33 +335,42 @@ class LocalClient:
             return RoutingStats.from_dict(meta["routing_stats"])
         return RoutingStats(prune.get("tcess_k") if prune else None)
 
+    def _routed_mb(self) -> float:
+        sizes = expert_mb(self.adapter)
+        return sum(sizes[i] * len(ids) for i, ids in self.held.items())
+
     def _maybe_prune(self, server_round: int, stats: RoutingStats) -> dict:
         """Prune the routed experts when the schedule says so; the meta entries to keep."""
         prune = self.cfg.get("prune")
-        budget = (budget_for_round(prune, server_round, self.model)
+        budget = (budget_for_round(prune, server_round, self.adapter)
                   if pruning_enabled(prune) else None)
         if budget is None:
             return {"routing_stats": stats.to_dict()}
-        report = prune_model(self.model, self.data.train, prune, stats, budget=budget)
-        self.adapter = MoEAdapter(self.model)
+        with autocast_for(self.model):
+            report = plan_pruning(self.model, self.data.train, prune, stats, budget=budget,
+                                  held=self.held)
+        held = {i: [self.held[i][j] for j in ids] for i, ids in report["kept_current"].items()}
+        self.held = self.held | held
+        self.shared.restriction.set(self.held)
         new_stats = report["stats"] or RoutingStats(prune.get("tcess_k"))
-        return {"kept": {str(k): [int(i) for i in v] for k, v in report["kept"].items()},
+        return {"kept": {str(k): [int(i) for i in v] for k, v in self.held.items()},
                 "scores": {str(k): [float(x) for x in v] for k, v in report["scores"].items()},
                 "score": report["score"], "routed_mb_after": report["mb_after"],
                 "pruned_at": server_round, "routing_stats": new_stats.to_dict()}
 
-    def evaluate(self, global_arrays: dict[str, np.ndarray], server_round: int = 0) -> dict:
+    def evaluate(self, global_arrays: dict[str, torch.Tensor | np.ndarray],
+                 server_round: int = 0) -> dict:
         """Held-out perplexity of the client's personalized model (and of the base model)."""
         meta = self.assemble(global_arrays)
         ev = self._held_out()
         # A client that never trained holds no personal state: its model is the shared one.
         base_ppl = meta.get("base_ppl", ev["ppl"])
-        kept = kept_experts(self.model)
         metrics = {"num-examples": int(self.data.validation.shape[0]),
                    "client-id": self.client_id, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"],
-                   "base_ppl": float(base_ppl), "routed_mb": routed_mb(self.model),
-                   "routed_mb_before": float(meta.get("routed_mb_before", routed_mb(self.model)))}
-        metrics |= {f"experts_kept.{layer}": len(ids) for layer, ids in kept.items()}
+                   "base_ppl": float(base_ppl), "routed_mb": self._routed_mb(),
+                   "routed_mb_before": float(meta.get("routed_mb_before", self._routed_mb())),
+                   "personal_mb": self.personal_mb()}
+        metrics |= {f"experts_kept.{layer}": len(ids) for layer, ids in self.held.items()}
         if server_round and server_round == int(self.cfg.fl.num_rounds) and self.cfg.fl.export:
             self.export(meta)
         return metrics
@@ -308,7 +378,7 @@ class LocalClient:
     def export(self, meta: dict) -> Path | None:
         """The personalized model as a standard HF checkpoint in ``<state dir>/model``."""
         out = self.store.directory / "model"
-        kept = kept_experts(self.model)
+        kept = self.held
         counts = meta.get("expert_counts", {})
         # Per layer: selections of each expert the model holds, in the exported model's order
         # (what an edge cache pins by), and by original id (what analysis compares).
@@ -321,7 +391,7 @@ class LocalClient:
                     routing[str(layer)]["tcess"] = score.tolist()
         try:
             export_checkpoint(self.model, _tokenizer(self.checkpoint), out, kept=kept,
-                              scores=meta.get("scores"), routing_stats=routing)
+                              select=kept, scores=meta.get("scores"), routing_stats=routing)
         except ValueError as e:  # e.g. unequal expert counts per layer: no single HF config
             logging.getLogger(__name__).warning("client %d: no export: %s", self.client_id, e)
             return None
@@ -329,6 +399,24 @@ class LocalClient:
 
     def _held_out(self) -> dict[str, float]:
         return evaluate_lm(self.model, self.data.validation, self.cfg.train.batch_size)
+
+
+def held_layout(trace: RoutingTrace, held: dict[int, list[int]]) -> RoutingTrace:
+    """A routing trace of the shared model in the layout of the client's held experts:
+    expert ids as positions among them, router logits of those experts only (what the
+    sliced model would have recorded)."""
+    out = RoutingTrace()
+    for rec in trace:
+        ids = held[rec.layer]
+        if len(ids) == rec.router_logits.shape[-1] or not rec.router_logits.numel():
+            out.layers[rec.layer] = rec
+            continue
+        lookup = torch.full((rec.router_logits.shape[-1],), -1, dtype=torch.long)
+        lookup[ids] = torch.arange(len(ids))
+        probs = rec.router_probs[:, ids] if rec.router_probs.numel() else rec.router_probs
+        out.layers[rec.layer] = LayerRouting(rec.layer, lookup[rec.top_k_index],
+                                             rec.top_k_weights, rec.router_logits[:, ids], probs)
+    return out
 
 
 def _merge_routing(meta: dict, trace, kept: dict[int, list[int]], server_round: int) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
+from fedmoe.prune.masked import KEEP_ATTR
 
 
 @dataclass
@@ -58,8 +60,10 @@ class _RouterLogits:
             self.handles.append(layer.router.register_forward_hook(self._hook))
         return self
 
-    def _hook(self, _module, _args, output) -> None:
-        self.logits.append(output[0] if isinstance(output, tuple) else output)
+    def _hook(self, module, _args, output) -> None:
+        logits = output[0] if isinstance(output, tuple) else output
+        keep = getattr(module, KEEP_ATTR, None)  # a pruned client on a shared model
+        self.logits.append(logits if keep is None else logits[..., keep])
 
     def __exit__(self, *exc) -> None:
         for h in self.handles:
@@ -80,13 +84,43 @@ class _RouterLogits:
         return torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in losses]).mean()
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's (first real) weights are."""
+    for p in model.parameters():
+        if not p.is_meta:
+            return p.device
+    return torch.device("cpu")
+
+
+def weight_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype holding most of the model's weights (the base checkpoint's dtype; trainable
+    tensors may be float32 on top of a bf16 base)."""
+    sizes: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
+def autocast_for(model: nn.Module) -> AbstractContextManager:
+    """Autocast to the model's low-precision dtype when its weights are bf16/fp16.
+
+    The frozen base stays in the checkpoint's dtype while trainable tensors are float32
+    (``fedmoe.task.lora``): under autocast matmuls run in the base dtype on any device and
+    the loss, softmax and optimizer state stay in float32.
+    """
+    dtype = weight_dtype(model)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return nullcontext()
+    return torch.autocast(model_device(model).type, dtype=dtype)
+
+
 def lm_loss(model: nn.Module, input_ids: torch.Tensor,
             adapter: MoEAdapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy and the router load-balancing loss of one batch."""
-    with _RouterLogits(adapter or MoEAdapter(model)) as routers:
-        out = model(input_ids=input_ids, use_cache=False)
+    with _RouterLogits(adapter or MoEAdapter(model)) as routers, autocast_for(model):
+        out = model(input_ids=input_ids.to(model_device(model)), use_cache=False)
     logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
-    targets = input_ids[:, 1:]  # (B, T-1)
+    targets = input_ids[:, 1:].to(logits.device)  # (B, T-1)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
     return ce, routers.aux_loss(ce)
 
@@ -105,6 +139,7 @@ def train_lm(
     seed: int = 0,
     progress: bool | str = False,
     optimizer: torch.optim.Optimizer | None = None,
+    accumulate: int = 1,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on random batches of ``blocks`` ``(N, T)``.
 
@@ -118,6 +153,9 @@ def train_lm(
         Show a progress bar (a string is its description).
     optimizer : torch.optim.Optimizer, optional
         Reuse an optimizer (e.g. one restored from personal state).
+    accumulate : int
+        Gradient accumulation: each step averages the gradients of ``accumulate`` batches of
+        ``batch_size`` (the effective batch), for a memory of one batch.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -130,21 +168,26 @@ def train_lm(
     ce_sum = aux_sum = 0.0
     bar = tqdm(range(steps), desc=progress if isinstance(progress, str) else "train",
                disable=not progress, leave=False)
+    accumulate = max(int(accumulate), 1)
     for _ in bar:
-        idx = torch.randint(0, blocks.shape[0], (batch_size,), generator=gen)
-        ce, aux = lm_loss(model, blocks[idx], adapter)
-        loss = ce + aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        ce_step = 0.0
+        for _ in range(accumulate):
+            idx = torch.randint(0, blocks.shape[0], (batch_size,), generator=gen)
+            ce, aux = lm_loss(model, blocks[idx], adapter)
+            ((ce + aux_loss_coef * aux) / accumulate).backward()
+            ce_step += ce.item() / accumulate
+            aux_sum += aux.item() / accumulate
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         sched.step()
-        ce_sum += ce.item()
-        aux_sum += aux.item()
-        bar.set_postfix(loss=f"{ce.item():.3f}")
+        ce_sum += ce_step
+        bar.set_postfix(loss=f"{ce_step:.3f}")
     model.eval()
     n = max(steps, 1)
-    return TrainResult(steps, steps * batch_size * blocks.shape[1], ce_sum / n, aux_sum / n)
+    tokens = steps * accumulate * batch_size * blocks.shape[1]
+    return TrainResult(steps, tokens, ce_sum / n, aux_sum / n)
 
 
 def _schedule(steps: int, warmup: int):
@@ -164,9 +207,11 @@ def evaluate_lm(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16) ->
     """Token-level cross-entropy and perplexity of ``model`` on ``blocks`` ``(N, T)``."""
     model.eval()
     total, count = 0.0, 0
+    device = model_device(model)
     for start in range(0, blocks.shape[0], batch_size):
-        batch = blocks[start : start + batch_size]
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+        batch = blocks[start : start + batch_size].to(device)
+        with autocast_for(model):
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1]  # (B, T-1, V)
         targets = batch[:, 1:]
         total += F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"

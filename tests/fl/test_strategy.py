@@ -516,3 +516,33 @@ def test_two_rounds_through_flower_start():
     assert sorted(strategy.history[2].accepted) == [11, 12, 13]
     assert result.evaluate_metrics_clientapp[2]["eval_ppl"] == pytest.approx(2.0)
     assert strategy.history[2].bytes_down == 44 * 3 * 2
+
+
+def test_bf16_model_sends_and_receives_two_byte_payloads():
+    # Prepare: a bf16 model's strategy (values exactly representable in bf16)
+    from fedmoe.fl.codec import RAW_STYPE, encode_record, to_numpy
+
+    wire = {ROUTER: "bfloat16", SHARED: "bfloat16"}
+    strategy = FedMoE(expert_rows=EXPERT_ROWS, wire_dtypes=wire)
+    sent = start_round(strategy, nodes=(1, 2))
+    replies = []
+    for node, (router, shared, n, cid) in {1: (A_ROUTER, A_SHARED, 1, 10),
+                                           2: (B_ROUTER, B_SHARED, 3, 11)}.items():
+        content = RecordDict({
+            "arrays": encode_record({ROUTER: f32(router), SHARED: f32(shared)}, wire),
+            "metrics": MetricRecord({"num-examples": n, "client-id": cid}),
+        })
+        replies.append(Message(content, reply_to=sent[node]))
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+    resent = start_round(strategy, nodes=(1,), server_round=2)[1]
+    # Assert: instructions carry bf16 (2 bytes a value), the aggregate is exact in float32
+    instruction = resent.content.array_records["arrays"]
+    assert {a.stype for a in instruction.values()} == {RAW_STYPE}
+    assert len(instruction[ROUTER].data) == np.asarray(GLOBAL_ROUTER).size * 2
+    first = sent[1].content.array_records["arrays"]
+    np.testing.assert_array_equal(to_numpy(first[ROUTER]), f32(GLOBAL_ROUTER))
+    np.testing.assert_allclose(numpy_of(arrays)[ROUTER], AB_ROUTER)
+    log = strategy.history[1]
+    assert log.bytes_up == 2 * 2 * (np.asarray(A_ROUTER).size + len(A_SHARED))
+    assert log.bytes_down == 2 * 2 * (np.asarray(GLOBAL_ROUTER).size + 3)

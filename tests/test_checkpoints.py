@@ -1,0 +1,71 @@
+"""The one loader: streams every family's checkpoint exactly as transformers loads it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fedmoe.checkpoints import load_model, resolve_device
+from fedmoe.moe.adapter import role_of_name
+from fedmoe.moe.families import Role
+from tests.conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Every tiny family saved by transformers (its original per-expert key layout)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    for family in ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v3",
+                   "granitemoeshared"):
+        tiny_model(family).save_pretrained(root / family)
+    return root
+
+
+def test_streamed_weights_equal_from_pretrained(saved, family):
+    # Prepare
+    reference = AutoModelForCausalLM.from_pretrained(saved / family).eval()
+    # Execute
+    model = load_model({"family": family, "path": str(saved / family), "dtype": "float32"})
+    # Assert: the same tensors under the same names, and the same logits
+    expected, got = reference.state_dict(), model.state_dict()
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+    ids = torch.arange(14).reshape(2, 7) % 90
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=0, rtol=0)
+
+
+def test_skip_leaves_tensors_unread_on_meta(saved):
+    # The server reads only the tensors it aggregates.
+    model = load_model({"family": "olmoe", "path": str(saved / "olmoe"), "dtype": "float32"},
+                       skip=lambda n: role_of_name("olmoe", n) != Role.ROUTER)
+    state = model.state_dict()
+    loaded = {n for n, t in state.items() if not t.is_meta}
+    assert loaded == {n for n in state if role_of_name("olmoe", n) == Role.ROUTER}
+    reference = AutoModelForCausalLM.from_pretrained(saved / "olmoe").state_dict()
+    for name in loaded:
+        assert torch.equal(state[name], reference[name])
+
+
+def test_bf16_preset_loads_in_bf16(saved):
+    model = load_model({"family": "qwen2_moe", "path": str(saved / "qwen2_moe"),
+                        "dtype": "bfloat16"})
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_wrong_family_and_missing_checkpoint_are_one_line_errors(saved, tmp_path):
+    with pytest.raises(ValueError, match="model.family='olmoe'"):
+        load_model({"family": "olmoe", "path": str(saved / "mixtral")})
+    with pytest.raises(FileNotFoundError, match="model.path=.*no config.json") as info:
+        load_model({"family": "olmoe", "path": str(tmp_path / "nowhere")})
+    assert "\n" not in str(info.value)
+
+
+def test_device_setting_is_checked_not_silently_ignored():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="train.device='cuda'"):
+            resolve_device("cuda")
