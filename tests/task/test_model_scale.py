@@ -1,0 +1,97 @@
+"""A real-dimension OLMoE-1B-7B layer stack: two clients in one process hold one model.
+
+The checkpoint has OLMoE-1B-7B's exact widths (hidden 2048, 64 experts of 1024, top-8,
+vocabulary 50304) cut to 2 of its 16 layers (2.1 GB in bf16), so CI can afford it. A fresh
+process builds the server's initial tensors and runs two LoRA clients (train, prune,
+evaluate) while sampling its own PSS; the peak must stay within 1.3x the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+OLMOE_1B_7B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024,
+                   num_attention_heads=16, num_key_value_heads=16, num_experts=64,
+                   num_experts_per_tok=8, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                   rope_theta=10000.0, tie_word_embeddings=False, clip_qkv=None)
+
+CHILD = """
+import json, sys, time
+from pathlib import Path
+from fedmoe.memory import PeakMemory, tree_pss
+from fedmoe.fl.bridge import compose
+from fedmoe.fl.server_app import initial_arrays
+from fedmoe.task.local import LocalClient
+
+ckpt, cache, state, out = sys.argv[1:5]
+cfg = compose(["experiment=smoke", "model=olmoe_1b_7b", f"model.path={ckpt}",
+               f"fl.base_model={ckpt}", f"cache_dir={cache}", "train=lora",
+               "train.local_steps=1", "train.batch_size=1", "train.device=cpu",
+               "train.gradient_checkpointing=true", "data.block_size=64",
+               "data.max_train_blocks_per_client=4", "data.max_eval_blocks_per_client=2",
+               "prune=default", "prune.keep=0.5", "fl.num_rounds=1", "fl.export=false"])
+baseline = tree_pss()
+with PeakMemory(interval=0.05) as peak:
+    arrays, rows, _, wire = initial_arrays(cfg)
+    global_arrays = {k: a.numpy() for k, a in arrays.items()}
+    server_peak = peak.peak_bytes
+    metrics = []
+    for cid in (0, 1):
+        client = LocalClient(cfg, cid, ckpt, Path(state) / f"client_{cid}")
+        fit = client.fit(global_arrays, server_round=1)
+        metrics.append(fit["metrics"] | client.evaluate(global_arrays, server_round=1))
+Path(out).write_text(json.dumps({"peak": peak.peak_bytes, "baseline": baseline,
+    "samples": peak.samples, "wire": sorted(set(wire.values())), "metrics": metrics,
+    "held": {k: len(v) for k, v in fit["experts"].items()}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def olmoe_shaped(tmp_path_factory, fedmoe_cache):
+    """The 2-layer OLMoE-1B-7B-shaped bf16 checkpoint with the smoke tokenizer."""
+    from fedmoe.fl.bridge import compose
+    from fedmoe.task.pretrain import ensure_base_model
+
+    root = tmp_path_factory.mktemp("olmoe_shaped")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("olmoe", num_hidden_layers=2, **OLMOE_1B_7B)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(root)
+    del model
+    smoke = ensure_base_model(compose(["experiment=smoke", f"cache_dir={fedmoe_cache}"]),
+                              progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (smoke / name).exists():
+            shutil.copy(smoke / name, root / name)
+    return root
+
+
+@pytest.mark.slow
+def test_two_clients_in_one_process_hold_one_model(olmoe_shaped, fedmoe_cache, tmp_path):
+    # Prepare
+    model_bytes = sum(f.stat().st_size for f in olmoe_shaped.glob("*.safetensors"))
+    out = tmp_path / "memory.json"
+    # Execute: a fresh process, so nothing else this suite loaded is counted
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(olmoe_shaped), str(fedmoe_cache),
+         str(tmp_path / "state"), str(out)],
+        capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    # Assert: the whole process (Python, torch and all) peaked within 1.3x the checkpoint
+    assert model_bytes > 2e9 and result["samples"] > 10
+    assert result["peak"] <= 1.3 * model_bytes, (result["peak"] / model_bytes, result)
+    assert result["wire"] == ["bfloat16"]  # tensors travel in the model's dtype
+    for m in result["metrics"]:  # both trained and were evaluated, personal state in MBs
+        assert m["steps"] == 1 and m["eval_ppl"] > 1
+        assert 0 < m["personal_mb"] < 64
+    assert set(result["held"].values()) == {32}  # pruned to half of 64 experts, as a view
