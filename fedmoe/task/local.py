@@ -36,6 +36,7 @@ from fedmoe.prune import (
     pruning_enabled,
     routed_mb,
 )
+from fedmoe.task.guards import check_global, check_trained, kept_personal
 from fedmoe.task.lora import apply_lora
 from fedmoe.task.train import evaluate_lm, set_trainable, train_lm
 
@@ -185,6 +186,7 @@ class LocalClient:
         self.client_id = client_id
         self.checkpoint = str(checkpoint)
         self.store = PersonalStore(state_dir)
+        self._saved_names: list[str] = []  # personal tensors of the last saved state
         model_yaml = OmegaConf.to_yaml(cfg.model, resolve=True)
         train_yaml = OmegaConf.to_yaml(cfg.train, resolve=True)
         self._template, _ = _base(self.checkpoint, model_yaml, train_yaml, cfg.seed)
@@ -199,8 +201,11 @@ class LocalClient:
     # ---- model assembly ------------------------------------------------------------------
     def assemble(self, global_arrays: dict[str, np.ndarray]) -> dict:
         """Base model, sliced to the kept experts, then global, then personal tensors."""
+        check_global(global_arrays, self._template,
+                     aggregated_names(self._template, MoEAdapter(self._template), self.cfg))
         saved = self.store.load()
         tensors, meta = saved if saved else ({}, {"rounds": 0})
+        self._saved_names = list(tensors)
         # A fresh copy each time: clients of one process share the template, and pruning
         # replaces tensors in place.
         self.model = copy.deepcopy(self._template)
@@ -222,7 +227,9 @@ class LocalClient:
 
     def personal_tensors(self) -> dict[str, torch.Tensor]:
         params = dict(self.model.named_parameters())
-        names = personal_names(self.model, self.adapter, self.cfg)
+        names = kept_personal(personal_names(self.model, self.adapter, self.cfg),
+                              self._saved_names,
+                              aggregated_names(self.model, self.adapter, self.cfg), self.model)
         return {n: params[n].detach().clone() for n in names}
 
     def outgoing(self) -> dict[str, np.ndarray]:
@@ -248,9 +255,11 @@ class LocalClient:
         meta = _merge_routing(meta, trace, kept_experts(self.model), server_round)
         meta |= {"rounds": meta["rounds"] + 1, "last_round": server_round}
         meta |= self._maybe_prune(server_round, stats)
-        self.store.save(self.personal_tensors(), meta)
+        personal, outgoing = self.personal_tensors(), self.outgoing()
+        check_trained(result.steps, result.skipped, personal, outgoing)  # else nothing saved
+        self.store.save(personal, meta)
         return {
-            "arrays": self.outgoing(),
+            "arrays": outgoing,
             "metrics": {"num-examples": int(self.data.train.shape[0]),
                         "client-id": self.client_id, "train_loss": result.loss,
                         "aux_loss": result.aux_loss, "steps": result.steps,

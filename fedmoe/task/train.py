@@ -26,8 +26,9 @@ class TrainResult:
 
     steps: int
     tokens: int
-    loss: float  # mean causal-LM loss over the steps
-    aux_loss: float  # mean load-balancing loss over the steps
+    loss: float  # mean causal-LM loss over the steps taken
+    aux_loss: float  # mean load-balancing loss over the steps taken
+    skipped: int = 0  # steps skipped: non-finite loss or gradient norm
 
 
 def set_trainable(model: nn.Module, roles: Iterable[Role | str]) -> list[str]:
@@ -128,6 +129,7 @@ def train_lm(
     adapter = MoEAdapter(model)
     model.train()
     ce_sum = aux_sum = 0.0
+    skipped = 0
     bar = tqdm(range(steps), desc=progress if isinstance(progress, str) else "train",
                disable=not progress, leave=False)
     for _ in bar:
@@ -135,16 +137,34 @@ def train_lm(
         ce, aux = lm_loss(model, blocks[idx], adapter)
         loss = ce + aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if not _finite_step(loss, params, max_grad_norm):
+            # One NaN step would make every weight NaN through the optimizer: skip it.
+            skipped += 1
+            continue
         opt.step()
         sched.step()
         ce_sum += ce.item()
         aux_sum += aux.item()
         bar.set_postfix(loss=f"{ce.item():.3f}")
     model.eval()
-    n = max(steps, 1)
-    return TrainResult(steps, steps * batch_size * blocks.shape[1], ce_sum / n, aux_sum / n)
+    n = max(steps - skipped, 1)
+    return TrainResult(steps, steps * batch_size * blocks.shape[1], ce_sum / n if steps > skipped
+                       else math.nan, aux_sum / n, skipped)
+
+
+def _finite_step(loss: torch.Tensor, params: list[nn.Parameter],
+                 max_grad_norm: float | None) -> bool:
+    """Backpropagate ``loss`` and clip the gradients; ``False`` when the loss or the gradient
+    norm is not finite (the gradients are then cleared)."""
+    if not torch.isfinite(loss):
+        return False
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
+    if torch.isfinite(norm):
+        return True
+    for p in params:
+        p.grad = None
+    return False
 
 
 def _schedule(steps: int, warmup: int):
