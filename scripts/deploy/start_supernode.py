@@ -53,7 +53,7 @@ def node_config(args: argparse.Namespace) -> dict:
     return config
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--superlink", required=True, help="SuperLink host:port")
     parser.add_argument("--ca", type=Path, help="CA certificate (TLS)")
@@ -73,6 +73,11 @@ def main() -> None:
     parser.add_argument("--retry-activation", type=float, default=90.0, metavar="SECONDS")
     parser.add_argument("--debug-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--debug-delay-round", type=int, default=0, help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.insecure == (args.ca is not None):
         parser.error("give --ca (TLS) or --insecure, not both or neither")

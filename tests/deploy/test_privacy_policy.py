@@ -4,15 +4,32 @@ every role (strategy=fedavg) while the devices keep their default policy."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 
-from .conftest import TINY, dump_logs
+from fedmoe.fl.policy import send_roles
+from fedmoe.moe.families import Role
 
-pytestmark = pytest.mark.slow
+from .conftest import REPO, TINY, dump_logs
 
 
+def test_start_supernode_defaults_to_the_strict_policy(monkeypatch):
+    # Prepare: the launcher's own argument parser and node config
+    monkeypatch.syspath_prepend(str(REPO / "scripts" / "deploy"))
+    script = importlib.import_module("start_supernode")
+    # Execute
+    args = script.build_parser().parse_args(["--superlink", "10.0.0.1:9093", "--insecure",
+                                             "--partition-id", "0"])
+    node = script.node_config(args)
+    # Assert: router and shared expert only, written out in the node config
+    assert node["send-roles"] == "router,shared_expert"
+    assert send_roles(node) == {Role.ROUTER, Role.SHARED_EXPERT}
+    assert send_roles({}) == send_roles(node)  # a node config without the key: the same
+
+
+@pytest.mark.slow
 def test_a_server_asking_for_routed_experts_gets_a_refusal(tmp_path, make_federation,
                                                            base_model, app_dir):
     # Prepare: two devices with the default policy (router and shared expert may leave);
