@@ -23,6 +23,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from fedmoe.fl.bridge import device_config
+from fedmoe.fl.policy import trusts_run_config
 from fedmoe.fl.state import PersonalStateError
 from fedmoe.task.guards import Diverged, Refused
 
@@ -80,8 +81,6 @@ def describe(msg: Message) -> dict:
 
 def audit_dir(context: Context) -> str | None:
     """The node config's ``audit-dir``; in the server's trust domain also ``fl.audit_dir``."""
-    from fedmoe.fl.policy import trusts_run_config
-
     if context.node_config.get(AUDIT_DIR_KEY):
         return str(context.node_config[AUDIT_DIR_KEY])
     if trusts_run_config(context.node_config):
