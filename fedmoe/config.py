@@ -172,7 +172,10 @@ class StrategyConfig:
     trim_beta: float = 0.2
     server_opt: ServerOpt | None = None
     server_lr: float = 0.01
-    max_update_norm: float | None = None
+    max_update_norm: float | None = 10.0
+    max_weight_share: float | None = 0.5
+    max_weight_median: float | None = 3.0
+    max_abs_value: float | None = 1.0e4
     dp: DPConfig = field(default_factory=DPConfig)
 
 
@@ -314,6 +317,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "strategy.trim_beta": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     "strategy.server_lr": (_positive, "> 0"),
     "strategy.max_update_norm": (_positive, "> 0, or null (no norm check)"),
+    "strategy.max_weight_share": (_fraction, "a fraction in (0, 1], or null (no share cap)"),
+    "strategy.max_weight_median": (_positive, "> 0, or null (no median cap)"),
+    "strategy.max_abs_value": (_positive, "> 0, or null (finiteness check only)"),
     "strategy.dp.noise_multiplier": (_at_least(0), ">= 0"),
     "strategy.dp.clipping_norm": (_positive, "> 0"),
     "strategy.dp.num_sampled_clients": (_at_least(1), "an integer >= 1, or null"),

@@ -81,7 +81,8 @@ def bench(n: int, rounds: int, root: Path, base: Path, app: Path, tls: bool,
         sampler = RssSampler(fed.superlink.pid)
         sampler.start()
         for i in range(n):
-            fed.start_node(f"node{i}", {"partition-id": i, "state-dir": str(root / f"s{i}")})
+            fed.start_node(f"node{i}", {"partition-id": i, "state-dir": str(root / f"s{i}"),
+                                        "base-model": str(base)})
         fed.wait_for_nodes(n, timeout=600)
         online = time.perf_counter() - start
         run_id = fed.run(app, overrides)

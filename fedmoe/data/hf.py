@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -41,9 +42,48 @@ def _load_raw(path: str, split: str, data_files: DataFiles) -> datasets.Dataset:
         if builder is None:
             raise ValueError(f"Cannot read {path!r}: unknown extension {local.suffix!r}; "
                              f"expected one of {sorted(_BUILDERS)}")
-        # A single local file always loads as the "train" split of its builder.
-        return datasets.load_dataset(builder, data_files=str(local), split="train")
+        if local.stat().st_size < 2**16 and not local.read_bytes().strip():
+            raise ValueError(f"data file {path!r} is empty")
+        if builder != "parquet":
+            _check_utf8(local)
+        try:
+            # A single local file always loads as the "train" split of its builder.
+            return datasets.load_dataset(builder, data_files=str(local), split="train")
+        except Exception as e:  # datasets' errors name neither the file nor the cause
+            raise ValueError(f"data file {path!r} cannot be read as {builder}: "
+                             f"{_cause(e)}") from e
     return datasets.load_dataset(path, data_files=data_files, split=split)
+
+
+def _check_utf8(path: Path, chunk: int = 2**20) -> None:
+    """Raise naming ``path`` and the byte offset when the file is not UTF-8 text (datasets
+    fails on it deep inside a worker, or later while mapping rows)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"data file {str(path)!r} is not UTF-8 text (byte "
+                                 f"{offset + e.start})") from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"data file {str(path)!r} is not UTF-8 text (it ends inside a "
+                         "character)") from None
+
+
+def _cause(error: BaseException) -> str:
+    """What went wrong reading a file, in a few words (never its contents)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        if isinstance(error, UnicodeDecodeError):
+            break
+        error = error.__cause__ or error.__context__
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {error.start})"
+    return f"malformed ({type(error).__name__})"
 
 
 def _text_column(ds: datasets.Dataset, path: str, text_field: str | None) -> datasets.Dataset:

@@ -56,5 +56,11 @@ def load_data(cfg: Mapping[str, Any]) -> datasets.DatasetDict:
                                text_field=cfg.get("text_field"),
                                domain_field=cfg.get("domain_field"),
                                data_files=cfg.get("data_files"))
-        return split_by_hash(ds)
+        splits = split_by_hash(ds)
+        for split in SPLITS:
+            if len(splits[split]) == 0:
+                raise ValueError(f"data.path={cfg['path']!r}: its {len(ds)} row(s) leave the "
+                                 f"{split} split empty (rows split 80/10/10 by a hash of their "
+                                 "text); add rows")
+        return splits
     raise ValueError(f"Unknown data.name {name!r}; expected one of {list(DATA_NAMES)}")

@@ -142,12 +142,84 @@ def update_norm(
     return math.sqrt(total)
 
 
+def reference_norm(norms: Sequence[float]) -> float:
+    """The round's reference update norm: the lower median (the smaller one of 2 norms).
+
+    With 2 replies the plain median is their mean, which one huge update drags up as far as
+    it likes; the lower median is one honest client's norm as long as fewer than half of the
+    replies are attacks.
+    """
+    return float(np.sort(np.asarray(norms, dtype=np.float64))[(len(norms) - 1) // 2])
+
+
 def norm_outliers(norms: Sequence[float], factor: float) -> list[bool]:
-    """Flag norms above ``factor`` times the median norm (only with 3 or more norms)."""
-    if len(norms) < 3:
+    """Flag norms above ``factor`` times the round's :func:`reference_norm` (2 or more norms;
+    a single reply has nothing to be compared with)."""
+    if len(norms) < 2:
         return [False] * len(norms)
-    limit = factor * float(np.median(norms))
-    return [norm > limit for norm in norms]
+    limit = factor * reference_norm(norms)
+    return [not norm <= limit for norm in norms]  # NaN counts as an outlier
+
+
+def cap_weights(weights: Sequence[float], max_share: float | None = 0.5,
+                median_factor: float | None = 3.0) -> np.ndarray:
+    """Cap each client's weight so that none owns the aggregate.
+
+    A weight above ``C = max(C_share, median_factor * m)`` is cut to ``C``, where ``m`` is the
+    lower median weight (see :func:`reference_norm`: one huge claim cannot drag it up) and
+    ``C_share`` the largest cap under which no client holds more than ``max_share`` of the
+    capped total. So no client exceeds the larger of ``max_share`` and ``median_factor``
+    times the median weight; honest imbalance within that stays as it is. ``None`` turns a
+    part off (both ``None``: no cap).
+
+    Parameters
+    ----------
+    weights : Sequence[float]
+        Positive finite weights, shape ``(n,)``.
+
+    Returns
+    -------
+    np.ndarray
+        The capped weights, shape ``(n,)``, divided by the largest one (the mean is
+        scale-free; this keeps sums of huge claimed weights from overflowing).
+    """
+    w = np.asarray(weights, dtype=np.float64)  # (n,)
+    if w.size == 0:
+        return w
+    w = w / w.max()
+    caps = []
+    if max_share is not None and max_share * w.size >= 1:
+        caps.append(_share_cap(w, max_share))
+    if median_factor is not None:
+        caps.append(median_factor * reference_norm(w))
+    return np.minimum(w, max(caps)) if caps else w
+
+
+def _share_cap(w: np.ndarray, share: float) -> float:
+    """Largest ``C`` with ``C <= share * sum(min(w, C))``: water-filling from the top."""
+    ordered = np.sort(w)[::-1]  # (n,) descending
+    tail = np.append(np.cumsum(ordered[::-1])[::-1], 0.0)  # tail[k] = sum of ordered[k:]
+    if ordered[0] <= share * tail[0]:
+        return float(ordered[0])  # nobody above the share: nothing to cut
+    for k in range(w.size):  # the k + 1 largest weights capped at C
+        if share * (k + 1) >= 1:
+            break
+        cap = share * tail[k + 1] / (1 - share * (k + 1))
+        below = ordered[k + 1] if k + 1 < w.size else 0.0
+        if below <= cap * (1 + 1e-9) and cap <= ordered[k]:
+            return float(cap)
+    return float(ordered[0])  # no consistent cap: nothing to cut
+
+
+def check_aggregate(arrays: Mapping[str, np.ndarray], max_abs: float | None) -> str | None:
+    """Why an aggregate must not become the global model (non-finite, or a value beyond
+    ``max_abs`` in magnitude), or ``None``."""
+    for key, value in arrays.items():
+        if not np.isfinite(value).all():
+            return f"aggregate '{key}' has non-finite values"
+        if max_abs is not None and value.size and float(np.abs(value).max()) > max_abs:
+            return f"aggregate '{key}' exceeds |x| <= {max_abs:g}"
+    return None
 
 
 def reduce_rows(stack: np.ndarray, weights: np.ndarray, rule: str, trim_beta: float) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 Flower's run config holds scalars only, so the whole Hydra configuration travels as the list of
 Hydra overrides that produced it, under one key (``hydra-overrides``); every app re-composes
-the same config from it. Nothing else reads ``context.run_config``.
+the same config from it. Nothing else reads ``context.run_config``. A device applies only the
+overrides its policy accepts (:func:`device_config`, :mod:`fedmoe.fl.policy`).
 """
 
 from __future__ import annotations
@@ -54,3 +55,21 @@ def _compose(overrides: tuple[str, ...]) -> DictConfig:
 def config_from_run_config(run_config: Mapping[str, object]) -> DictConfig:
     """The Hydra config a Flower app runs with (cached per process)."""
     return compose(overrides_from_run_config(run_config))
+
+
+def device_config(run_config: Mapping[str, object], node_config: Mapping[str, object],
+                  extra: Sequence[str] = ()) -> DictConfig:
+    """The config a ClientApp runs with: the run config's overrides a device accepts (all of
+    them in the server's own trust domain), then ``extra`` settings of the node itself.
+
+    Raises
+    ------
+    fedmoe.task.guards.Refused
+        Naming the first override the device does not accept.
+    """
+    from fedmoe.fl.policy import device_overrides, trusts_run_config
+
+    overrides = overrides_from_run_config(run_config)
+    if not trusts_run_config(node_config):
+        overrides = device_overrides(overrides)
+    return compose([*overrides, *extra])

@@ -17,12 +17,13 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
 from fedmoe.checkpoints import resolve_base_model
-from fedmoe.fl.bridge import compose, config_from_run_config, overrides_from_run_config
+from fedmoe.fl.bridge import device_config
 from fedmoe.fl.codec import decode_record, encode_record
-from fedmoe.fl.mods import audit_mod
+from fedmoe.fl.mods import audit_mod, error_reply_mod
+from fedmoe.fl.policy import check_send_policy
 from fedmoe.task.local import LocalClient
 
-app = ClientApp(mods=[audit_mod])
+app = ClientApp(mods=[error_reply_mod, audit_mod])
 
 
 # --- node config of a device (deployment) --------------------------------------------------
@@ -36,19 +37,25 @@ app = ClientApp(mods=[audit_mod])
 #   state-dir          node-local root of the personal state
 #   base-model         the device's copy of the base checkpoint
 #   memory-budget-mb   MB of routed experts this device keeps (sets prune.max_mb: pruning on)
+#   send-roles         roles that may leave the device (default router,shared_expert); a run
+#                      asking for more is refused (fedmoe.fl.policy)
+#   trust-run-config   true: the device applies the whole run config, paths included (one
+#                      trust domain, as `fedmoe simulate`); default: only fedmoe.fl.policy's
+#                      allowlist, and its paths come from this node config alone
+#   audit-dir          log every message in and out here (fedmoe.fl.mods.audit_mod)
 #   debug-delay-s      TEST HOOK, not for real devices: sleep this long before training, in
 #   debug-delay-round  round debug-delay-round only (0: every round), to simulate a slow device
 log = logging.getLogger(__name__)
 
 
 def _node_cfg(context: Context):
-    """The run's config, with this device's memory budget when its node config gives one."""
-    cfg = config_from_run_config(context.run_config)
+    """The run's config as this device accepts it, with its memory budget when its node config
+    gives one; a run asking for roles the device does not send is refused."""
     budget = context.node_config.get("memory-budget-mb")
-    if budget is None:
-        return cfg
-    return compose([*overrides_from_run_config(context.run_config),
-                    f"prune.max_mb={float(budget)}"])
+    extra = [] if budget is None else [f"prune.max_mb={float(budget)}"]
+    cfg = device_config(context.run_config, context.node_config, extra)
+    check_send_policy(cfg.fl.aggregate, context.node_config)
+    return cfg
 
 
 def _client_id(context: Context) -> int:
@@ -73,7 +80,7 @@ def _debug_delay(context: Context, server_round: int) -> None:
 def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower's ``fixedclipping_mod`` (clip this client's update to the norm the server's
     DP wrapper sends) when ``strategy.dp.enabled``; a pass-through otherwise."""
-    dp = config_from_run_config(context.run_config).strategy.get("dp")
+    dp = device_config(context.run_config, context.node_config).strategy.get("dp")
     if dp is not None and dp.enabled:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)

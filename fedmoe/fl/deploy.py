@@ -102,8 +102,10 @@ class NodeKeys:
 
 
 def _write_secret(path: Path, data: bytes) -> Path:
+    """Write a private key readable by its owner only, whatever mode an old file had."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # open's mode applies to a new file only; before any byte is written
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     return path

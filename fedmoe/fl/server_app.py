@@ -63,7 +63,8 @@ def _strategy(cfg, rows: dict[str, int], wire_dtypes: dict[str, str]):
     s, fl = cfg.strategy, cfg.fl
     kwargs = dict(
         expert_rows=rows, wire_dtypes=wire_dtypes, rule=s.rule, trim_beta=s.trim_beta,
-        max_update_norm=s.max_update_norm,
+        max_update_norm=s.max_update_norm, max_weight_share=s.max_weight_share,
+        max_weight_median=s.max_weight_median, max_abs_value=s.max_abs_value,
         fraction_train=fl.fraction_train, fraction_evaluate=fl.fraction_evaluate,
         min_train_nodes=fl.min_train_nodes, min_evaluate_nodes=fl.min_evaluate_nodes,
         min_available_nodes=fl.min_available_nodes,

@@ -43,11 +43,13 @@ def _write_app_dir(app_dir: Path, run_config: dict[str, str]) -> None:
 
 def run_simulation_engine(run_config: dict[str, str], num_supernodes: int, app_dir: Path,
                           client_resources: dict, verbose: bool = False,
-                          num_cpus: int | None = None) -> None:
+                          num_cpus: int | None = None,
+                          node_config: dict | None = None) -> None:
     """Run fedmoe's ServerApp and ClientApp on the Simulation Engine (Ray backend).
 
     ``flwr.simulation.run_simulation`` leaves ``context.run_config`` empty, so this calls the
-    engine it wraps with a ``Run`` that carries the run config (Flower 1.42, pinned).
+    engine it wraps with a ``Run`` that carries the run config (Flower 1.42, pinned). Every
+    virtual SuperNode sees ``node_config`` (e.g. its privacy policy) in its node config.
     """
     if not verbose:  # importing flwr logs alembic's plugin setup at INFO
         logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -55,7 +57,11 @@ def run_simulation_engine(run_config: dict[str, str], num_supernodes: int, app_d
     from flwr.supercore.run import Run
 
     from fedmoe.fl.client_app import app as client_app
+    from fedmoe.fl.policy import NodeConfigApp
     from fedmoe.fl.server_app import app as server_app
+
+    if node_config:
+        client_app = NodeConfigApp(client_app, node_config)
 
     # The module, not the function `flwr.simulation` re-exports under the same name.
     engine = importlib.import_module("flwr.simulation.run_simulation")
@@ -161,6 +167,7 @@ def main(cfg: DictConfig) -> dict:
     from hydra.types import RunMode
 
     from fedmoe.checkpoints import resolve_base_model
+    from fedmoe.fl.policy import trusted_node_config
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
@@ -179,6 +186,7 @@ def main(cfg: DictConfig) -> dict:
             app_dir=run_dir / "flower_app",
             client_resources=_client_resources(cfg, concurrent, cpus),
             verbose=bool(cfg.verbose), num_cpus=cpus,
+            node_config=trusted_node_config(cfg.fl.aggregate),
         )
     results_path = run_dir / "results.json"
     if not results_path.exists():

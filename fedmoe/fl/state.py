@@ -8,24 +8,28 @@ the same directory, then rename), so a crash mid-write leaves the last good stat
 The last good state survives a corrupt or truncated file too: before a save replaces a
 readable state, it is copied to ``personal.prev.safetensors`` / ``meta.prev.json``. Both
 files of a state carry the same ``state id`` (the tensors in their safetensors header), so a
-pair torn by a crash between the two renames is detected. ``load`` falls back to the previous
-state, with a warning naming the unreadable file; only when neither is readable does it raise
-:class:`PersonalStateError`, naming the files.
+pair torn by a crash between the two renames is detected, and ``meta.json`` holds the sha256 of
+the tensors file, so a flipped byte is too. A state holding a non-finite tensor counts as
+unreadable. ``load`` falls back to the previous state, with a warning naming the unreadable
+file; only when neither is readable does it raise :class:`PersonalStateError`, naming the
+files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import uuid
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
 TENSORS = "personal.safetensors"
 META = "meta.json"
@@ -33,6 +37,7 @@ PREV_TENSORS = "personal.prev.safetensors"
 PREV_META = "meta.prev.json"
 # Ties the two files of one saved state together (meta.json key, safetensors header key).
 STATE_ID = "_state_id"
+SHA256 = "_sha256"  # meta.json key: sha256 of the tensors file
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +94,10 @@ class PersonalStore:
                           lambda tmp: shutil.copyfile(self.meta_path, tmp))
         state_id = uuid.uuid4().hex
         plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        atomic_write(self.tensors_path,
-                      lambda tmp: save_file(plain, tmp, metadata={STATE_ID: state_id}))
-        text = json.dumps(meta | {STATE_ID: state_id}, indent=1, sort_keys=True)
+        data = save(plain, metadata={STATE_ID: state_id})
+        atomic_write(self.tensors_path, lambda tmp: Path(tmp).write_bytes(data))
+        text = json.dumps(meta | {STATE_ID: state_id, SHA256: hashlib.sha256(data).hexdigest()},
+                          indent=1, sort_keys=True)
         atomic_write(self.meta_path, lambda tmp: Path(tmp).write_text(text))
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
@@ -114,14 +120,8 @@ class PersonalStore:
 
 
 def _pair_ok(tensors_path: Path, meta_path: Path) -> bool:
-    """Whether a saved pair exists and is readable, from the headers only (no tensor data:
-    safetensors refuses a header that does not cover the file, so truncation shows)."""
-    try:
-        meta_id = json.loads(meta_path.read_text()).get(STATE_ID)
-        with safe_open(tensors_path, framework="pt") as f:
-            return (f.metadata() or {}).get(STATE_ID) == meta_id
-    except (OSError, json.JSONDecodeError, SafetensorError, RuntimeError):
-        return False
+    """Whether a saved pair exists and is readable."""
+    return _read_pair(tensors_path, meta_path)[0] is not None
 
 
 def _read_pair(tensors_path: Path, meta_path: Path) -> tuple[tuple | None, str | None]:
@@ -133,13 +133,26 @@ def _read_pair(tensors_path: Path, meta_path: Path) -> tuple[tuple | None, str |
     except (OSError, json.JSONDecodeError) as e:
         return None, f"corrupt personal-state file {meta_path}: {e}"
     try:
-        with safe_open(tensors_path, framework="pt") as f:
-            header_id = (f.metadata() or {}).get(STATE_ID)
-        tensors = load_file(tensors_path)
-    except (OSError, SafetensorError, RuntimeError) as e:
+        data = tensors_path.read_bytes()
+        digest = meta.pop(SHA256, None)  # None: a state saved before checksums existed
+        if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+            return None, (f"corrupt personal-state file {tensors_path}: its sha256 differs "
+                          f"from the one {meta_path} recorded")
+        header_id = _header_metadata(data).get(STATE_ID)
+        tensors = load(data)
+    except (OSError, SafetensorError, RuntimeError, ValueError, struct.error) as e:
         return None, f"corrupt personal-state file {tensors_path}: {e}"
     meta_id = meta.pop(STATE_ID, None)
     if header_id != meta_id:  # both None: a state saved before state ids existed
         return None, (f"personal-state files {tensors_path} and {meta_path} belong to "
                       f"different saves (state id {header_id} vs {meta_id})")
+    bad = next((k for k, v in tensors.items() if not torch.isfinite(v).all()), None)
+    if bad is not None:
+        return None, f"personal-state file {tensors_path} holds non-finite values in '{bad}'"
     return (tensors, meta), None
+
+
+def _header_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors file's header (8-byte length, then JSON)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length]).get("__metadata__") or {}

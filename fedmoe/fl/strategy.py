@@ -33,14 +33,18 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
 from fedmoe.fl.aggregate import (
     RULES,
     Held,
+    cap_weights,
+    check_aggregate,
     check_held,
     check_update,
     masked_aggregate,
     norm_outliers,
+    reference_norm,
     update_norm,
     weighted_mean_metrics,
 )
 from fedmoe.fl.codec import encode_record, to_numpy, wire_nbytes
+from fedmoe.fl.identity import ClientIds
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,11 @@ EXPERTS_RECORD = "experts"
 CLIENT_ID = "client-id"
 SERVER_OPTS = ("adam", "yogi")
 STRATEGY_NAMES = ("fedmoe",)
+# Defaults of the safeguards against a hostile reply (see FedMoE's parameters).
+MAX_UPDATE_NORM = 10.0
+MAX_WEIGHT_SHARE = 0.5
+MAX_WEIGHT_MEDIAN = 3.0
+MAX_ABS_VALUE = 1e4
 
 
 @dataclass
@@ -79,6 +88,9 @@ class RoundLog:
         Client id -> reason its evaluate reply was skipped.
     sampled : int
         Train instructions sent this round.
+    aggregate_rejected : str | None
+        Why this round's aggregate did not become the global model (non-finite, out of
+        bounds), or None.
     wall_s : float
         Seconds from ``configure_train`` to the end of ``aggregate_evaluate``.
     started_at : float
@@ -98,6 +110,7 @@ class RoundLog:
     eval_by_client: dict[int, dict] = field(default_factory=dict)
     eval_rejected: dict[int, str] = field(default_factory=dict)
     sampled: int = 0
+    aggregate_rejected: str | None = None
     wall_s: float = 0.0
     started_at: float = field(default_factory=time.perf_counter)
 
@@ -130,7 +143,15 @@ class FedMoE(FedAvg):
         Fraction cut at each end by ``"trimmed_mean"``, in ``[0, 0.5)``.
     max_update_norm : float | None
         Reject a reply whose update norm (over held rows) exceeds this many times the
-        round's median update norm; applied only with 3 or more replies.
+        round's lower median update norm (the smaller one of 2); applied with 2 or more
+        replies. ``None``: no norm check.
+    max_weight_share, max_weight_median : float | None
+        Cap each reply's weight so that no client holds more than the larger of
+        ``max_weight_share`` of the round's total and ``max_weight_median`` times the median
+        weight (:func:`fedmoe.fl.aggregate.cap_weights`). ``None`` turns a part off.
+    max_abs_value : float | None
+        An aggregate with a non-finite value, or one beyond this magnitude, does not become
+        the global model (the round keeps the old one). ``None``: finiteness only.
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg`.
 
@@ -146,7 +167,10 @@ class FedMoE(FedAvg):
         expert_rows: dict[str, int] | None = None,
         rule: str = "mean",
         trim_beta: float = 0.2,
-        max_update_norm: float | None = None,
+        max_update_norm: float | None = MAX_UPDATE_NORM,
+        max_weight_share: float | None = MAX_WEIGHT_SHARE,
+        max_weight_median: float | None = MAX_WEIGHT_MEDIAN,
+        max_abs_value: float | None = MAX_ABS_VALUE,
         wire_dtypes: dict[str, str] | None = None,
         **kwargs,
     ) -> None:
@@ -164,6 +188,9 @@ class FedMoE(FedAvg):
                 rule=rule,
                 trim_beta=trim_beta,
                 max_update_norm=max_update_norm,
+                max_weight_share=max_weight_share,
+                max_weight_median=max_weight_median,
+                max_abs_value=max_abs_value,
             )
         elif not hasattr(self, "expert_rows"):
             raise TypeError("FedMoE() needs the keyword argument 'expert_rows'")
@@ -171,6 +198,7 @@ class FedMoE(FedAvg):
         self._global: dict[str, np.ndarray] | None = None
         self._sent: list[Message] = []  # this round's instructions (ids set when pushed)
         self._client_of_node: dict[int, int] = {}  # learnt from replies' client-id
+        self._ids = ClientIds()  # client id -> the node it is bound to
 
     def set_moe_options(
         self,
@@ -178,19 +206,31 @@ class FedMoE(FedAvg):
         expert_rows: dict[str, int],
         rule: str = "mean",
         trim_beta: float = 0.2,
-        max_update_norm: float | None = None,
+        max_update_norm: float | None = MAX_UPDATE_NORM,
+        max_weight_share: float | None = MAX_WEIGHT_SHARE,
+        max_weight_median: float | None = MAX_WEIGHT_MEDIAN,
+        max_abs_value: float | None = MAX_ABS_VALUE,
     ) -> None:
         """Validate and store the FedMoE options (see the class docstring)."""
         if rule not in RULES:
             raise ValueError(f"strategy.rule must be one of {RULES}, got '{rule}'")
         if not 0.0 <= trim_beta < 0.5:
             raise ValueError(f"strategy.trim_beta must lie in [0, 0.5), got {trim_beta}")
-        if max_update_norm is not None and max_update_norm <= 0:
-            raise ValueError(f"strategy.max_update_norm must be > 0, got {max_update_norm}")
+        for name, value in (("max_update_norm", max_update_norm),
+                            ("max_weight_median", max_weight_median),
+                            ("max_abs_value", max_abs_value)):
+            if value is not None and not value > 0:
+                raise ValueError(f"strategy.{name} must be > 0, got {value}")
+        if max_weight_share is not None and not 0 < max_weight_share <= 1:
+            raise ValueError(f"strategy.max_weight_share must lie in (0, 1], got "
+                             f"{max_weight_share}")
         self.expert_rows = dict(expert_rows)
         self.rule = rule
         self.trim_beta = trim_beta
         self.max_update_norm = max_update_norm
+        self.max_weight_share = max_weight_share
+        self.max_weight_median = max_weight_median
+        self.max_abs_value = max_abs_value
 
     def summary(self) -> None:
         """Log the FedMoE settings, then FedAvg's."""
@@ -212,6 +252,7 @@ class FedMoE(FedAvg):
         wire = self._wire(arrays)
         messages = list(super().configure_train(server_round, wire, config, grid))
         self._sent = messages
+        self._ids.set_connected(grid.get_node_ids())
         self.history[server_round] = RoundLog(sampled=len(messages))
         self._remember(server_round, arrays, wire, len(messages), evaluate=False)
         return messages
@@ -223,6 +264,7 @@ class FedMoE(FedAvg):
         wire = self._wire(arrays)
         messages = list(super().configure_evaluate(server_round, wire, config, grid))
         self._sent = messages
+        self._ids.set_connected(grid.get_node_ids())
         self._remember(server_round, arrays, wire, len(messages), evaluate=True)
         return messages
 
@@ -279,7 +321,8 @@ class FedMoE(FedAvg):
         arrays = masked_aggregate(
             [r.update for r in accepted],
             [r.held for r in accepted],
-            [r.weight for r in accepted],
+            cap_weights([r.weight for r in accepted], self.max_weight_share,
+                        self.max_weight_median),
             current,
             self._expert_rows(current),
             self.rule,
@@ -287,14 +330,30 @@ class FedMoE(FedAvg):
         )
         metrics = self._aggregate_metrics([r.content for r in accepted], train=True)
         round_log.train_metrics = dict(metrics)
+        if not self._aggregate_ok(arrays, round_log):
+            return None, metrics
         return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}), metrics
+
+    def _aggregate_ok(self, arrays: Mapping[str, np.ndarray], round_log: RoundLog) -> bool:
+        """Whether an aggregate may become the global model; logged and recorded if not."""
+        reason = check_aggregate(arrays, self.max_abs_value)
+        if reason is not None:
+            logger.warning("the aggregate stays out of the global model: %s", reason)
+            round_log.aggregate_rejected = reason
+        return reason is None
 
     def _accept_train_reply(
         self, message: Message, current: dict[str, np.ndarray], round_log: RoundLog
     ) -> _TrainReply | None:
         """Unpack and check one train reply; log and record a rejection."""
-        client, node = self._source(message)
-        reply, reason, nbytes = self._unpack_train_reply(message, client, node, current)
+        client, node, reason = self._source(message)
+        try:
+            reply, unpack_reason, nbytes = self._unpack_train_reply(message, client, node,
+                                                                    current)
+        except Exception as error:  # no reply may stop the server: any failure rejects it
+            reply, unpack_reason, nbytes = None, f"malformed reply ({type(error).__name__})", 0
+        reason = reason or unpack_reason
+        reply = None if reason else reply
         round_log.bytes_up += nbytes
         round_log.bytes_up_by_client[client] = round_log.bytes_up_by_client.get(client, 0) + nbytes
         if reason is not None:
@@ -319,8 +378,9 @@ class FedMoE(FedAvg):
         held, reason = parse_held(content, expert_rows, current)
         reason = reason or check_update(update, held, current, expert_rows)
         weight, weight_reason = reply_weight(content, self.weighted_by_key)
-        if reason or weight_reason:
-            return None, reason or weight_reason, nbytes
+        reason = reason or weight_reason or nonfinite_metric(content)
+        if reason:
+            return None, reason, nbytes
         return _TrainReply(client, node, update, held, weight, content), None, nbytes
 
     def _drop_norm_outliers(
@@ -331,7 +391,7 @@ class FedMoE(FedAvg):
             return replies
         expert_rows = self._expert_rows(current)
         norms = [update_norm(r.update, r.held, current, expert_rows) for r in replies]
-        median = float(np.median(norms)) if norms else 0.0
+        median = reference_norm(norms) if norms else 0.0
         kept = []
         for reply, norm, outlier in zip(
             replies, norms, norm_outliers(norms, self.max_update_norm), strict=True
@@ -339,7 +399,7 @@ class FedMoE(FedAvg):
             if outlier:
                 reason = (
                     f"update norm {norm:.4g} exceeds {self.max_update_norm} x the "
-                    f"median update norm {median:.4g}"
+                    f"round's (lower) median update norm {median:.4g}"
                 )
                 self._reject(round_log.rejected, reply.node, reply.client, reason)
             else:
@@ -358,8 +418,11 @@ class FedMoE(FedAvg):
         round_log = self.history.setdefault(server_round, RoundLog())
         accepted = []
         for message in replies:
-            client, node = self._source(message)
-            reason = check_metrics_reply(message, self.weighted_by_key)
+            client, node, reason = self._source(message)
+            try:
+                reason = reason or check_metrics_reply(message, self.weighted_by_key)
+            except Exception as error:  # no reply may stop the server
+                reason = f"malformed reply ({type(error).__name__})"
             if reason is not None:
                 self._reject(round_log.eval_rejected, node, client, reason)
                 continue
@@ -372,23 +435,28 @@ class FedMoE(FedAvg):
 
     # --- shared -------------------------------------------------------------------------
 
-    def _source(self, message: Message) -> tuple[int, int]:
-        """``(client id, node id)`` of a reply.
+    def _source(self, message: Message) -> tuple[int, int, str | None]:
+        """``(client id, node id, reason)`` of a reply; ``reason`` says why it is rejected
+        for the id it claims (not a finite integer, or bound to another node), else None.
 
         The SuperLink answers for a node that died with an error reply from itself
         (``SUPERLINK_NODE_ID``); that reply is traced to the node its instruction went to, and
-        the client id to the one that node reported before (else the node id).
+        the client id to the one that node reported before (else the node id). A reply
+        rejected for its claimed id is named by its node id.
         """
         node = message.metadata.src_node_id
         if node == SUPERLINK_NODE_ID and message.has_error():
             sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent
                        if m.metadata.message_id}  # ids are set when the grid pushes
             node = sent_to.get(message.metadata.reply_to_message_id, node)
-        client = client_id(message)
+        client, reason = claimed_client_id(message)
+        reason = reason or (None if client is None else self._ids.claim(client, node))
+        if reason is not None:
+            return node, node, reason
         if client is None:
-            return self._client_of_node.get(node, node), node
+            return self._client_of_node.get(node, node), node, None
         self._client_of_node[node] = client
-        return client, node
+        return client, node, None
 
     def _aggregate_metrics(self, contents: list[RecordDict], train: bool) -> MetricRecord:
         """Flower's metric aggregation when keys agree, a per-key mean otherwise."""
@@ -397,7 +465,7 @@ class FedMoE(FedAvg):
         if all(set(record) == set(records[0]) for record in records):
             try:
                 metrics = aggregate_fn(contents, self.weighted_by_key)
-            except (ValueError, TypeError) as error:
+            except Exception as error:  # e.g. list metrics of unequal lengths
                 logger.warning("metric aggregation failed (%s); using a per-key mean", error)
             else:
                 # An average of client ids means nothing.
@@ -408,12 +476,16 @@ class FedMoE(FedAvg):
                 "clients report different metric keys; averaging each key "
                 "over the clients that report it"
             )
-        weights = [float(record[self.weighted_by_key]) for record in records]
-        means = weighted_mean_metrics(
-            [dict(record) for record in records],
-            weights,
-            exclude=(self.weighted_by_key, CLIENT_ID),
-        )
+        weights = cap_weights([float(record[self.weighted_by_key]) for record in records])
+        try:
+            means = weighted_mean_metrics(
+                [dict(record) for record in records],
+                weights,
+                exclude=(self.weighted_by_key, CLIENT_ID),
+            )
+        except Exception as error:  # metrics are a report: never a reason to stop a round
+            logger.warning("metric aggregation failed (%s); no metrics this round", error)
+            means = {}
         return MetricRecord(means)
 
     @staticmethod
@@ -425,14 +497,20 @@ class FedMoE(FedAvg):
 # --- reply helpers -------------------------------------------------------------------------
 
 
-def client_id(message: Message) -> int | None:
-    """The reply's ``client-id`` metric, or None when it has none."""
-    if message.has_content():
-        for record in message.content.metric_records.values():
-            value = record.get(CLIENT_ID)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                return int(value)
-    return None
+def claimed_client_id(message: Message) -> tuple[int | None, str | None]:
+    """``(id, None)`` for the reply's ``client-id`` metric (``None`` when it has none), or
+    ``(None, reason)`` when it is not a finite integer."""
+    if not message.has_content():
+        return None, None
+    for record in message.content.metric_records.values():
+        value = record.get(CLIENT_ID)
+        if value is None:
+            continue
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value) or value != int(value)):
+            return None, f"metric '{CLIENT_ID}' must be an integer, got {value!r}"
+        return int(value), None
+    return None, None
 
 
 def only_metric_record(content: RecordDict) -> MetricRecord:
@@ -446,9 +524,12 @@ def decode_arrays(record: ArrayRecord) -> tuple[dict[str, np.ndarray], str | Non
     decoded: dict[str, np.ndarray] = {}
     for key, array in record.items():
         try:
-            decoded[key] = to_numpy(array)
-        except (TypeError, ValueError, OSError) as error:
-            return decoded, f"array '{key}' could not be decoded: {error}"
+            value = to_numpy(array)
+        except Exception as error:  # np.load of hostile bytes raises many kinds
+            return decoded, f"array '{key}' could not be decoded: {type(error).__name__}"
+        if not isinstance(value, np.ndarray):  # e.g. an .npz archive
+            return decoded, f"array '{key}' is not a single numpy array"
+        decoded[key] = value
     return decoded, None
 
 
@@ -469,11 +550,19 @@ def check_metrics_reply(message: Message, weighted_by_key: str) -> str | None:
     if message.has_error():
         return f"error reply: {message.error.reason}"
     _, reason = reply_weight(message.content, weighted_by_key)
-    if reason is not None:
-        return reason
-    for key, value in only_metric_record(message.content).items():
-        if not np.isfinite(np.asarray(value, dtype=np.float64)).all():
-            return f"metric '{key}' is not finite: {value}"
+    return reason or nonfinite_metric(message.content)
+
+
+def nonfinite_metric(content: RecordDict) -> str | None:
+    """Why a reply's metrics cannot be averaged (a value that is not a finite number)."""
+    for record in content.metric_records.values():
+        for key, value in record.items():
+            try:
+                finite = bool(np.isfinite(np.asarray(value, dtype=np.float64)).all())
+            except (OverflowError, ValueError, TypeError):  # e.g. an int beyond float64
+                finite = False
+            if not finite:
+                return f"metric '{key}' is not finite: {value!r:.40}"
     return None
 
 
@@ -510,7 +599,10 @@ class _ServerOptOnFedMoE:
         expert_rows: dict[str, int],
         rule: str = "mean",
         trim_beta: float = 0.2,
-        max_update_norm: float | None = None,
+        max_update_norm: float | None = MAX_UPDATE_NORM,
+        max_weight_share: float | None = MAX_WEIGHT_SHARE,
+        max_weight_median: float | None = MAX_WEIGHT_MEDIAN,
+        max_abs_value: float | None = MAX_ABS_VALUE,
         wire_dtypes: dict[str, str] | None = None,
         **kwargs,
     ) -> None:
@@ -522,6 +614,9 @@ class _ServerOptOnFedMoE:
             rule=rule,
             trim_beta=trim_beta,
             max_update_norm=max_update_norm,
+            max_weight_share=max_weight_share,
+            max_weight_median=max_weight_median,
+            max_abs_value=max_abs_value,
         )
         super().__init__(**kwargs)
 
@@ -535,6 +630,8 @@ class _ServerOptOnFedMoE:
         # FedAdam/FedYogi promote float32 to float64 (numpy scalars in the step).
         dtypes = {key: value.dtype for key, value in self.current_arrays.items()}
         cast = {key: np.asarray(a.numpy(), dtype=dtypes[key]) for key, a in arrays.items()}
+        if not self._aggregate_ok(cast, self.history.setdefault(server_round, RoundLog())):
+            return None, metrics
         return ArrayRecord({key: Array(value) for key, value in cast.items()}), metrics
 
 

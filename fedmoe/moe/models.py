@@ -7,6 +7,7 @@ the model is built from config (random weights; ``fedmoe pretrain`` trains it).
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ def load_model(
     dtype = DTYPES[m.get("dtype") or "float32"]
     source = m.get("path") or checkpoint
     if source:
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
+        model = _from_pretrained(str(source), dtype)
         if model.config.model_type != family_spec(m["family"]).model_type:
             raise ValueError(
                 f"model.path={source!r} holds a {model.config.model_type!r} model, "
@@ -91,6 +92,19 @@ def load_model(
     if m.get("experts_implementation"):
         model.set_experts_implementation(m["experts_implementation"])
     return model
+
+
+def _from_pretrained(source: str, dtype: torch.dtype) -> PreTrainedModel:
+    """``from_pretrained``, with a one-line error naming the checkpoint when its weights file
+    is truncated or corrupt (safetensors and torch name neither the file nor the cause)."""
+    from safetensors import SafetensorError
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (SafetensorError, EOFError, pickle.UnpicklingError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"checkpoint {source!r}: its weights file is truncated or corrupt "
+                         f"({first})") from e
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -29,6 +29,7 @@ from fedmoe.prune import RoutingStats, budget_for_round, export_checkpoint, prun
 from fedmoe.prune.budget import expert_mb
 from fedmoe.prune.masked import RoutingRestriction
 from fedmoe.prune.pipeline import plan_pruning
+from fedmoe.task.guards import check_global, check_trained, kept_personal
 from fedmoe.task.lora import apply_lora
 from fedmoe.task.train import autocast_for, evaluate_lm, set_trainable, train_lm, weight_dtype
 
@@ -112,13 +113,31 @@ class SharedModel:
         self.params = dict(self.model.named_parameters())
         self.trainable = trainable_names(self.model)
         self.initial = {n: self.params[n].detach().clone() for n in self.trainable}
+        # Every tensor whose first dim indexes a layer's routed experts -> the layer.
+        self.expert_rows = expert_rows(self.model, self.adapter, list(self.params))
         self.restriction = RoutingRestriction(self.adapter)
         self.device = device
+        self._originals: dict[str, torch.Tensor] = {}  # frozen tensors a client overwrote
+
+    @torch.no_grad()
+    def write(self, name: str, value: torch.Tensor, rows: list[int] | None = None) -> None:
+        """Write a client's tensor (into ``rows`` of the expert axis when given). A frozen
+        tensor's base value is kept first, so :meth:`reset` restores it for the next client."""
+        param = self.params[name]
+        if name not in self.initial and name not in self._originals:
+            self._originals[name] = param.detach().clone()
+        if rows is None:
+            param.copy_(value)
+        else:
+            param[torch.tensor(rows, device=param.device)] = value.to(param.device, param.dtype)
 
     @torch.no_grad()
     def reset(self) -> None:
-        for name, value in self.initial.items():
+        """Trainable tensors to their starting values, overwritten frozen ones to the base,
+        routing among all experts."""
+        for name, value in (self.initial | self._originals).items():
             self.params[name].copy_(value)
+        self._originals.clear()
         self.restriction.clear()
 
 
@@ -215,6 +234,7 @@ class LocalClient:
         self.client_id = client_id
         self.checkpoint = str(checkpoint)
         self.store = PersonalStore(state_dir)
+        self._saved_names: list[str] = []  # personal tensors of the last saved state
         device = resolve_device(cfg.train.get("device", "cpu"))
         self.shared = shared_model(self.checkpoint, OmegaConf.to_yaml(cfg.model, resolve=True),
                                    OmegaConf.to_yaml(cfg.train, resolve=True), cfg.seed,
@@ -223,7 +243,6 @@ class LocalClient:
         self._rows = expert_rows(self.model, self.adapter,
                                  aggregated_names(self.model, self.adapter, cfg))
         self._personal = personal_names(self.model, self.adapter, cfg)
-        self._personal_rows = expert_rows(self.model, self.adapter, self._personal)
         self.held = self._all_experts()
         data_yaml = OmegaConf.to_yaml(cfg.data, resolve=True)
         self.data = (local_blocks(str(data_path), data_yaml, self.checkpoint) if data_path
@@ -238,29 +257,30 @@ class LocalClient:
     def assemble(self, global_arrays: dict[str, torch.Tensor | np.ndarray]) -> dict:
         """The shared model reset, then global tensors, then personal ones; routing
         restricted to the experts this client holds."""
+        check_global(global_arrays, self.model,
+                     aggregated_names(self.model, self.adapter, self.cfg))
         saved = self.store.load()
         tensors, meta = saved if saved else ({}, {"rounds": 0})
+        self._saved_names = list(tensors)
         self.shared.reset()
         kept = {int(k): [int(i) for i in v] for k, v in (meta.get("kept") or {}).items()}
         self.held = self._all_experts() | kept
         self.shared.restriction.set(kept)
         for name, value in global_arrays.items():
             # Router rows come for every expert; a pruned client's other rows go unused.
-            self.shared.params[name].copy_(torch.as_tensor(value))
+            self.shared.write(name, torch.as_tensor(value))
         for name, value in tensors.items():
             if name in self.shared.params:
-                self._scatter(name, value)
+                self.shared.write(name, value, self._rows_of(name, value))
         return meta
 
-    def _scatter(self, name: str, value: torch.Tensor) -> None:
-        """Write a personal tensor, stored with one row per held expert, into its rows."""
-        param = self.shared.params[name]
-        layer = self._personal_rows.get(name)
-        if layer is None or value.shape[0] == param.shape[0]:
-            param.copy_(value)
-        else:
-            param[torch.tensor(self.held[layer], device=param.device)] = value.to(param.device,
-                                                                                  param.dtype)
+    def _rows_of(self, name: str, value: torch.Tensor) -> list[int] | None:
+        """The expert rows a tensor stored with one row per held expert goes to (``None``:
+        a whole tensor)."""
+        layer = self.shared.expert_rows.get(name)
+        if layer is None or value.shape[0] == self.shared.params[name].shape[0]:
+            return None
+        return self.held[layer]
 
     def _gather(self, name: str, rows: dict[str, int]) -> torch.Tensor:
         """A tensor as this client holds it: expert-indexed rows cut to the held experts."""
@@ -271,12 +291,16 @@ class LocalClient:
         return param
 
     def personal_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: self._gather(n, self._personal_rows).to("cpu", copy=True)
-                for n in self._personal}
+        """What the client keeps: this round's personal tensors and any saved before that
+        the server's config no longer trains (a config never shrinks a device's state)."""
+        names = kept_personal(self._personal, self._saved_names,
+                              aggregated_names(self.model, self.adapter, self.cfg), self.model)
+        return {n: self._gather(n, self.shared.expert_rows).to("cpu", copy=True)
+                for n in names}
 
     def personal_mb(self) -> float:
         """MB of the personal state this client keeps on disk (its trained tensors)."""
-        return sum(self._gather(n, self._personal_rows).numel()
+        return sum(self._gather(n, self.shared.expert_rows).numel()
                    * self.shared.params[n].element_size() for n in self._personal) / 2**20
 
     def outgoing(self) -> dict[str, torch.Tensor]:
@@ -306,10 +330,11 @@ class LocalClient:
         meta = _merge_routing(meta, trace, self.held, server_round)
         meta |= {"rounds": meta["rounds"] + 1, "last_round": server_round}
         meta |= self._maybe_prune(server_round, stats)
-        personal = self.personal_tensors()
+        personal, outgoing = self.personal_tensors(), self.outgoing()
+        check_trained(result.steps, result.skipped, personal, outgoing)  # else nothing saved
         self.store.save(personal, meta)
         return {
-            "arrays": self.outgoing(),
+            "arrays": outgoing,
             "metrics": {"num-examples": int(self.data.train.shape[0]),
                         "client-id": self.client_id, "train_loss": result.loss,
                         "aux_loss": result.aux_loss, "steps": result.steps,

@@ -28,8 +28,9 @@ class TrainResult:
 
     steps: int
     tokens: int
-    loss: float  # mean causal-LM loss over the steps
-    aux_loss: float  # mean load-balancing loss over the steps
+    loss: float  # mean causal-LM loss over the steps taken
+    aux_loss: float  # mean load-balancing loss over the steps taken
+    skipped: int = 0  # steps skipped: non-finite loss or gradient norm
 
 
 def set_trainable(model: nn.Module, roles: Iterable[Role | str]) -> list[str]:
@@ -166,28 +167,45 @@ def train_lm(
     adapter = MoEAdapter(model)
     model.train()
     ce_sum = aux_sum = 0.0
+    skipped = 0
     bar = tqdm(range(steps), desc=progress if isinstance(progress, str) else "train",
                disable=not progress, leave=False)
     accumulate = max(int(accumulate), 1)
     for _ in bar:
         opt.zero_grad(set_to_none=True)
-        ce_step = 0.0
+        ce_step = aux_step = 0.0
+        finite = True
         for _ in range(accumulate):
             idx = torch.randint(0, blocks.shape[0], (batch_size,), generator=gen)
             ce, aux = lm_loss(model, blocks[idx], adapter)
-            ((ce + aux_loss_coef * aux) / accumulate).backward()
+            loss = (ce + aux_loss_coef * aux) / accumulate
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
             ce_step += ce.item() / accumulate
-            aux_sum += aux.item() / accumulate
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            aux_step += aux.item() / accumulate
+        if not finite or not _finite_grads(params, max_grad_norm):
+            # One NaN step would make every weight NaN through the optimizer: skip it.
+            opt.zero_grad(set_to_none=True)
+            skipped += 1
+            continue
         opt.step()
         sched.step()
         ce_sum += ce_step
+        aux_sum += aux_step
         bar.set_postfix(loss=f"{ce_step:.3f}")
     model.eval()
-    n = max(steps, 1)
+    n = max(steps - skipped, 1)
     tokens = steps * accumulate * batch_size * blocks.shape[1]
-    return TrainResult(steps, tokens, ce_sum / n, aux_sum / n)
+    return TrainResult(steps, tokens, ce_sum / n if steps > skipped else math.nan,
+                       aux_sum / n, skipped)
+
+
+def _finite_grads(params: list[nn.Parameter], max_grad_norm: float | None) -> bool:
+    """Clip the gradients; ``False`` when their norm is not finite."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
+    return bool(torch.isfinite(norm))
 
 
 def _schedule(steps: int, warmup: int):

@@ -36,10 +36,12 @@ def main() -> None:
     overrides = list(args.overrides)
     cfg = compose(overrides)
     check_config(cfg)
-    if not cfg.fl.base_model and not cfg.model.path:
+    base = cfg.fl.base_model or cfg.model.path
+    if not base:
         from fedmoe.task.pretrain import ensure_base_model
 
-        overrides.append(f"fl.base_model={ensure_base_model(cfg)}")
+        base = ensure_base_model(cfg)
+        overrides.append(f"fl.base_model={base}")
     if not cfg.run_dir:
         overrides.append(f"run_dir={root / 'run'}")
     # Every node waits to be sampled; partition-ids 0..N-1 split the data N ways.
@@ -48,7 +50,8 @@ def main() -> None:
     with LocalFederation(root, tls=not args.insecure, auth=not args.no_auth, env=env) as fed:
         fed.start_superlink()
         for i in range(args.nodes):
-            fed.start_node(f"node{i}", {"partition-id": i,
+            # A device takes its paths from its node config, never from the run config
+            fed.start_node(f"node{i}", {"partition-id": i, "base-model": str(base),
                                         "state-dir": str(root / "state" / f"node{i}")})
         fed.wait_for_nodes(args.nodes)
         start = time.perf_counter()

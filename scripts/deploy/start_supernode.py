@@ -10,8 +10,11 @@ Node config keys (what the ClientApp reads, see fedmoe/fl/client_app.py):
 ``data-path`` also its partition of the run's data); ``data-path`` is the device's own
 json/jsonl/csv/parquet/txt file, read on the device only; ``state-dir`` keeps its personal
 experts across rounds and restarts; ``base-model`` is its copy of the base checkpoint;
-``memory-budget-mb`` prunes its routed experts to fit. ``--debug-delay-s`` is a test hook
-(sleep before training) and must not be used on a real device.
+``memory-budget-mb`` prunes its routed experts to fit; ``send-roles`` is its privacy policy,
+the parameter roles that may leave it (default: the router and the shared expert; a run
+asking for more is refused); ``audit-dir`` logs what every message carried in and out.
+``--debug-delay-s`` is a test hook (sleep before training) and must not be used on a real
+device.
 
 After a crash the SuperLink refuses the same key for up to 60 s (its previous session still
 counts as online); ``--retry-activation`` keeps trying that long.
@@ -38,7 +41,8 @@ def node_config(args: argparse.Namespace) -> dict:
     config: dict = {}
     if args.partition_id is not None:
         config["partition-id"] = args.partition_id
-    for key in ("data_path", "state_dir", "base_model"):
+    config["send-roles"] = args.send_roles
+    for key in ("data_path", "state_dir", "base_model", "audit_dir"):
         value = getattr(args, key)
         if value is not None:
             config[key.replace("_", "-")] = str(Path(value).expanduser().resolve())
@@ -49,7 +53,7 @@ def node_config(args: argparse.Namespace) -> dict:
     return config
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--superlink", required=True, help="SuperLink host:port")
     parser.add_argument("--ca", type=Path, help="CA certificate (TLS)")
@@ -62,9 +66,18 @@ def main() -> None:
     parser.add_argument("--state-dir", type=Path, default=Path("~/.fedmoe/state"))
     parser.add_argument("--base-model", type=Path)
     parser.add_argument("--memory-budget-mb", type=float)
+    parser.add_argument("--send-roles", default="router,shared_expert",
+                        help="roles that may leave this device (comma-separated; 'none')")
+    parser.add_argument("--audit-dir", type=Path,
+                        help="log every message's tensor names, shapes and bytes here")
     parser.add_argument("--retry-activation", type=float, default=90.0, metavar="SECONDS")
     parser.add_argument("--debug-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--debug-delay-round", type=int, default=0, help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.insecure == (args.ca is not None):
         parser.error("give --ca (TLS) or --insecure, not both or neither")

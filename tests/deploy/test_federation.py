@@ -118,13 +118,15 @@ def secure(tmp_path_factory, base_model, app_dir, fedmoe_cache):
                           env={"FEDMOE_CACHE": str(fedmoe_cache)})
     run_dir, audit = root / "run", root / "audit"
     overrides = [*TINY, f"fl.base_model={base_model}", f"run_dir={run_dir}",
-                 f"fl.audit_dir={audit}", "fl.num_rounds=2", "fl.round_timeout=300",
-                 "fl.min_available_nodes=2"]
+                 "fl.num_rounds=2", "fl.round_timeout=300", "fl.min_available_nodes=2"]
     try:
         fed.start_superlink()
-        nodes = [fed.start_node("node0", {"partition-id": 0, "state-dir": str(root / "s0")}),
+        # Each device keeps its own audit log (a server's fl.audit_dir does not steer it)
+        nodes = [fed.start_node("node0", {"partition-id": 0, "state-dir": str(root / "s0"),
+                                          "audit-dir": str(audit)}),
                  fed.start_node("node1", {"partition-id": 1, "data-path": str(data),
-                                          "state-dir": str(root / "s1")})]
+                                          "state-dir": str(root / "s1"),
+                                          "audit-dir": str(audit)})]
         intruder = fed.start_node("intruder", {"partition-id": 9, "state-dir": str(root / "s9")},
                                   register=False)
         fed.wait_for_nodes(2)

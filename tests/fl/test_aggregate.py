@@ -194,9 +194,13 @@ def test_update_norm_counts_only_held_rows(current):
     assert norm == pytest.approx(5.0)
 
 
-def test_norm_outliers_need_three_replies():
-    assert norm_outliers([1.0, 100.0], 2.0) == [False, False]
+def test_norm_outliers_hold_from_two_replies_against_the_lower_median():
+    # With 2 replies the plain median (50.5) would let the huge one through; the lower
+    # median (1.0) does not. A single reply has nothing to be compared with.
+    assert norm_outliers([1.0, 100.0], 2.0) == [False, True]
+    assert norm_outliers([100.0], 2.0) == [False]
     assert norm_outliers([1.0, 2.0, 100.0], 10.0) == [False, False, True]
+    assert norm_outliers([1.0, 2.0, float("nan")], 10.0) == [False, False, True]
 
 
 def test_weighted_mean_metrics_per_key_over_reporters():
