@@ -209,6 +209,7 @@ class PretrainingConfig:
     aux_loss_coef: float = 0.01
     max_grad_norm: float | None = 1.0
     eval_blocks_per_domain: int = 64
+    seed: int = 0
     threads: int | None = None
 
 
