@@ -79,7 +79,7 @@ def load_model(
     dtype = DTYPES[m.get("dtype") or "float32"]
     source = m.get("path") or checkpoint
     if source:
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
+        model = from_pretrained(AutoModelForCausalLM, source, "model.path", dtype=dtype)
         if model.config.model_type != family_spec(m["family"]).model_type:
             raise ValueError(
                 f"model.path={source!r} holds a {model.config.model_type!r} model, "
@@ -91,6 +91,35 @@ def load_model(
     if m.get("experts_implementation"):
         model.set_experts_implementation(m["experts_implementation"])
     return model
+
+
+def from_pretrained(loader: Any, source: str | Path, key: str = "model.path", **kwargs) -> Any:
+    """``loader.from_pretrained(source, **kwargs)`` (a transformers Auto class); a source
+    that is neither a local directory nor a hub model in the local HF cache (offline, or no
+    network) raises a one-line ``FileNotFoundError`` naming ``key`` instead of transformers'
+    multi-line ``OSError``."""
+    path = Path(str(source)).expanduser()
+    if str(source).startswith(("/", ".", "~")) and not path.exists():
+        raise FileNotFoundError(f"{key}={str(source)!r} does not exist (a local checkpoint "
+                                "directory or a hub id such as allenai/OLMoE-1B-7B-0924)")
+    try:
+        return loader.from_pretrained(str(path if path.exists() else source), **kwargs)
+    except OSError as error:
+        if path.exists():
+            raise
+        raise FileNotFoundError(
+            f"{key}={str(source)!r}: no such local directory, and the hub model could not be "
+            f"loaded (offline or not in the local Hugging Face cache): download it once with "
+            f"`hf download {source}` where there is network, or set {key}=<local dir>"
+        ) from error
+
+
+def check_model_path(source: str | Path, key: str = "model.path") -> str:
+    """``source`` as a string when its config loads (a local checkpoint, or a hub model that
+    is cached or reachable); else :func:`from_pretrained`'s one-line error. Cheap: the
+    config only, before a launcher starts workers that would each fail on it."""
+    from_pretrained(AutoConfig, source, key)
+    return str(source)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

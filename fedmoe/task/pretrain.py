@@ -33,7 +33,7 @@ from rich.table import Table
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedmoe.data import load_data, tokenize_blocks, train_tokenizer, unigram_perplexity
-from fedmoe.moe.models import count_parameters, load_model
+from fedmoe.moe.models import check_model_path, count_parameters, load_model
 from fedmoe.task.train import evaluate_lm, train_lm
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def ensure_base_model(cfg: DictConfig, progress: bool = True) -> Path:
         complete or not at all.
     """
     if cfg.model.path:
-        return Path(cfg.model.path)
+        return Path(check_model_path(cfg.model.path))
     target = base_checkpoint_dir(cfg)
     if (target / SUMMARY_FILE).is_file():
         log.info("reusing base checkpoint %s", target)
@@ -292,6 +292,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
     if cfg.model.path:
+        check_model_path(cfg.model.path)
         print(f"model.path is set: using {cfg.model.path} as the base model (no pretraining)")
         return {"checkpoint": str(cfg.model.path), "reused": True}
     reused = (base_checkpoint_dir(cfg) / SUMMARY_FILE).is_file()
