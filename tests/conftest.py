@@ -80,3 +80,21 @@ def smoke_run(fedmoe_cache, tmp_path_factory) -> Path:
     fedmoe_main(["simulate", "experiment=smoke", f"cache_dir={fedmoe_cache}",
                  f"hydra.run.dir={run_dir}"])
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def pruned_run(fedmoe_cache, tmp_path_factory) -> tuple[Path, str]:
+    """A real ``fedmoe simulate experiment=smoke prune.keep=0.5`` (2 clients, 2 rounds) in a
+    fresh interpreter: its run dir and what it printed."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path_factory.mktemp("pruned_run")
+    env = os.environ | {"FEDMOE_CACHE": str(fedmoe_cache), "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedmoe.cli", "simulate", "experiment=smoke", "prune.keep=0.5",
+         "data.num_clients=2", "fl.min_train_nodes=2", "fl.min_evaluate_nodes=2",
+         "fl.min_available_nodes=2", f"hydra.run.dir={run_dir}"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return run_dir, proc.stdout

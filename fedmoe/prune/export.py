@@ -14,6 +14,9 @@ HF configs hold ONE expert count per model, so a model whose MoE layers keep dif
 numbers of experts (a ``prune.max_mb`` budget) is refused rather than padded: padding
 cannot be exact, since a padded expert's router row still competes for the top-k.
 
+Every export carries a Hugging Face model card, ``README.md`` (:mod:`fedmoe.prune.card`):
+base model, kept experts per layer, held-out perplexity and the run's config as YAML metadata.
+
 The directory is written atomically: a temporary sibling directory renamed into place.
 """
 
@@ -23,6 +26,7 @@ import copy
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ import numpy as np
 from torch import nn
 
 from fedmoe.moe.adapter import MoEAdapter
+from fedmoe.prune.card import CARD_FILE, model_card
 from fedmoe.prune.scores import RoutingStats
 from fedmoe.prune.slicing import kept_experts
 
@@ -43,6 +48,7 @@ def export_checkpoint(
     kept: dict[int, list[int]] | None = None,
     scores: dict[int, np.ndarray] | None = None,
     routing_stats: RoutingStats | dict | None = None,
+    card: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (pruned or not, optionally PEFT) as an HF checkpoint in ``out_dir``.
 
@@ -60,6 +66,10 @@ def export_checkpoint(
         Layer -> the scores pruning used.
     routing_stats : RoutingStats or dict, optional
         The client's routing statistics (``RoutingStats.to_dict()`` form is stored).
+    card : Mapping, optional
+        What the model card adds to the family and kept experts: the keyword arguments of
+        :func:`fedmoe.prune.card.model_card` (``name``, ``base_model``, ``held_out_ppl``,
+        ``base_ppl``, ``dataset``, ``config``).
 
     Returns
     -------
@@ -84,6 +94,10 @@ def export_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write(model, tokenizer, tmp, adapter, kept or kept_experts(model), scores, routing_stats)
+        info = load_experts_info(tmp)
+        model_card(family=info["family"], kept=info["kept"],
+                   num_experts_original=info["num_experts_original"],
+                   **(card or {})).save(tmp / CARD_FILE)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

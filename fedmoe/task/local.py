@@ -36,6 +36,7 @@ from fedmoe.prune import (
     pruning_enabled,
     routed_mb,
 )
+from fedmoe.prune.card import client_card
 from fedmoe.task.lora import apply_lora
 from fedmoe.task.train import evaluate_lm, set_trainable, train_lm
 
@@ -302,10 +303,10 @@ class LocalClient:
                    "routed_mb_before": float(meta.get("routed_mb_before", routed_mb(self.model)))}
         metrics |= {f"experts_kept.{layer}": len(ids) for layer, ids in kept.items()}
         if server_round and server_round == int(self.cfg.fl.num_rounds) and self.cfg.fl.export:
-            self.export(meta)
+            self.export(meta, metrics)
         return metrics
 
-    def export(self, meta: dict) -> Path | None:
+    def export(self, meta: dict, metrics: dict | None = None) -> Path | None:
         """The personalized model as a standard HF checkpoint in ``<state dir>/model``."""
         out = self.store.directory / "model"
         kept = kept_experts(self.model)
@@ -321,7 +322,8 @@ class LocalClient:
                     routing[str(layer)]["tcess"] = score.tolist()
         try:
             export_checkpoint(self.model, _tokenizer(self.checkpoint), out, kept=kept,
-                              scores=meta.get("scores"), routing_stats=routing)
+                              scores=meta.get("scores"), routing_stats=routing,
+                              card=client_card(self.cfg, self.client_id, self.checkpoint, metrics))
         except ValueError as e:  # e.g. unequal expert counts per layer: no single HF config
             logging.getLogger(__name__).warning("client %d: no export: %s", self.client_id, e)
             return None
