@@ -16,8 +16,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fedmoe.fl.backend import backend_config
 from fedmoe.fl.bridge import RUN_CONFIG_KEY, to_run_config
+from fedmoe.fl.objective import objective_value
 from fedmoe.fl.results import print_summary
+from fedmoe.prune.summary import print_pruning_summary
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,7 +44,8 @@ def _write_app_dir(app_dir: Path, run_config: dict[str, str]) -> None:
 
 
 def run_simulation_engine(run_config: dict[str, str], num_supernodes: int, app_dir: Path,
-                          client_resources: dict, verbose: bool = False) -> None:
+                          client_resources: dict, verbose: bool = False,
+                          backend: dict | None = None) -> None:
     """Run fedmoe's ServerApp and ClientApp on the Simulation Engine (Ray backend).
 
     ``flwr.simulation.run_simulation`` leaves ``context.run_config`` empty, so this calls the
@@ -68,16 +72,12 @@ def run_simulation_engine(run_config: dict[str, str], num_supernodes: int, app_d
     engine.TaskIdentity.node_id = engine.SUPERLINK_NODE_ID
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=dict(run_config))
-    level = "INFO" if verbose else "ERROR"
-    backend_config = {
-        "client_resources": dict(client_resources),
-        "init_args": {"logging_level": level, "log_to_driver": verbose,
-                      "include_dashboard": False, "configure_logging": True},
-    }
+    engine_config = backend_config({"client_resources": client_resources,
+                                    "backend": backend or {}}, verbose)
     _quiet_flower(verbose)  # after the imports: flwr sets its logger's level on import
     engine._run_simulation(
         num_supernodes=num_supernodes, client_app=client_app, server_app=server_app,
-        backend_name="ray", backend_config=backend_config, server_app_context=context,
+        backend_name="ray", backend_config=engine_config, server_app_context=context,
         app_dir=str(app_dir), is_app=True, run=run, verbose_logging=verbose,
         exit_event=engine.EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
     )
@@ -114,28 +114,33 @@ def simulation_overrides(cfg: DictConfig, task_overrides: list[str], run_dir: Pa
     return [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") not in keys] + extra
 
 
-def main(cfg: DictConfig) -> dict:
-    """Hydra task of ``fedmoe simulate``; returns the run's results."""
+def main(cfg: DictConfig) -> float:
+    """Hydra task of ``fedmoe simulate``: run, print the tables, return ``cfg.objective``
+    (a number of the run's summary, e.g. the mean held-out perplexity: what a sweeper such
+    as ``hparams_search=optuna`` minimizes). ``results.json`` holds the rest."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from fedmoe.moe.models import check_model_path
     from fedmoe.task.pretrain import ensure_base_model
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
     base = Path(ensure_base_model(cfg)).resolve() if not cfg.model.path else cfg.model.path
+    check_model_path(base)  # a hub id offline: one line here, not a traceback per client
     # One W&B group per sweep, named after the sweep directory.
     group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     overrides = simulation_overrides(cfg, list(hydra_cfg.overrides.task), run_dir, base, group)
     run_simulation_engine(
         to_run_config(overrides), num_supernodes=int(cfg.data.num_clients),
         app_dir=run_dir / "flower_app", client_resources=dict(cfg.fl.client_resources),
-        verbose=bool(cfg.verbose),
+        verbose=bool(cfg.verbose), backend=cfg.fl.get("backend"),
     )
     results_path = run_dir / "results.json"
     if not results_path.exists():
         raise RuntimeError(f"the simulation wrote no {results_path}; rerun with verbose=true")
     results = json.loads(results_path.read_text())
     print_summary(results)
+    print_pruning_summary(results, cfg.fl.state_dir or run_dir / "clients")
     print(f"results: {results_path}")
-    return results
+    return objective_value(results, cfg.objective)
