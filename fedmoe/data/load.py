@@ -9,7 +9,7 @@ from typing import Any
 import datasets
 
 from fedmoe.data.corpus import SPLITS, build_corpus
-from fedmoe.data.hf import load_text_dataset
+from fedmoe.data.hf import DEFAULT_DOMAIN, load_text_dataset
 
 DATA_NAMES: tuple[str, ...] = ("embedded", "hf")
 
@@ -39,7 +39,8 @@ def load_data(cfg: Mapping[str, Any]) -> datasets.DatasetDict:
     cfg : Mapping
         The ``data`` config: ``embedded`` uses ``max_mb_per_domain``, ``chunk_chars`` and
         optional ``seed``/``cache_dir``; ``hf`` uses ``path``, ``split``, ``text_field``,
-        ``domain_field`` and optional ``data_files``.
+        ``domain_field`` and optional ``data_files``, or ``sources`` (domain -> hub id or
+        file, each source one domain) and ``max_rows_per_source``.
 
     Returns
     -------
@@ -52,9 +53,22 @@ def load_data(cfg: Mapping[str, Any]) -> datasets.DatasetDict:
                             chunk_chars=cfg.get("chunk_chars", 2000), seed=cfg.get("seed", 0),
                             cache_dir=cfg.get("cache_dir"))
     if name == "hf":
-        ds = load_text_dataset(cfg["path"], split=cfg.get("split", "train"),
-                               text_field=cfg.get("text_field"),
-                               domain_field=cfg.get("domain_field"),
-                               data_files=cfg.get("data_files"))
-        return split_by_hash(ds)
+        sources = cfg.get("sources") or {}
+        if not sources:
+            return split_by_hash(_load_source(cfg, cfg["path"], None))
+        # One domain per source (a FlowerTune-style mix): with partition=natural each group
+        # of clients gets one domain.
+        parts = [_load_source(cfg, path, domain) for domain, path in sources.items()]
+        return split_by_hash(datasets.concatenate_datasets(parts))
     raise ValueError(f"Unknown data.name {name!r}; expected one of {list(DATA_NAMES)}")
+
+
+def _load_source(cfg: Mapping[str, Any], path: str, domain: str | None) -> datasets.Dataset:
+    """One hub id or local file of an ``hf`` config; ``domain`` labels every row."""
+    ds = load_text_dataset(path, split=cfg.get("split", "train"),
+                           text_field=cfg.get("text_field"),
+                           domain_field=None if domain else cfg.get("domain_field"),
+                           data_files=None if domain else cfg.get("data_files"),
+                           default_domain=domain or DEFAULT_DOMAIN)
+    limit = cfg.get("max_rows_per_source")
+    return ds.select(range(min(limit, len(ds)))) if limit else ds

@@ -80,14 +80,19 @@ class _RouterLogits:
         return torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in losses]).mean()
 
 
-def lm_loss(model: nn.Module, input_ids: torch.Tensor,
-            adapter: MoEAdapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy and the router load-balancing loss of one batch."""
+def lm_loss(model: nn.Module, input_ids: torch.Tensor, adapter: MoEAdapter | None = None,
+            labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy and the router load-balancing loss of one batch.
+
+    ``labels`` ``(B, T)`` (default: ``input_ids``) are the targets; ``-100`` marks a position
+    the loss skips (the prompt of an instruction record, ``fedmoe.data.instruct``).
+    """
     with _RouterLogits(adapter or MoEAdapter(model)) as routers:
         out = model(input_ids=input_ids, use_cache=False)
     logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
-    targets = input_ids[:, 1:]  # (B, T-1)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    targets = (input_ids if labels is None else labels)[:, 1:]  # (B, T-1)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                         ignore_index=-100)
     return ce, routers.aux_loss(ce)
 
 
@@ -105,6 +110,7 @@ def train_lm(
     seed: int = 0,
     progress: bool | str = False,
     optimizer: torch.optim.Optimizer | None = None,
+    labels: torch.Tensor | None = None,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on random batches of ``blocks`` ``(N, T)``.
 
@@ -118,6 +124,8 @@ def train_lm(
         Show a progress bar (a string is its description).
     optimizer : torch.optim.Optimizer, optional
         Reuse an optimizer (e.g. one restored from personal state).
+    labels : Tensor, optional
+        ``(N, T)`` targets of ``blocks`` (``-100``: not trained on); default the blocks.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -132,7 +140,8 @@ def train_lm(
                disable=not progress, leave=False)
     for _ in bar:
         idx = torch.randint(0, blocks.shape[0], (batch_size,), generator=gen)
-        ce, aux = lm_loss(model, blocks[idx], adapter)
+        ce, aux = lm_loss(model, blocks[idx], adapter,
+                          None if labels is None else labels[idx])
         loss = ce + aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -160,17 +169,20 @@ def _schedule(steps: int, warmup: int):
 
 
 @torch.no_grad()
-def evaluate_lm(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
-    """Token-level cross-entropy and perplexity of ``model`` on ``blocks`` ``(N, T)``."""
+def evaluate_lm(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16,
+                labels: torch.Tensor | None = None) -> dict[str, float]:
+    """Token-level cross-entropy and perplexity of ``model`` on ``blocks`` ``(N, T)``, over
+    the positions ``labels`` keep (default: every token; ``-100`` skips one)."""
     model.eval()
     total, count = 0.0, 0
     for start in range(0, blocks.shape[0], batch_size):
         batch = blocks[start : start + batch_size]
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1]  # (B, T-1, V)
-        targets = batch[:, 1:]
+        targets = (batch if labels is None else labels[start : start + batch_size])[:, 1:]
         total += F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
+            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum",
+            ignore_index=-100,
         ).item()
-        count += targets.numel()
+        count += int((targets != -100).sum())
     loss = total / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": float(count)}
