@@ -376,13 +376,16 @@ def offline_runs(root: str | Path) -> list[Path]:
     return sorted(p.parent for p in Path(root).rglob("offline-run-*/run-*.wandb"))
 
 
-def read_offline_run(path: str | Path) -> OfflineRun:
+def read_offline_run(path: str | Path, wait_s: float = 30.0) -> OfflineRun:
     """Read an offline run's transaction log (``offline-run-*/run-<id>.wandb``).
 
     Parameters
     ----------
     path : str or Path
         The ``offline-run-*`` directory, or a directory holding exactly one below it.
+    wait_s : float
+        wandb's service process writes the log after ``run.finish()`` returns: wait up to this
+        long for the run's exit record (a run that crashed has none; what is there is read).
 
     Returns
     -------
@@ -391,7 +394,6 @@ def read_offline_run(path: str | Path) -> OfflineRun:
         (W&B's own ``_step``, ``_runtime``, ``_timestamp`` included), values JSON-decoded,
         and the logged artifacts (name, type, aliases, metadata, file path -> staged copy).
     """
-    from wandb.proto import wandb_internal_pb2 as pb
 
     path = Path(path)
     if not path.name.startswith("offline-run-"):
@@ -400,9 +402,7 @@ def read_offline_run(path: str | Path) -> OfflineRun:
             raise FileNotFoundError(f"expected one offline W&B run under {path}, found {found}")
         path = found[0]
     run = OfflineRun(path)
-    for payload in _log_records(next(path.glob("run-*.wandb")).read_bytes()):
-        record = pb.Record()
-        record.ParseFromString(payload)
+    for record in _wait_for_exit(next(path.glob("run-*.wandb")), wait_s):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run.config |= _items(record.run.config.update)
@@ -424,6 +424,26 @@ def read_offline_run(path: str | Path) -> OfflineRun:
     run.config = {k: v.get("value", v) if isinstance(v, dict) else v
                   for k, v in run.config.items() if k != "_wandb"}
     return run
+
+
+def _wait_for_exit(log_file: Path, wait_s: float) -> list:
+    """The records of ``log_file`` once its exit record is there (or ``wait_s`` passed)."""
+    import time
+
+    from google.protobuf.message import DecodeError
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            records = [pb.Record.FromString(p) for p in _log_records(log_file.read_bytes())]
+        except DecodeError:  # the last record is still being written
+            records = None
+        done = records is not None and any(r.WhichOneof("record_type") == "exit"
+                                           for r in records)
+        if done or time.monotonic() >= deadline:
+            return records or []
+        time.sleep(0.2)
 
 
 def _items(items) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
 
@@ -28,25 +27,7 @@ def _track(run_dir, wandb_dir, *overrides: str):
     results = json.loads((run_dir / "results.json").read_text())
     tracker = WandbTracker(cfg)
     tracker.finish(results, write_run_plots(results, run_dir))
-    # wandb's service process writes the transaction log after finish() returns: wait (at
-    # most a minute) for the run's last record before reading it.
-    deadline = time.monotonic() + 60
-    while not _complete(wandb_dir) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return read_offline_run(wandb_dir), results
-
-
-def _complete(wandb_dir) -> bool:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    from fedmoe.tracking import _log_records
-
-    logs = list(wandb_dir.rglob("run-*.wandb"))
-    try:
-        return bool(logs) and any(pb.Record.FromString(r).WhichOneof("record_type") == "exit"
-                                  for r in _log_records(logs[0].read_bytes()))
-    except Exception:  # a record still being written
-        return False
+    return read_offline_run(wandb_dir), results  # waits for the run's last record
 
 
 @pytest.mark.slow
