@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -228,11 +229,17 @@ def _load_checkpoint(source: str, family: str, dtype: torch.dtype, device: torch
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     wanted = {k for k in model.state_dict()
               if (names is None or k in names) and not (skip and skip(k))}
-    plan = checkpoint_plan(safetensors_files(path), model.state_dict()) if path.is_dir() else None
-    if plan is None:
-        return _from_pretrained(source, dtype, device)
-    _materialize(model, wanted, device)
-    _stream_weights(model, plan, wanted, device)
+    try:
+        plan = checkpoint_plan(safetensors_files(path), model.state_dict()) \
+            if path.is_dir() else None
+        if plan is None:
+            return _from_pretrained(source, dtype, device)
+        _materialize(model, wanted, device)
+        _stream_weights(model, plan, wanted, device)
+    except (SafetensorError, EOFError, pickle.UnpicklingError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"checkpoint {source!r}: its weights file is truncated or corrupt "
+                         f"({first})") from None
     _tie_and_check(model, wanted)
     return model.eval()
 

@@ -1,49 +1,77 @@
 """`fedmoe <command> [hydra overrides]`: each command is a Hydra app with its own primary
-config in ``conf/`` (``conf/<command>.yaml``; ``fedmoe edge bench`` uses ``edge_bench.yaml``;
-``CONFIG_NAMES`` renames the few whose name is taken by a config group).
+config in ``conf/`` (:class:`Command` names it; ``fedmoe edge bench`` uses ``edge_bench.yaml``).
+
+``fedmoe --help`` lists the commands, ``fedmoe <command> --help`` prints the command's config
+groups and composed config (``--hydra-help`` is Hydra's own), ``fedmoe --version`` the version.
+Errors a user can fix (a bad config, a missing file or model) end in one line, not a traceback.
 """
 
 from __future__ import annotations
 
 import sys
+import textwrap
+from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 
-# command -> "module:function"; the function takes the composed DictConfig.
-COMMANDS: dict[str, str] = {
-    "pretrain": "fedmoe.task.pretrain:main",
-    "inspect": "fedmoe.moe.inspect:main",
-    "simulate": "fedmoe.fl.simulation:main",
-    "analyze": "fedmoe.analysis.cli:main",
-    "edge_generate": "fedmoe.edge.cli:generate",
-    "edge_bench": "fedmoe.edge.cli:bench",
-    "prune": "fedmoe.prune.cli:main",
-    "report": "fedmoe.report:main",
+
+@dataclass(frozen=True)
+class Command:
+    """One ``fedmoe`` command.
+
+    Attributes
+    ----------
+    target : str
+        ``"module:function"``; the function takes the composed DictConfig.
+    config : str
+        Its primary config, ``conf/<config>.yaml``.
+    summary : str
+        One line for ``fedmoe --help``.
+    validated : bool
+        Check the config against fedmoe/config.py's schemas before the task runs.
+    positional : str, optional
+        The key a first positional argument sets (``fedmoe report <dir>``: ``sweep_dir``).
+    """
+
+    target: str
+    config: str
+    summary: str
+    validated: bool = False
+    positional: str | None = None
+
+
+# In the order a newcomer meets them; two-word names (`edge generate`) are typed as such.
+COMMANDS: dict[str, Command] = {
+    "pretrain": Command("fedmoe.task.pretrain:main", "pretrain",
+                        "train the tokenizer and the tiny base model (cached, reused)",
+                        validated=True),
+    "inspect": Command("fedmoe.moe.inspect:main", "inspect",
+                       "parameter roles (router, shared/routed experts) of a model preset"),
+    "simulate": Command("fedmoe.fl.simulation:main", "simulate",
+                        "federated training of N virtual clients (Flower Simulation Engine)",
+                        validated=True),
+    "prune": Command("fedmoe.prune.cli:main", "prune_model",
+                     "prune one model's routed experts and export it as an HF checkpoint"),
+    "edge generate": Command("fedmoe.edge.cli:generate", "edge_generate",
+                             "stream a generation with routed experts offloaded to disk"),
+    "edge bench": Command("fedmoe.edge.cli:bench", "edge_bench",
+                          "in-memory vs offloaded inference: tokens/s, hit rate, memory"),
+    "analyze": Command("fedmoe.analysis.cli:main", "analyze",
+                       "routing consistency, specialization, retrieval, attribution, cost"),
+    "report": Command("fedmoe.report:main", "report",
+                      "one table (mean ± std over seeds) and plots of a sweep's runs",
+                      positional="sweep_dir"),
 }
-# Commands whose config is checked against fedmoe/config.py's schemas before the task runs.
-VALIDATED = {"pretrain", "simulate"}
-# Commands taking one positional argument: `fedmoe report <dir>` means `sweep_dir=<dir>`.
-POSITIONAL = {"report": "sweep_dir"}
-# command -> primary config name, where ``conf/<command>/`` is a config group already.
-CONFIG_NAMES: dict[str, str] = {"prune": "prune_model"}
 
-USAGE = """usage: fedmoe <command> [hydra overrides ...]
-
-commands:
-  pretrain   train the tokenizer and the tiny base model on the embedded corpus
-  inspect    print the parameter-role table of a model preset (model=<preset>)
-  simulate   federated training of many clients with Flower's Simulation Engine
-  prune      prune one model's routed experts (prune.score, prune.keep) and export it
-  report     one table (mean ± std over seeds) and plots of a sweep's runs
-
-examples:
+EXAMPLES = """examples:
   fedmoe simulate                          # the default experiment (conf/experiment/demo.yaml)
   fedmoe simulate experiment=smoke fl.num_rounds=3
   fedmoe simulate -m strategy=fedmoe,fedavg,local seed=0,1,2 logger=wandb
   fedmoe report multirun/simulate/<date>_<time>   # the sweep's directory
   fedmoe inspect model=tiny_olmoe
-  fedmoe <command> --help                  # Hydra's help: config groups and values
-"""
+  fedmoe <command> --help                  # its config groups and options"""
+
+HELP_FLAGS = {"-h", "--help"}
 
 
 def conf_dir() -> Path:
@@ -52,58 +80,143 @@ def conf_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "conf"
 
 
+def usage() -> str:
+    """What ``fedmoe --help`` prints: every command with its one line."""
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name:<{width}}  {c.summary}" for name, c in COMMANDS.items()]
+    return ("usage: fedmoe <command> [hydra overrides ...]\n"
+            "       fedmoe <command> --help | fedmoe --version\n\n"
+            "commands:\n" + "\n".join(lines) + "\n\n" + EXAMPLES)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Dispatch ``fedmoe <command> ...`` to the command's Hydra app."""
     import os
-
-    import hydra
-
-    import fedmoe.config  # noqa: F401  (schemas and the fedmoe.dirname resolver, for Hydra)
 
     # Progress bars of our own (rich/tqdm) stay; the libraries' per-file bars go.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help", "help"}:
-        print(USAGE)
+    if not argv or argv[0] in HELP_FLAGS | {"help"}:
+        print(usage())
         return
-    command = argv[0]
-    # Two-word commands (`fedmoe edge bench`) map to `edge_bench`.
-    if len(argv) > 1 and f"{command}_{argv[1]}" in COMMANDS:
-        command, argv = f"{command}_{argv[1]}", argv[1:]
-    if command not in COMMANDS:
-        sys.exit(f"fedmoe: unknown command {command!r}; one of: {', '.join(sorted(COMMANDS))}")
-    module, func = COMMANDS[command].split(":")
-    task = getattr(import_module(module), func)
-    if command in VALIDATED:
-        task = _validated(task, command)
-    args = argv[1:]
-    if command in POSITIONAL:
-        key = POSITIONAL[command]
+    if argv[0] == "--version":
+        print(f"fedmoe {_version()}")
+        return
+    name, args = parse_command(argv)
+    command = COMMANDS[name]
+    if HELP_FLAGS & set(args):
+        print(command_help(name, [a for a in args if a not in HELP_FLAGS]))
+        return
+    _run(name, command, args)
+
+
+def parse_command(argv: list[str]) -> tuple[str, list[str]]:
+    """The command ``argv`` names (one or two words) and the arguments after it; exits with
+    the commands there are when it names none."""
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if len(argv) >= words and name in COMMANDS:
+            return name, argv[words:]
+    family = [n for n in COMMANDS if n.startswith(f"{argv[0]} ")]
+    if family:  # `fedmoe edge`, `fedmoe edge --help`, `fedmoe edge typo`
+        listing = "\n".join(f"  {n:<14} {COMMANDS[n].summary}" for n in family)
+        text = f"usage: fedmoe {argv[0]} <{'|'.join(n.split()[1] for n in family)}> ...\n" + listing
+        if len(argv) > 1 and argv[1] not in HELP_FLAGS:
+            sys.exit(f"fedmoe: unknown command {' '.join(argv[:2])!r}\n{text}")
+        print(text)
+        sys.exit(0)
+    sys.exit(f"fedmoe: unknown command {argv[0]!r}; one of: {', '.join(COMMANDS)} "
+             "(fedmoe --help)")
+
+
+def _run(name: str, command: Command, args: list[str]) -> None:
+    import hydra
+
+    import fedmoe.config  # noqa: F401  (schemas and the fedmoe.dirname resolver, for Hydra)
+
+    module, func = command.target.split(":")
+    task = _user_errors(getattr(import_module(module), func), name, command.validated)
+    if command.positional:
+        key = command.positional
         if args and _is_positional(args[0]):
             args[0] = f"{key}={hydra_value(args[0])}"
         elif not any(a.startswith(f"{key}=") for a in args):
-            sys.exit(f"usage: fedmoe {command} <{key.replace('_', ' ')}> [hydra overrides ...]")
-    sys.argv = [f"fedmoe {command}", *args]
-    config_name = CONFIG_NAMES.get(command, command)
-    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(task)()
+            sys.exit(f"usage: fedmoe {name} <{key.replace('_', ' ')}> [hydra overrides ...]")
+    sys.argv = [f"fedmoe {name}", *args]
+    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=command.config)(task)()
 
 
-def _validated(task, command: str):
-    """``task`` preceded by the schema check; a bad config exits with its message only."""
+def _user_errors(task, name: str, validated: bool):
+    """``task`` preceded by the schema check (when ``validated``); a bad config, or an error
+    that names the missing file or model, exits with its message on one line."""
     import functools
+    import os
 
     from fedmoe.config import ConfigError, validate
 
     @functools.wraps(task)  # keeps __module__, which Hydra uses for the job name
     def run(cfg):
         try:
-            validate(cfg)
-        except ConfigError as error:
-            raise SystemExit(f"fedmoe {command}: {error}") from None
-        return task(cfg)
+            if validated:
+                validate(cfg)
+            return task(cfg)
+        except (ConfigError, FileNotFoundError, NotADirectoryError) as error:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            raise SystemExit(f"fedmoe {name}: {error}") from None
 
     return run
+
+
+def command_help(name: str, overrides: list[str]) -> str:
+    """``fedmoe <name> --help``: the command's line, usage, its config groups with their
+    options (default first) and its composed config (interpolations unresolved)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    import fedmoe.config  # noqa: F401  (resolvers)
+
+    command = COMMANDS[name]
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(command.config, overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        sys.exit(f"fedmoe {name} --help: {str(error).splitlines()[0]}")
+    # Hydra records the choices last-first; the defaults list's order reads better.
+    choices = {g: o for g, o in reversed(cfg.hydra.runtime.choices.items())
+               if not g.startswith("hydra/")}
+    first = f"<{command.positional.replace('_', ' ')}> " if command.positional else ""
+    lines = [f"fedmoe {name}: {command.summary}", "",
+             f"usage: fedmoe {name} {first}[key=value ...]   (one run)",
+             f"       fedmoe {name} {first}-m key=a,b ...    (a sweep: one run per value)", ""]
+    if choices:
+        lines.append("config groups (group=option; the one in use first):")
+        width = max(len(g) for g in choices)
+        for group, chosen in choices.items():
+            options = _group_options(group.split("@")[0])
+            ordered = ", ".join(str(o) for o in [chosen, *(o for o in options if o != chosen)])
+            lines += textwrap.wrap(ordered, 96, initial_indent=f"  {group:<{width}}  ",
+                                   subsequent_indent=" " * (width + 4))
+        lines.append("")
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    lines += ["config (set any key: key=value; `--cfg job` prints it resolved):",
+              OmegaConf.to_yaml(job, resolve=False).rstrip(), "",
+              f"Hydra's own options: fedmoe {name} --hydra-help"]
+    return "\n".join(lines)
+
+
+def _group_options(group: str) -> list[str]:
+    root = conf_dir() / group
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def _version() -> str:
+    from fedmoe import __version__
+
+    return __version__
 
 
 def _is_positional(arg: str) -> bool:
@@ -124,6 +237,7 @@ def hydra_value(value: object) -> str:
     except Exception:  # a parse error: quote it
         pass
     return "'" + text.replace("'", "\\'") + "'"
+
 
 if __name__ == "__main__":
     main()

@@ -23,6 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fedmoe.fl.aggregate import RULES
+from fedmoe.fl.objective import OBJECTIVES
 from fedmoe.moe.families import FAMILIES, ROLES
 
 # Mirrors of constants whose modules import datasets/flwr-datasets (seconds at startup);
@@ -37,6 +38,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 LOGGERS = ("none", "wandb")
 LOGGER_MODES = ("auto", "offline", "online", "disabled")
 PRUNE_SCORES = ("frequency", "tcess", "reap", "reconstruction", "random")
+PROMPT_TEMPLATES = ("alpaca", "chat")  # fedmoe.data.instruct.TEMPLATES
 
 
 def _choices(name: str, values: Iterable[str]) -> type[Enum]:
@@ -57,6 +59,7 @@ DType = _choices("DType", DTYPES)
 LoggerName = _choices("LoggerName", LOGGERS)
 LoggerMode = _choices("LoggerMode", LOGGER_MODES)
 PruneScore = _choices("PruneScore", PRUNE_SCORES)
+PromptTemplate = _choices("PromptTemplate", PROMPT_TEMPLATES)
 
 
 class ConfigError(ValueError):
@@ -104,6 +107,10 @@ class HFDataConfig(DataConfig):
     text_field: str | None = None
     domain_field: str | None = None
     data_files: Any = None
+    template: PromptTemplate | None = None  # instruction records: alpaca | chat
+    response_only: bool = True  # with a template: the loss covers the responses only
+    sources: dict[str, str] | None = None  # domain -> hub id or file (one domain each)
+    max_rows_per_source: int | None = None
 
 
 @dataclass
@@ -136,6 +143,11 @@ class ClientResources:
 
 
 @dataclass
+class BackendConfig:
+    init_args: dict[str, Any] = field(default_factory=dict)  # ray.init keyword arguments
+
+
+@dataclass
 class FLConfig:
     num_rounds: int = 5
     fraction_train: float = 1.0
@@ -153,6 +165,7 @@ class FLConfig:
     client_threads: int | None = 1
     client_resources: ClientResources = field(default_factory=ClientResources)
     max_concurrent_clients: int | None = None
+    backend: BackendConfig = field(default_factory=BackendConfig)
     resume: bool | None = None
     keep_checkpoints: int = 2
 
@@ -204,6 +217,8 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     dir: str | None = None
     log_plots: bool = True
+    log_artifacts: bool = True
+    log_models: bool = False
 
 
 @dataclass
@@ -218,6 +233,7 @@ class PretrainingConfig:
     aux_loss_coef: float = 0.01
     max_grad_norm: float | None = 1.0
     eval_blocks_per_domain: int = 64
+    seed: int = 0
     threads: int | None = None
 
 
@@ -227,6 +243,7 @@ class TopLevel:
 
     seed: int = 0
     verbose: bool = False
+    objective: str = "final/ppl_mean"
 
 
 GROUPS: dict[str, type] = {
@@ -291,6 +308,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.chunk_chars": (_at_least(1), "an integer >= 1"),
     "data.max_train_blocks_per_client": (_at_least(1), "an integer >= 1, or null (all)"),
     "data.max_eval_blocks_per_client": (_at_least(1), "an integer >= 1, or null (all)"),
+    "data.max_rows_per_source": (_at_least(1), "an integer >= 1, or null (all rows)"),
     "train.local_steps": (_at_least(1), "an integer >= 1"),
     "train.batch_size": (_at_least(1), "an integer >= 1"),
     "train.lr": (_positive, "> 0"),
@@ -340,6 +358,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pretraining.max_grad_norm": (_positive, "> 0, or null (no clipping)"),
     "pretraining.eval_blocks_per_domain": (_at_least(1), "an integer >= 1"),
     "pretraining.threads": (_at_least(1), "an integer >= 1, or null (all cores)"),
+    "objective": (lambda v: v in OBJECTIVES, f"one of {list(OBJECTIVES)}"),
 }
 
 
@@ -378,7 +397,8 @@ def _schema_errors(cfg: DictConfig) -> list[str]:
         data = _plain(cfg.data)
         schema = DATA_SCHEMAS.get(str(data.get("name")), DataConfig)
         errors += _merge_error("data", schema, data)
-        if data.get("name") == "hf" and data.get("path") in (None, "???"):
+        if data.get("name") == "hf" and data.get("path") in (None, "???") \
+                and not data.get("sources"):
             errors.append("data.path is required with data=hf: a hub dataset id or a local "
                           "json/jsonl/csv/parquet/txt file or directory")
     return errors

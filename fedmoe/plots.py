@@ -1,8 +1,9 @@
 """PNG figures of federated runs (matplotlib, headless Agg backend).
 
 A run's figures (:func:`write_run_plots`, called by the ServerApp after the last round) go to
-``<run_dir>/plots/``: per-client perplexity (shared start vs personalized), communication per
-round, and expert usage per client and layer. ``fedmoe report`` draws the sweep figures
+``<run_dir>/plots/``: training loss and held-out perplexity per round, per-client perplexity
+(shared start vs personalized), communication per round, and expert usage per client and
+layer. ``fedmoe report`` draws the sweep figures
 (:func:`plot_perplexity_by_setting`, :func:`plot_communication_by_setting`). Every function
 takes plain dicts (``results.json``, ``meta.json``), writes ``path`` and returns it.
 """
@@ -24,14 +25,24 @@ MB = 2**20
 log = logging.getLogger(__name__)
 
 
-def _save(fig, path: str | Path, tight: bool = True) -> Path:
+def _figure(ncols: int = 1, *, figsize: tuple[float, float], **kwargs):
+    """A figure whose layout engine places titles, a suptitle, legends outside the axes and
+    a colorbar shared by several axes without overlaps (constrained layout)."""
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, layout="constrained", **kwargs)
+    fig.get_layout_engine().set(w_pad=0.08, wspace=0.06)  # room for the y labels between axes
+    return fig, axes
+
+
+def _legend_below(ax, ncol: int = 3) -> None:
+    """The legend under the axes: inside, it would hide the last rounds' bars or markers."""
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol,
+              frameon=False)
+
+
+def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if tight:
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    else:  # tight_layout cannot place a colorbar shared by several axes
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -56,12 +67,14 @@ def write_run_plots(results: Mapping, run_dir: str | Path,
     Returns
     -------
     dict[str, Path]
-        Figure name (``client_perplexity``, ``communication``, ``expert_usage``) -> PNG path.
+        Figure name (``rounds``, ``client_perplexity``, ``communication``, ``expert_usage``)
+        -> PNG path.
     """
     out = Path(run_dir) / "plots"
     name = results.get("strategy", {}).get("name", "")
     counts = load_expert_counts(state_dir or Path(run_dir) / "clients")
     figures = {
+        "rounds": (plot_rounds, results.get("rounds"), {"title": name}),
         "client_perplexity": (plot_client_perplexity, results.get("clients"),
                               {"title": f"held-out perplexity per client ({name})"}),
         "communication": (plot_communication, results.get("rounds"), {}),
@@ -78,6 +91,31 @@ def write_run_plots(results: Mapping, run_dir: str | Path,
     return plots
 
 
+def plot_rounds(rounds: Sequence[Mapping], path: str | Path, title: str = "") -> Path:
+    """Per round, the mean training loss (left) and the clients' held-out perplexity (right:
+    mean and worst over clients, each client a thin line), so a run's progress reads at once."""
+    r = np.array([e["round"] for e in rounds])
+    loss = np.array([_nan(e.get("train_loss")) for e in rounds])
+    fig, (ax_loss, ax_ppl) = _figure(2, figsize=(9, 3.8))
+    ax_loss.plot(r, loss, marker="o", color="C3")
+    ax_loss.set(xlabel="round", ylabel="mean training loss", title="training loss")
+    clients = sorted({c for e in rounds for c in e.get("eval_ppl_by_client", {})}, key=int)
+    for i, c in enumerate(clients):
+        ppl = [_nan(e.get("eval_ppl_by_client", {}).get(c)) for e in rounds]
+        ax_ppl.plot(r, ppl, color="0.75", lw=0.8, label="one client" if i == 0 else None)
+    ax_ppl.plot(r, [_nan(e.get("eval_ppl_mean")) for e in rounds], marker="o", color="C0",
+                label="mean over clients")
+    ax_ppl.plot(r, [_nan(e.get("eval_ppl_worst")) for e in rounds], marker="s", color="C1",
+                ls="--", label="worst client")
+    ax_ppl.set(xlabel="round", ylabel="held-out perplexity", title="held-out perplexity")
+    for ax in (ax_loss, ax_ppl):
+        ax.set_xticks(r)
+    _legend_below(ax_ppl)
+    if title:
+        fig.suptitle(f"per round ({title})", fontsize=10)
+    return _save(fig, path)
+
+
 def plot_client_perplexity(clients: Mapping[str, Mapping], path: str | Path,
                            title: str = "held-out perplexity per client") -> Path:
     """Per client, the shared starting model (``base_ppl``, grey) and the personalized one
@@ -86,13 +124,13 @@ def plot_client_perplexity(clients: Mapping[str, Mapping], path: str | Path,
     x = np.arange(len(ids))
     base = np.array([_nan(clients[c].get("base_ppl")) for c in ids])
     final = np.array([_nan(clients[c].get("final_ppl")) for c in ids])
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(ids) + 2), 3.5))
+    fig, ax = _figure(figsize=(max(4.5, 0.5 * len(ids) + 2), 3.8))
     ax.vlines(x, base, final, color="0.6", lw=1.5)
     ax.plot(x, base, "o", color="0.6", label="shared start")
     ax.plot(x, final, "o", color="C0", label="personalized")
     ax.set(xlabel="client", ylabel="held-out perplexity", title=title)
     ax.set_xticks(x, ids)
-    ax.legend(fontsize=8)
+    _legend_below(ax, ncol=2)
     return _save(fig, path)
 
 
@@ -101,7 +139,7 @@ def plot_communication(rounds: Sequence[Mapping], path: str | Path) -> Path:
     r = [e["round"] for e in rounds]
     down = np.array([e["bytes_down"] for e in rounds]) / MB
     up = np.array([e["bytes_up"] for e in rounds]) / MB
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = _figure(figsize=(5.5, 4.0))
     ax.bar(np.array(r) - 0.2, down, width=0.4, label="down (server -> clients)", color="C1")
     ax.bar(np.array(r) + 0.2, up, width=0.4, label="up (clients -> server)", color="C0")
     ax.set(xlabel="round", ylabel="MB per round", title="communication")
@@ -110,7 +148,8 @@ def plot_communication(rounds: Sequence[Mapping], path: str | Path) -> Path:
     cum.plot(r, np.cumsum(down + up), color="k", marker="o", lw=1.5, label="cumulative")
     cum.set(ylabel="cumulative MB", ylim=(0, None))
     handles = ax.get_legend_handles_labels()[0] + cum.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, fontsize=8, loc="upper left")
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18),
+              ncol=2, frameon=False)
     return _save(fig, path)
 
 
@@ -131,8 +170,8 @@ def plot_expert_usage(counts: Mapping[str, Mapping[str, Sequence[int]]],
     client's routing choices in that layer (each row sums to 1)."""
     clients = list(counts)
     layers = sorted({layer for c in counts.values() for layer in c}, key=int)
-    fig, axes = plt.subplots(1, len(layers), squeeze=False,
-                             figsize=(2.6 * len(layers) + 1.2, 0.35 * len(clients) + 1.8))
+    fig, axes = _figure(len(layers), squeeze=False,
+                        figsize=(2.6 * len(layers) + 1.4, 0.35 * len(clients) + 2.2))
     image = None
     for ax, layer in zip(axes[0], layers, strict=True):
         # Counts are indexed by original expert id; a pruned client's list may be shorter.
@@ -143,9 +182,9 @@ def plot_expert_usage(counts: Mapping[str, Mapping[str, Sequence[int]]],
         ax.set_xlabel("expert")
         ax.set_yticks(range(len(clients)), clients if ax is axes[0][0] else [], fontsize=8)
     axes[0][0].set_ylabel("client")
-    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03, label="share of selections")
+    fig.colorbar(image, ax=axes[0].tolist(), aspect=30, label="share of selections")
     fig.suptitle("expert usage per client (routing during local training)", fontsize=10)
-    return _save(fig, path, tight=False)
+    return _save(fig, path)
 
 
 def _share(c: Sequence[int] | None, width: int) -> np.ndarray:
@@ -173,17 +212,18 @@ def plot_perplexity_by_setting(per_client: Mapping[str, Mapping[str, Sequence[fl
     clients = sorted({c for v in per_client.values() for c in v}, key=int)
     x = np.arange(len(clients))
     width = 0.6 / max(1, len(labels))
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * len(clients) * len(labels) + 2), 3.8))
+    width_in = max(6.0, 0.3 * len(clients) * len(labels) + 2)
+    fig, ax = _figure(figsize=(width_in, 3.6 + 0.25 * len(labels)))
     for i, label in enumerate(labels):
         values = [per_client[label].get(c, []) for c in clients]
         mean = [np.mean(v) if len(v) else np.nan for v in values]
         std = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values]
         ax.errorbar(x + (i - (len(labels) - 1) / 2) * width, mean, yerr=std, fmt="o",
                     capsize=3, label=label)
-    ax.set(xlabel="client", ylabel="final held-out perplexity",
-           title="per-client perplexity by setting (mean ± std over seeds)")
+    ax.set(xlabel="client", ylabel="final held-out perplexity")
+    ax.set_title("per-client perplexity by setting\n(mean ± std over seeds)", fontsize=10)
     ax.set_xticks(x, clients)
-    ax.legend(fontsize=8)
+    _legend_below(ax, ncol=1)  # one setting per line: labels list several overrides
     return _save(fig, path)
 
 
@@ -191,7 +231,7 @@ def plot_communication_by_setting(cumulative_mb: Mapping[str, Sequence[Sequence[
                                   path: str | Path) -> Path:
     """Cumulative MB (down + up) against round, one line per setting (mean over seeds, band
     = min..max). ``cumulative_mb`` maps setting label -> one cumulative series per seed."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = _figure(figsize=(6.0, 3.6 + 0.25 * len(cumulative_mb)))
     n = 0
     for label, series in cumulative_mb.items():
         n = min(len(s) for s in series)
@@ -199,8 +239,8 @@ def plot_communication_by_setting(cumulative_mb: Mapping[str, Sequence[Sequence[
         rounds = np.arange(n + 1)
         ax.plot(rounds, stack.mean(0), marker="o", label=label)
         ax.fill_between(rounds, stack.min(0), stack.max(0), alpha=0.15)
-    ax.set(xlabel="round", ylabel="cumulative MB (down + up)",
-           title="communication per round by setting")
+    ax.set(xlabel="round", ylabel="cumulative MB (down + up)")
+    ax.set_title("communication per round by setting", fontsize=10)
     ax.set_xticks(range(n + 1))
-    ax.legend(fontsize=8)
+    _legend_below(ax, ncol=1)
     return _save(fig, path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -78,13 +79,16 @@ METRICS: dict[str, Metric] = {
 
 
 def collect_runs(sweep_dir: str | Path) -> list[Run]:
-    """Every run under ``sweep_dir`` (a directory with ``results.json``), sorted by path."""
-    runs = []
-    for path in sorted(Path(sweep_dir).rglob("results.json")):
-        overrides_file = path.parent / ".hydra" / "overrides.yaml"
-        overrides = (parse_overrides(yaml.safe_load(overrides_file.read_text()) or [])
-                     if overrides_file.is_file() else None)
-        runs.append(Run(path.parent, overrides, json.loads(path.read_text())))
+    """Every run under ``sweep_dir`` (a directory with ``results.json``), sorted by path.
+
+    Symbolic links to run directories are followed (a sweep put together from runs made
+    elsewhere); a broken link, or a results.json that cannot be read, is a one-line error
+    naming it.
+    """
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        raise NotADirectoryError(f"sweep dir {str(sweep_dir)!r} is not a directory")
+    runs = [_read_run(path) for path in _results_files(root)]
     if not runs:
         raise FileNotFoundError(f"no results.json under {sweep_dir}: is it the directory of "
                                 "a `fedmoe simulate -m ...` sweep (hydra.sweep.dir)?")
@@ -92,6 +96,40 @@ def collect_runs(sweep_dir: str | Path) -> list[Run]:
         for run, overrides in zip(runs, _config_differences(runs), strict=True):
             run.overrides = overrides
     return runs
+
+
+def _results_files(root: Path) -> list[Path]:
+    """``results.json`` files under ``root``, following links to directories (each real
+    directory walked once, so a link to an ancestor cannot loop)."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames.clear()
+            continue
+        seen.add(real)
+        for name in dirnames + filenames:
+            entry = Path(dirpath) / name
+            if entry.is_symlink() and not entry.exists():
+                raise FileNotFoundError(f"{entry} is a broken link (to {os.readlink(entry)})")
+        if "results.json" in filenames:
+            found.append(Path(dirpath) / "results.json")
+    return sorted(found)
+
+
+def _read_run(path: Path) -> Run:
+    """The run whose ``results.json`` is ``path`` (overrides from Hydra's record, if any)."""
+    try:
+        results = json.loads(path.read_text())
+        overrides_file = path.parent / ".hydra" / "overrides.yaml"
+        overrides = (parse_overrides(yaml.safe_load(overrides_file.read_text()) or [])
+                     if overrides_file.is_file() else None)
+    except (OSError, ValueError, yaml.YAMLError) as error:  # JSONDecodeError is a ValueError
+        raise FileNotFoundError(f"cannot read the run in {path.parent}: "
+                                f"{str(error).splitlines()[0]}") from error
+    if not isinstance(results, dict) or not isinstance(results.get("rounds", []), list):
+        raise FileNotFoundError(f"{path} is not a fedmoe results.json (no rounds list)")
+    return Run(path.parent, overrides, results)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, str]:
@@ -136,7 +174,10 @@ class Setting:
     std: dict[str, float | None] = field(default_factory=dict)
 
     def label(self, keys: list[str]) -> str:
-        return ", ".join(f"{k}={self.overrides.get(k, '-')}" for k in keys) or "all runs"
+        """``k=v`` of the ``keys`` this setting overrides (a key it leaves at its default is
+        left out, not shown as ``k=-``); ``defaults`` when it overrides none of them."""
+        parts = [f"{k}={self.overrides[k]}" for k in keys if k in self.overrides]
+        return ", ".join(parts) or ("defaults" if keys else "all runs")
 
 
 @dataclass

@@ -3,16 +3,21 @@
 One W&B run per experiment, opened and fed by the ServerApp: the resolved Hydra config, one
 history row per round (step = round: train loss, the clients' perplexities, bytes down/up and
 cumulative, pruning statistics when the clients report them), then a per-client table and
-the run's plots. Offline unless you are logged in (``logger.mode=auto``); a sweep's runs share
-one W&B group. This wandb writes only the transaction log (``run-<id>.wandb``) offline, no
-``config.yaml`` or ``wandb-summary.json``: :func:`read_offline_run` reads it back, and
-``wandb sync <run dir>/wandb/offline-run-*`` uploads it later.
+the run's plots, and as W&B artifacts the run's report (``results.json`` and ``plots/``) and,
+opt-in with ``logger.log_models=true``, each client's exported model. Offline unless you are
+logged in (``logger.mode=auto``); a sweep's runs share one W&B group. This wandb writes only
+the transaction log (``run-<id>.wandb``) offline, no ``config.yaml`` or ``wandb-summary.json``:
+:func:`read_offline_run` reads it back, and ``wandb sync <run dir>/wandb/offline-run-*``
+uploads it later (artifacts included).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 import statistics
 import struct
 from collections.abc import Iterator, Mapping
@@ -22,6 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+log = logging.getLogger(__name__)
 # Keys of an eval reply that are not client statistics.
 _NOT_STATS = {"num-examples", "client-id", "eval_ppl", "base_ppl"}
 # Eval-reply keys reported by pruning clients (fedmoe.prune via fedmoe.task.local).
@@ -99,6 +105,10 @@ class WandbTracker(Tracker):
         root.mkdir(parents=True, exist_ok=True)
         self.mode = wandb_mode(lg.get("mode", "auto"))
         self.log_plots = bool(lg.get("log_plots", True))
+        self.log_artifacts = bool(lg.get("log_artifacts", True))
+        self.log_models = bool(lg.get("log_models", False))
+        self.run_dir = run_dir
+        self.state_dir = Path(cfg.fl.state_dir or run_dir / "clients") if "fl" in cfg else None
         self.run = wandb.init(
             project=lg.get("project", "fedmoe"), entity=lg.get("entity"), group=lg.get("group"),
             name=lg.get("run_name") or run_dir.name, tags=list(lg.get("tags") or []),
@@ -128,7 +138,19 @@ class WandbTracker(Tracker):
                       for name, path in (plots or {}).items()}
         self.run.log(final, step=self.last_round)
         self.run.summary.update(summary_metrics(results))
+        try:
+            self._log_artifacts(results)
+        except Exception as error:  # an artifact must not fail a finished run
+            log.warning("W&B artifacts not logged: %s", error)
         self.close()
+
+    def _log_artifacts(self, results: Mapping[str, Any]) -> None:
+        name = _artifact_name(self.run.name)
+        if self.log_artifacts and (self.run_dir / "results.json").is_file():
+            self.run.log_artifact(report_artifact(self.run_dir, name, summary_metrics(results)))
+        if self.log_models and self.state_dir is not None:
+            for artifact in model_artifacts(self.state_dir, name):
+                self.run.log_artifact(artifact)
 
     def close(self, exit_code: int = 0) -> None:
         if self.run is None:
@@ -140,6 +162,54 @@ class WandbTracker(Tracker):
             print(f"W&B offline run; upload it with: wandb sync {where}")
         elif self.mode == "online":
             print(f"W&B run: {run.url}")
+
+
+# --- artifacts ---------------------------------------------------------------------------------
+
+
+def report_artifact(run_dir: Path, name: str, summary: Mapping[str, Any]):
+    """The run's report as an artifact ``<name>-report`` (type ``run-report``): its
+    ``results.json`` and ``plots/``, with the summary metrics as metadata."""
+    import wandb
+
+    artifact = wandb.Artifact(f"{name}-report", type="run-report", metadata=dict(summary),
+                              description="fedmoe results.json and plots of one run")
+    artifact.add_file(str(run_dir / "results.json"))
+    if (run_dir / "plots").is_dir():
+        artifact.add_dir(str(run_dir / "plots"), name="plots")
+    return artifact
+
+
+def model_artifacts(state_dir: Path, name: str) -> list:
+    """One artifact ``<name>-client-<id>`` (type ``model``) per client export found under
+    ``state_dir`` (``client_*/model``), its model card's fedmoe metadata attached. Opt-in:
+    an export holds the client's routed experts, which otherwise never leave it."""
+    import wandb
+
+    from fedmoe.prune.card import read_card
+
+    artifacts = []
+    for model_dir in sorted(Path(state_dir).glob("client_*/model")):
+        if not (model_dir / "config.json").is_file():
+            continue
+        client = int(model_dir.parent.name.split("_")[-1])
+        meta = read_card(model_dir).data.to_dict().get("fedmoe", {}) \
+            if (model_dir / "README.md").is_file() else {}
+        artifact = wandb.Artifact(f"{name}-client-{client}", type="model", metadata={
+            k: v for k, v in meta.items() if k != "config"} | {"client": client})
+        artifact.add_dir(str(model_dir))
+        artifacts.append(artifact)
+    return artifacts
+
+
+def _artifact_name(run_name: str | None, limit: int = 100) -> str:
+    """The run's name as the stem of its artifacts' names: letters, digits, ``-``, ``_`` and
+    ``.`` only (a sweep's job directories hold ``=`` and ``,``), at most ``limit`` characters
+    (W&B takes 128 in all; a longer name keeps its start and a hash of the whole)."""
+    name = re.sub(r"[^\w.-]+", "-", run_name or "run").strip("-") or "run"
+    if len(name) <= limit:
+        return name
+    return f"{name[:limit - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 # --- what is logged (plain dicts; no wandb import) ----------------------------------------------
@@ -298,6 +368,7 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     group: str = ""
     name: str = ""
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
 
 
 def offline_runs(root: str | Path) -> list[Path]:
@@ -305,21 +376,24 @@ def offline_runs(root: str | Path) -> list[Path]:
     return sorted(p.parent for p in Path(root).rglob("offline-run-*/run-*.wandb"))
 
 
-def read_offline_run(path: str | Path) -> OfflineRun:
+def read_offline_run(path: str | Path, wait_s: float = 30.0) -> OfflineRun:
     """Read an offline run's transaction log (``offline-run-*/run-<id>.wandb``).
 
     Parameters
     ----------
     path : str or Path
         The ``offline-run-*`` directory, or a directory holding exactly one below it.
+    wait_s : float
+        wandb's service process writes the log after ``run.finish()`` returns: wait up to this
+        long for the run's exit record (a run that crashed has none; what is there is read).
 
     Returns
     -------
     OfflineRun
-        Config (key -> value), the summary after the last update and every history row
-        (W&B's own ``_step``, ``_runtime``, ``_timestamp`` included), values JSON-decoded.
+        Config (key -> value), the summary after the last update, every history row
+        (W&B's own ``_step``, ``_runtime``, ``_timestamp`` included), values JSON-decoded,
+        and the logged artifacts (name, type, aliases, metadata, file path -> staged copy).
     """
-    from wandb.proto import wandb_internal_pb2 as pb
 
     path = Path(path)
     if not path.name.startswith("offline-run-"):
@@ -328,9 +402,7 @@ def read_offline_run(path: str | Path) -> OfflineRun:
             raise FileNotFoundError(f"expected one offline W&B run under {path}, found {found}")
         path = found[0]
     run = OfflineRun(path)
-    for payload in _log_records(next(path.glob("run-*.wandb")).read_bytes()):
-        record = pb.Record()
-        record.ParseFromString(payload)
+    for record in _wait_for_exit(next(path.glob("run-*.wandb")), wait_s):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run.config |= _items(record.run.config.update)
@@ -343,9 +415,35 @@ def read_offline_run(path: str | Path) -> OfflineRun:
             run.summary |= _items(record.summary.update)
         elif kind == "history":
             run.history.append(_items(record.history.item))
+        elif kind == "artifact":
+            a = record.artifact
+            run.artifacts.append({
+                "name": a.name, "type": a.type, "aliases": list(a.aliases),
+                "metadata": json.loads(a.metadata or "{}"),
+                "files": {e.path: e.local_path for e in a.manifest.contents}})
     run.config = {k: v.get("value", v) if isinstance(v, dict) else v
                   for k, v in run.config.items() if k != "_wandb"}
     return run
+
+
+def _wait_for_exit(log_file: Path, wait_s: float) -> list:
+    """The records of ``log_file`` once its exit record is there (or ``wait_s`` passed)."""
+    import time
+
+    from google.protobuf.message import DecodeError
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            records = [pb.Record.FromString(p) for p in _log_records(log_file.read_bytes())]
+        except DecodeError:  # the last record is still being written
+            records = None
+        done = records is not None and any(r.WhichOneof("record_type") == "exit"
+                                           for r in records)
+        if done or time.monotonic() >= deadline:
+            return records or []
+        time.sleep(0.2)
 
 
 def _items(items) -> dict[str, Any]:

@@ -48,9 +48,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from fedmoe.checkpoints import load_model
 from fedmoe.fl.bridge import compose
 from fedmoe.moe.adapter import MoEAdapter
-from fedmoe.moe.models import load_model
 from fedmoe.prune import SCORES, compute_scores, keep_experts, plan_keep, routed_mb
 from fedmoe.task.local import ClientBlocks, client_blocks, prepare_model
 from fedmoe.task.pretrain import ensure_base_model

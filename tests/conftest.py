@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+# fedmoe's cache defaults to the user's ($XDG_CACHE_HOME/fedmoe): tests never write there.
+# FEDMOE_TEST_CACHE shares the pretrained smoke base model between checkouts.
+if os.environ.get("FEDMOE_TEST_CACHE"):
+    TEST_CACHE = Path(os.environ["FEDMOE_TEST_CACHE"])
+else:
+    TEST_CACHE = Path(tempfile.mkdtemp(prefix="fedmoe-cache-"))
+    atexit.register(shutil.rmtree, TEST_CACHE, ignore_errors=True)
+os.environ["FEDMOE_CACHE"] = str(TEST_CACHE)
 
 _COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=3,
                max_position_embeddings=64, tie_word_embeddings=False)
@@ -54,10 +65,9 @@ def family(request) -> str:
 
 
 @pytest.fixture(scope="session")
-def fedmoe_cache(tmp_path_factory):
+def fedmoe_cache():
     """One cache (corpus, pretrained smoke base model) for the whole test session."""
-    path = os.environ.get("FEDMOE_TEST_CACHE")
-    return Path(path) if path else tmp_path_factory.mktemp("fedmoe_cache")
+    return TEST_CACHE
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +80,21 @@ def smoke_run(fedmoe_cache, tmp_path_factory) -> Path:
     fedmoe_main(["simulate", "experiment=smoke", f"cache_dir={fedmoe_cache}",
                  f"hydra.run.dir={run_dir}"])
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def pruned_run(fedmoe_cache, tmp_path_factory) -> tuple[Path, str]:
+    """A real ``fedmoe simulate experiment=smoke prune.keep=0.5`` (2 clients, 2 rounds) in a
+    fresh interpreter: its run dir and what it printed."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path_factory.mktemp("pruned_run")
+    env = os.environ | {"FEDMOE_CACHE": str(fedmoe_cache), "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedmoe.cli", "simulate", "experiment=smoke", "prune.keep=0.5",
+         "data.num_clients=2", "fl.min_train_nodes=2", "fl.min_evaluate_nodes=2",
+         "fl.min_available_nodes=2", f"hydra.run.dir={run_dir}"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return run_dir, proc.stdout

@@ -3,9 +3,9 @@
 A notebook reads ``$FEDMOE_NOTEBOOK_INPUT``: a ``fedmoe analyze`` output dir (with
 ``analysis.json``) for notebooks 01-03, a ``fedmoe simulate`` run dir (with ``results.json``)
 for notebook 04. Unset (or lacking the file), the notebook builds its input at smoke size
-with the real code, once, under ``<cache>/notebooks/`` (``$FEDMOE_CACHE``, else
-``.cache/fedmoe``), and later runs reuse it. Figures go to ``$FEDMOE_NOTEBOOK_OUTPUT``
-(default ``outputs/notebooks``).
+with the real code, once, under ``<cache>/notebooks/`` (``$FEDMOE_CACHE``, else the user
+cache, :func:`fedmoe.cache.cache_root`), and later runs reuse it. Figures go to
+``$FEDMOE_NOTEBOOK_OUTPUT`` (default ``outputs/notebooks``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from fedmoe.cache import cache_root
 from fedmoe.cli import conf_dir
 
 # The smoke base model of `fedmoe simulate experiment=smoke`, so both share one checkpoint.
@@ -22,7 +23,7 @@ SMOKE_OVERRIDES = ("pretraining=smoke", "data.max_mb_per_domain=0.5", "data.bloc
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FEDMOE_CACHE", ".cache/fedmoe")).resolve()
+    return cache_root().resolve()
 
 
 def output_dir(notebook: str) -> Path:

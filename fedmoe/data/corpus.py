@@ -255,7 +255,9 @@ def _build_rows(max_mb_per_domain: float, chunk_chars: int, seed: int) -> dict[s
 
 
 def _default_cache_dir() -> Path:
-    return Path(os.environ.get("FEDMOE_CACHE") or ".cache/fedmoe") / "corpus"
+    from fedmoe.cache import cache_root
+
+    return cache_root() / "corpus"
 
 
 def _cache_key(max_mb_per_domain: float, chunk_chars: int, seed: int) -> str:
@@ -284,7 +286,7 @@ def build_corpus(
         Salt of the hash that orders sources and assigns them to splits.
     cache_dir : str | Path | None
         Where built corpora are saved (``save_to_disk``), keyed by the arguments and the
-        Python version. ``None`` uses ``$FEDMOE_CACHE/corpus`` or ``.cache/fedmoe/corpus``.
+        Python version. ``None`` uses ``corpus/`` under :func:`fedmoe.cache.cache_root`.
 
     Returns
     -------

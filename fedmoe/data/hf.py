@@ -95,7 +95,10 @@ def _text_column(ds: datasets.Dataset, path: str, text_field: str | None) -> dat
                              f"its columns are {columns}")
         return ds.map(lambda r: {"text": str(r[text_field] or "")}, remove_columns=columns)
     if "instruction" in columns and "output" in columns:
-        return ds.map(lambda r: {"text": format_alpaca(r)}, remove_columns=columns)
+        # The fields stay too: fedmoe.data.instruct splits prompt from response with them.
+        return ds.map(lambda r: {"text": format_alpaca(r),
+                                 **{f: str(r.get(f) or "") for f in ALPACA_FIELDS}},
+                      remove_columns=columns)
     for name in TEXT_FIELD_CANDIDATES:
         if name in columns:
             return ds.map(lambda r, n=name: {"text": str(r[n] or "")}, remove_columns=columns)
@@ -110,6 +113,7 @@ def load_text_dataset(
     text_field: str | None = None,
     domain_field: str | None = None,
     data_files: DataFiles = None,
+    default_domain: str = DEFAULT_DOMAIN,
 ) -> datasets.Dataset:
     """Load user text as a dataset with ``text`` and ``domain`` columns.
 
@@ -125,14 +129,15 @@ def load_text_dataset(
         are formatted by `format_alpaca`, else the first of ``text``, ``content``,
         ``document`` is used.
     domain_field : str | None
-        Column holding the domain label; ``None`` gives every row ``"default"``.
+        Column holding the domain label; ``None`` gives every row ``default_domain``.
     data_files : str | Sequence | Mapping | None
         Passed to ``datasets.load_dataset`` for directories and hub ids.
 
     Returns
     -------
     datasets.Dataset
-        Columns ``text`` and ``domain`` (both strings); rows with empty text dropped.
+        Columns ``text`` and ``domain`` (both strings), and ``instruction``, ``input``,
+        ``output`` for instruction records; rows with empty text dropped.
 
     Raises
     ------
@@ -144,6 +149,6 @@ def load_text_dataset(
         raise ValueError(f"{path!r} has no domain field {domain_field!r} (data.domain_field); "
                          f"its columns are {raw.column_names}")
     domains = ([str(d) for d in raw[domain_field]] if domain_field is not None
-               else [DEFAULT_DOMAIN] * len(raw))
+               else [default_domain] * len(raw))
     ds = _text_column(raw, path, text_field).add_column("domain", domains)
     return ds.filter(lambda r: bool(r["text"].strip()))

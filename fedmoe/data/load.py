@@ -9,7 +9,7 @@ from typing import Any
 import datasets
 
 from fedmoe.data.corpus import SPLITS, build_corpus
-from fedmoe.data.hf import load_text_dataset
+from fedmoe.data.hf import DEFAULT_DOMAIN, load_text_dataset
 
 DATA_NAMES: tuple[str, ...] = ("embedded", "hf")
 
@@ -39,7 +39,8 @@ def load_data(cfg: Mapping[str, Any]) -> datasets.DatasetDict:
     cfg : Mapping
         The ``data`` config: ``embedded`` uses ``max_mb_per_domain``, ``chunk_chars`` and
         optional ``seed``/``cache_dir``; ``hf`` uses ``path``, ``split``, ``text_field``,
-        ``domain_field`` and optional ``data_files``.
+        ``domain_field`` and optional ``data_files``, or ``sources`` (domain -> hub id or
+        file, each source one domain) and ``max_rows_per_source``.
 
     Returns
     -------
@@ -52,15 +53,29 @@ def load_data(cfg: Mapping[str, Any]) -> datasets.DatasetDict:
                             chunk_chars=cfg.get("chunk_chars", 2000), seed=cfg.get("seed", 0),
                             cache_dir=cfg.get("cache_dir"))
     if name == "hf":
-        ds = load_text_dataset(cfg["path"], split=cfg.get("split", "train"),
-                               text_field=cfg.get("text_field"),
-                               domain_field=cfg.get("domain_field"),
-                               data_files=cfg.get("data_files"))
+        sources = cfg.get("sources") or {}
+        # One domain per source (a FlowerTune-style mix): with partition=natural each group
+        # of clients gets one domain.
+        parts = [_load_source(cfg, path, domain) for domain, path in sources.items()] \
+            or [_load_source(cfg, cfg["path"], None)]
+        ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         splits = split_by_hash(ds)
         for split in SPLITS:
             if len(splits[split]) == 0:
-                raise ValueError(f"data.path={cfg['path']!r}: its {len(ds)} row(s) leave the "
+                where = cfg.get("path") or sorted(sources.values())
+                raise ValueError(f"data.path={where!r}: its {len(ds)} row(s) leave the "
                                  f"{split} split empty (rows split 80/10/10 by a hash of their "
                                  "text); add rows")
         return splits
     raise ValueError(f"Unknown data.name {name!r}; expected one of {list(DATA_NAMES)}")
+
+
+def _load_source(cfg: Mapping[str, Any], path: str, domain: str | None) -> datasets.Dataset:
+    """One hub id or local file of an ``hf`` config; ``domain`` labels every row."""
+    ds = load_text_dataset(path, split=cfg.get("split", "train"),
+                           text_field=cfg.get("text_field"),
+                           domain_field=None if domain else cfg.get("domain_field"),
+                           data_files=None if domain else cfg.get("data_files"),
+                           default_domain=domain or DEFAULT_DOMAIN)
+    limit = cfg.get("max_rows_per_source")
+    return ds.select(range(min(limit, len(ds)))) if limit else ds

@@ -1,11 +1,12 @@
 """`fedmoe edge generate` and `fedmoe edge bench`: the offloaded model from the command line.
 
-    fedmoe edge generate model_dir=<checkpoint> prompt="def f(x):" edge.budget=2x edge.policy=lru
+    fedmoe edge generate model_dir=<checkpoint> 'prompt="def f(x):"' edge.budget=2x edge.policy=lru
     fedmoe edge bench model_dir=<checkpoint> budgets=[1x,2x] policies=[lru,consistency]
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -45,7 +46,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     model, tokenizer = load_model(model_dir, cfg.edge.dtype, cfg.edge.device)
     input_ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids.to(cfg.edge.device)
     counts = _static_counts(cfg, model, model_dir, input_ids)
-    store = _open_store(model, model_dir, cfg.edge.store_dir)
+    store = _open_store(model, model_dir, store_dir(cfg, model_dir))
     config = edge_config(cfg.edge, counts)
     if config.policy == "belady":  # the oracle needs this very run's trace: record it first
         runtime = offload(model, store, EdgeConfig(budget=config.budget, policy="none"))
@@ -113,9 +114,19 @@ def _static_counts(cfg: DictConfig, model, model_dir: Path,
     return routing_counts(model, calibration_ids)
 
 
-def _open_store(model, model_dir: Path, store_dir: str | None) -> ExpertStore:
-    """``store_dir`` (default ``<model_dir>/expert_store``), rebuilt when older than the model."""
-    directory = Path(store_dir) if store_dir else model_dir / "expert_store"
+def store_dir(cfg: DictConfig, model_dir: Path) -> Path:
+    """``edge.store_dir``, else a directory of the cache named after the model's path and the
+    dtype it is loaded in: a model directory may be read-only or shared (the base-model
+    cache), so nothing is written into it."""
+    if cfg.edge.store_dir:
+        return Path(cfg.edge.store_dir)
+    key = f"{Path(model_dir).resolve()}|{cfg.edge.dtype}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(cfg.cache_dir) / "expert_store" / f"{Path(model_dir).resolve().name}-{digest}"
+
+
+def _open_store(model, model_dir: Path, directory: Path) -> ExpertStore:
+    """The store in ``directory``, (re)built when missing or older than the model's weights."""
     index = directory / INDEX
     newest = max((p.stat().st_mtime for p in model_dir.glob("*.safetensors")), default=0.0)
     if index.is_file() and index.stat().st_mtime >= newest:

@@ -16,9 +16,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fedmoe.fl.backend import backend_config
 from fedmoe.fl.bridge import RUN_CONFIG_KEY, to_run_config
+from fedmoe.fl.objective import objective_value
 from fedmoe.fl.results import print_summary, run_failure, write_json
 from fedmoe.memory import GiB, PeakMemory, available_bytes, checkpoint_bytes
+from fedmoe.prune.summary import print_pruning_summary
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -43,8 +46,8 @@ def _write_app_dir(app_dir: Path, run_config: dict[str, str]) -> None:
 
 def run_simulation_engine(run_config: dict[str, str], num_supernodes: int, app_dir: Path,
                           client_resources: dict, verbose: bool = False,
-                          num_cpus: int | None = None,
-                          node_config: dict | None = None) -> None:
+                          node_config: dict | None = None,
+                          backend: dict | None = None) -> None:
     """Run fedmoe's ServerApp and ClientApp on the Simulation Engine (Ray backend).
 
     ``flwr.simulation.run_simulation`` leaves ``context.run_config`` empty, so this calls the
@@ -76,17 +79,12 @@ def run_simulation_engine(run_config: dict[str, str], num_supernodes: int, app_d
     engine.TaskIdentity.node_id = engine.SUPERLINK_NODE_ID
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=dict(run_config))
-    level = "INFO" if verbose else "ERROR"
-    backend_config = {
-        "client_resources": dict(client_resources),
-        "init_args": {"logging_level": level, "log_to_driver": verbose,
-                      "include_dashboard": False, "configure_logging": True,
-                      **({"num_cpus": num_cpus} if num_cpus else {})},
-    }
+    engine_config = backend_config({"client_resources": client_resources,
+                                    "backend": backend or {}}, verbose)
     _quiet_flower(verbose)  # after the imports: flwr sets its logger's level on import
     engine._run_simulation(
         num_supernodes=num_supernodes, client_app=client_app, server_app=server_app,
-        backend_name="ray", backend_config=backend_config, server_app_context=context,
+        backend_name="ray", backend_config=engine_config, server_app_context=context,
         app_dir=str(app_dir), is_app=True, run=run, verbose_logging=verbose,
         exit_event=engine.EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
     )
@@ -161,23 +159,28 @@ def _client_resources(cfg: DictConfig, concurrent: int, cpus: int) -> dict:
     return resources
 
 
-def main(cfg: DictConfig) -> dict:
-    """Hydra task of ``fedmoe simulate``; returns the run's results."""
+def main(cfg: DictConfig) -> float:
+    """Hydra task of ``fedmoe simulate``: run, print the tables, return ``cfg.objective``
+    (a number of the run's summary, e.g. the mean held-out perplexity: what a sweeper such
+    as ``hparams_search=optuna`` minimizes). ``results.json`` holds the rest; a run in which
+    a round accepted no reply exits non-zero, saying why."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from fedmoe.checkpoints import resolve_base_model
     from fedmoe.fl.policy import trusted_node_config
+    from fedmoe.moe.models import check_model_path
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
     base = resolve_base_model(cfg)
-    if Path(base).exists():
-        base = str(Path(base).resolve())
+    base = str(Path(base).resolve()) if Path(base).exists() else base
+    check_model_path(base)  # a hub id offline: one line here, not a traceback per client
     # One W&B group per sweep, named after the sweep directory.
     group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     overrides = simulation_overrides(cfg, list(hydra_cfg.overrides.task), run_dir, base, group)
-    cpus = os.cpu_count() or 1
+    init_args = (cfg.fl.get("backend") or {}).get("init_args") or {}
+    cpus = int(init_args.get("num_cpus") or os.cpu_count() or 1)
     concurrent, why = max_concurrent(cfg, base, cpus)
     logging.getLogger(__name__).info("at most %d client(s) at once (%s)", concurrent, why)
     with PeakMemory() as peak:
@@ -185,8 +188,8 @@ def main(cfg: DictConfig) -> dict:
             to_run_config(overrides), num_supernodes=int(cfg.data.num_clients),
             app_dir=run_dir / "flower_app",
             client_resources=_client_resources(cfg, concurrent, cpus),
-            verbose=bool(cfg.verbose), num_cpus=cpus,
-            node_config=trusted_node_config(cfg.fl.aggregate),
+            verbose=bool(cfg.verbose), node_config=trusted_node_config(cfg.fl.aggregate),
+            backend=cfg.fl.get("backend"),
         )
     results_path = run_dir / "results.json"
     if not results_path.exists():
@@ -200,8 +203,9 @@ def main(cfg: DictConfig) -> dict:
     }
     write_json(results_path, results)
     print_summary(results)
+    print_pruning_summary(results, cfg.fl.state_dir or run_dir / "clients")
     print(f"results: {results_path}")
     failure = run_failure(results)
     if failure:
         raise SystemExit(f"fedmoe simulate: {failure}")
-    return results
+    return objective_value(results, cfg.objective)

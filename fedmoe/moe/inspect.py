@@ -13,9 +13,10 @@ from rich.table import Table
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from fedmoe.checkpoints import load_model
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import ROLES
-from fedmoe.moe.models import DTYPES, build_config, load_model, validate_config
+from fedmoe.moe.models import DTYPES, build_config, from_pretrained, validate_config
 
 
 def role_table(model: nn.Module) -> dict:
@@ -49,7 +50,7 @@ def _model_for_inspection(cfg: DictConfig) -> nn.Module:
     if not cfg.meta_device:
         return load_model(cfg.model)
     if cfg.model.path:
-        config = AutoConfig.from_pretrained(cfg.model.path)
+        config = from_pretrained(AutoConfig, cfg.model.path)
         validate_config(config, where=f"config of {cfg.model.path}")
     else:
         config = build_config(cfg.model)

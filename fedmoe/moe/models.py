@@ -7,13 +7,12 @@ the model is built from config (random weights; ``fedmoe pretrain`` trains it).
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig
 
 from fedmoe.moe.families import family_spec
 
@@ -62,49 +61,33 @@ def validate_config(config: PretrainedConfig, where: str = "model") -> None:
         )
 
 
-def load_model(
-    model_cfg: Any, checkpoint: str | Path | None = None, vocab_size: int | None = None
-) -> PreTrainedModel:
-    """Load the model a preset describes.
-
-    Parameters
-    ----------
-    model_cfg : DictConfig or dict
-        A ``model`` group entry (``family``, ``path``, ``dtype``, ``config``).
-    checkpoint : str or Path, optional
-        Used when the preset has no ``path`` (e.g. the output of ``fedmoe pretrain``).
-    vocab_size : int, optional
-        Vocabulary size when building from config.
-    """
-    m = plain(model_cfg)
-    dtype = DTYPES[m.get("dtype") or "float32"]
-    source = m.get("path") or checkpoint
-    if source:
-        model = _from_pretrained(str(source), dtype)
-        if model.config.model_type != family_spec(m["family"]).model_type:
-            raise ValueError(
-                f"model.path={source!r} holds a {model.config.model_type!r} model, "
-                f"but model.family={m['family']!r}"
-            )
-        validate_config(model.config, where=f"config.json of {source}")
-    else:
-        model = AutoModelForCausalLM.from_config(build_config(m, vocab_size), dtype=dtype)
-    if m.get("experts_implementation"):
-        model.set_experts_implementation(m["experts_implementation"])
-    return model
-
-
-def _from_pretrained(source: str, dtype: torch.dtype) -> PreTrainedModel:
-    """``from_pretrained``, with a one-line error naming the checkpoint when its weights file
-    is truncated or corrupt (safetensors and torch name neither the file nor the cause)."""
-    from safetensors import SafetensorError
-
+def from_pretrained(loader: Any, source: str | Path, key: str = "model.path", **kwargs) -> Any:
+    """``loader.from_pretrained(source, **kwargs)`` (a transformers Auto class); a source
+    that is neither a local directory nor a hub model in the local HF cache (offline, or no
+    network) raises a one-line ``FileNotFoundError`` naming ``key`` instead of transformers'
+    multi-line ``OSError``."""
+    path = Path(str(source)).expanduser()
+    if str(source).startswith(("/", ".", "~")) and not path.exists():
+        raise FileNotFoundError(f"{key}={str(source)!r} does not exist (a local checkpoint "
+                                "directory or a hub id such as allenai/OLMoE-1B-7B-0924)")
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (SafetensorError, EOFError, pickle.UnpicklingError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"checkpoint {source!r}: its weights file is truncated or corrupt "
-                         f"({first})") from e
+        return loader.from_pretrained(str(path if path.exists() else source), **kwargs)
+    except OSError as error:
+        if path.exists():
+            raise
+        raise FileNotFoundError(
+            f"{key}={str(source)!r}: no such local directory, and the hub model could not be "
+            f"loaded (offline or not in the local Hugging Face cache): download it once with "
+            f"`hf download {source}` where there is network, or set {key}=<local dir>"
+        ) from error
+
+
+def check_model_path(source: str | Path, key: str = "model.path") -> str:
+    """``source`` as a string when its config loads (a local checkpoint, or a hub model that
+    is cached or reachable); else :func:`from_pretrained`'s one-line error. Cheap: the
+    config only, before a launcher starts workers that would each fail on it."""
+    from_pretrained(AutoConfig, source, key)
+    return str(source)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -27,9 +27,9 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer
 
+from fedmoe.checkpoints import load_model
 from fedmoe.data import load_data, tokenize_blocks
 from fedmoe.moe.adapter import MoEAdapter
-from fedmoe.moe.models import load_model
 from fedmoe.prune.budget import expert_mb
 from fedmoe.prune.export import export_checkpoint
 from fedmoe.prune.pipeline import prune_model
@@ -115,12 +115,12 @@ def print_report(summary: dict[str, Any]) -> None:
           f"{summary['routed_mb_before']:.3f} -> {summary['routed_mb_after']:.3f} MB")
 
 
-def export(model: torch.nn.Module, tokenizer: Any, out_dir: Path,
-           report: dict[str, Any]) -> Path | None:
+def export(model: torch.nn.Module, tokenizer: Any, out_dir: Path, report: dict[str, Any],
+           card: dict[str, Any] | None = None) -> Path | None:
     """The pruned model as an HF checkpoint in ``out_dir``; ``None`` if it has no HF form."""
     try:
         return export_checkpoint(model, tokenizer, out_dir, kept=report["kept"],
-                                 scores=report["scores"])
+                                 scores=report["scores"], card=card)
     except ValueError as e:  # unequal expert counts per layer (prune.max_mb): no HF config
         log.warning("no export: %s", e)
         return None
@@ -151,7 +151,11 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     before = evaluate_lm(model, held_out, cfg.batch_size)
     report = prune_model(model, calibration, cfg.prune)
     after = evaluate_lm(model, held_out, cfg.batch_size)
-    out_dir = export(model, tokenizer, Path(cfg.out_dir or run_dir / "model"), report)
+    card = {"name": f"fedmoe prune: {cfg.model.name} ({report['score']})",
+            "base_model": str(checkpoint), "held_out_ppl": after["ppl"],
+            "base_ppl": before["ppl"], "dataset": f"validation split ({cfg.data.name}, "
+            f"{cfg.domain or 'all domains'})", "config": OmegaConf.to_container(cfg, resolve=True)}
+    out_dir = export(model, tokenizer, Path(cfg.out_dir or run_dir / "model"), report, card)
     # The key that decided, in plan_keep's order of precedence.
     budget = next({k: cfg.prune[k]} for k in ("max_mb", "keep_per_layer", "keep")
                   if cfg.prune[k] is not None)

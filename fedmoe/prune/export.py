@@ -14,6 +14,9 @@ HF configs hold ONE expert count per model, so a model whose MoE layers keep dif
 numbers of experts (a ``prune.max_mb`` budget) is refused rather than padded: padding
 cannot be exact, since a padded expert's router row still competes for the top-k.
 
+Every export carries a Hugging Face model card, ``README.md`` (:mod:`fedmoe.prune.card`):
+base model, kept experts per layer, held-out perplexity and the run's config as YAML metadata.
+
 The directory is written atomically: a temporary sibling directory renamed into place.
 """
 
@@ -23,6 +26,7 @@ import copy
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from transformers.core_model_loading import revert_weight_conversion
 
 from fedmoe.moe.adapter import MoEAdapter, normalize_name
 from fedmoe.moe.families import Role
+from fedmoe.prune.card import CARD_FILE, model_card
 from fedmoe.prune.scores import RoutingStats
 from fedmoe.prune.slicing import _deepseek_grouping, kept_experts
 from fedmoe.task.expert_lora import IMPLEMENTATION, has_expert_lora, merged_expert_weights
@@ -49,6 +54,7 @@ def export_checkpoint(
     scores: dict[int, np.ndarray] | None = None,
     routing_stats: RoutingStats | dict | None = None,
     select: dict[int, list[int]] | None = None,
+    card: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (pruned or not, optionally PEFT) as an HF checkpoint in ``out_dir``.
 
@@ -75,6 +81,10 @@ def export_checkpoint(
     select : dict, optional
         Layer -> positions along the model's expert axis to export (default: all), for a
         shared model whose routing is restricted rather than sliced (``fedmoe.task.local``).
+    card : Mapping, optional
+        What the model card adds to the family and kept experts: the keyword arguments of
+        :func:`fedmoe.prune.card.model_card` (``name``, ``base_model``, ``held_out_ppl``,
+        ``base_ppl``, ``dataset``, ``config``).
 
     Returns
     -------
@@ -105,6 +115,10 @@ def export_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write(model, tokenizer, tmp, adapter, kept, select, scores, routing_stats)
+        info = load_experts_info(tmp)
+        model_card(family=info["family"], kept=info["kept"],
+                   num_experts_original=info["num_experts_original"],
+                   **(card or {})).save(tmp / CARD_FILE)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,6 +27,7 @@ from fedmoe.moe.families import Role
 from fedmoe.moe.routing import LayerRouting, RoutingTrace, capture_routing
 from fedmoe.prune import RoutingStats, budget_for_round, export_checkpoint, pruning_enabled
 from fedmoe.prune.budget import expert_mb
+from fedmoe.prune.card import client_card
 from fedmoe.prune.masked import RoutingRestriction
 from fedmoe.prune.pipeline import plan_pruning
 from fedmoe.task.guards import check_global, check_trained, kept_personal
@@ -41,6 +42,9 @@ class ClientBlocks:
     train: torch.Tensor  # (N, T)
     validation: torch.Tensor  # (M, T)
     domains: list[str]
+    # Instruction data (data.template): -100 on prompt tokens; None = every token a target.
+    train_labels: torch.Tensor | None = None  # (N, T)
+    validation_labels: torch.Tensor | None = None  # (M, T)
 
 
 def prepare_model(model_cfg, checkpoint: str | Path, train_cfg, seed: int = 0,
@@ -165,19 +169,19 @@ def _partitions(data_yaml: str, num_clients: int):
 @lru_cache(maxsize=256)
 def client_blocks(data_yaml: str, checkpoint: str, client_id: int) -> ClientBlocks:
     """Tokenized train and held-out blocks of one client (cached per process)."""
-    from fedmoe.data import tokenize_blocks
+    from fedmoe.data.instruct import token_blocks
 
     data = OmegaConf.create(data_yaml)
     part = _partitions(data_yaml, data.num_clients)[client_id]
     tok = _tokenizer(checkpoint)
-    train = tokenize_blocks(part.train, tok, data.block_size, data.max_train_blocks_per_client)
-    val = tokenize_blocks(part.validation, tok, data.block_size, data.max_eval_blocks_per_client)
+    train, train_labels = token_blocks(part.train, tok, data, data.max_train_blocks_per_client)
+    val, val_labels = token_blocks(part.validation, tok, data, data.max_eval_blocks_per_client)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(
             f"client {client_id} has no full block of data.block_size={data.block_size} tokens "
             f"(train {len(train)}, validation {len(val)}): lower data.num_clients or block_size"
         )
-    return ClientBlocks(train, val, part.domains)
+    return ClientBlocks(train, val, part.domains, train_labels, val_labels)
 
 
 # --- a device's own data (deployment: node config `data-path`) -----------------------------
@@ -187,7 +191,8 @@ def local_blocks(data_path: str, data_yaml: str, checkpoint: str) -> ClientBlock
     each row's text (validation and test together are held out), never partitioned."""
     from datasets import concatenate_datasets
 
-    from fedmoe.data import load_text_dataset, split_by_hash, tokenize_blocks
+    from fedmoe.data import load_text_dataset, split_by_hash
+    from fedmoe.data.instruct import token_blocks
 
     data = OmegaConf.create(data_yaml)
     rows = load_text_dataset(data_path, text_field=data.get("text_field"),
@@ -195,15 +200,16 @@ def local_blocks(data_path: str, data_yaml: str, checkpoint: str) -> ClientBlock
     splits = split_by_hash(rows)
     held_out = concatenate_datasets([splits["validation"], splits["test"]])
     tok = _tokenizer(checkpoint)
-    train = tokenize_blocks(splits["train"], tok, data.block_size, data.max_train_blocks_per_client)
-    val = tokenize_blocks(held_out, tok, data.block_size, data.max_eval_blocks_per_client)
+    train, train_labels = token_blocks(splits["train"], tok, data,
+                                       data.max_train_blocks_per_client)
+    val, val_labels = token_blocks(held_out, tok, data, data.max_eval_blocks_per_client)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(
             f"data-path {data_path!r} ({len(rows)} rows) gives no full block of "
             f"data.block_size={data.block_size} tokens (train {len(train)}, held-out "
             f"{len(val)}): add text or lower data.block_size"
         )
-    return ClientBlocks(train, val, sorted(set(rows["domain"])))
+    return ClientBlocks(train, val, sorted(set(rows["domain"])), train_labels, val_labels)
 # --- end of a device's own data ------------------------------------------------------------
 
 
@@ -350,6 +356,7 @@ class LocalClient:
             self.model, self.data.train, steps=t.local_steps, batch_size=t.batch_size,
             lr=t.lr, aux_loss_coef=t.aux_loss_coef, weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm, accumulate=int(t.get("grad_accumulation") or 1),
+            labels=self.data.train_labels,
             seed=self.cfg.seed * 1_000_003 + self.client_id * 1_009 + server_round,
             progress=f"client {self.client_id}" if self.cfg.verbose else False,
         )
@@ -397,10 +404,10 @@ class LocalClient:
                    "personal_mb": self.personal_mb()}
         metrics |= {f"experts_kept.{layer}": len(ids) for layer, ids in self.held.items()}
         if server_round and server_round == int(self.cfg.fl.num_rounds) and self.cfg.fl.export:
-            self.export(meta)
+            self.export(meta, metrics)
         return metrics
 
-    def export(self, meta: dict) -> Path | None:
+    def export(self, meta: dict, metrics: dict | None = None) -> Path | None:
         """The personalized model as a standard HF checkpoint in ``<state dir>/model``."""
         out = self.store.directory / "model"
         kept = self.held
@@ -416,14 +423,16 @@ class LocalClient:
                     routing[str(layer)]["tcess"] = score.tolist()
         try:
             export_checkpoint(self.model, _tokenizer(self.checkpoint), out, kept=kept,
-                              select=kept, scores=meta.get("scores"), routing_stats=routing)
+                              select=kept, scores=meta.get("scores"), routing_stats=routing,
+                              card=client_card(self.cfg, self.client_id, self.checkpoint, metrics))
         except ValueError as e:  # e.g. unequal expert counts per layer: no single HF config
             logging.getLogger(__name__).warning("client %d: no export: %s", self.client_id, e)
             return None
         return out
 
     def _held_out(self) -> dict[str, float]:
-        return evaluate_lm(self.model, self.data.validation, self.cfg.train.batch_size)
+        return evaluate_lm(self.model, self.data.validation, self.cfg.train.batch_size,
+                           labels=self.data.validation_labels)
 
 
 def held_layout(trace: RoutingTrace, held: dict[int, list[int]]) -> RoutingTrace:

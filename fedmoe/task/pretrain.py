@@ -6,9 +6,10 @@ validation perplexity next to an add-one unigram baseline -> a standard HF check
 (``save_pretrained``) in ``<cache_dir>/base/<model.name>-<hash>``, loadable with plain
 ``AutoModelForCausalLM`` / ``AutoTokenizer``.
 
-The hash covers everything that changes the weights (model preset, ``pretraining``, the
-corpus keys of ``data`` and ``seed``), so a second call with the same config reuses the
-checkpoint at once and a different config never does.
+The hash covers everything that changes the weights (model preset, ``pretraining`` with its
+own ``pretraining.seed``, the corpus keys of ``data``), so a second call with the same config
+reuses the checkpoint at once and a different config never does. The run's top-level
+``seed`` is not part of it: the runs of a seed sweep share one base model.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fedmoe.checkpoints import load_model
 from fedmoe.data import load_data, tokenize_blocks, train_tokenizer, unigram_perplexity
-from fedmoe.moe.models import count_parameters, load_model
+from fedmoe.moe.models import check_model_path, count_parameters
 from fedmoe.task.train import evaluate_lm, train_lm
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,8 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "pretrain.json"
 # `data` keys that change the corpus or its blocks (client partitioning keys do not).
 _CORPUS_KEYS = ("name", "path", "split", "text_field", "domain_field", "data_files",
-                "max_mb_per_domain", "chunk_chars", "seed", "block_size")
+                "sources", "max_rows_per_source", "max_mb_per_domain", "chunk_chars", "seed",
+                "block_size")
 # Keys that change speed, not weights: left out of the hash.
 _RUNTIME_KEYS = {"model": ("experts_implementation",), "pretraining": ("threads",)}
 _EVAL_BATCH = 16
@@ -55,11 +58,8 @@ def pretrain_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     weights = {group: {k: v for k, v in OmegaConf.to_container(cfg[group], resolve=True).items()
                        if k not in runtime}
                for group, runtime in _RUNTIME_KEYS.items()}
-    return {
-        **weights,
-        "data": {k: data[k] for k in _CORPUS_KEYS if data.get(k) is not None},
-        "seed": cfg.seed,
-    }
+    # pretraining.seed is in `weights`; the run's own seed stays out (see the module doc).
+    return {**weights, "data": {k: data[k] for k in _CORPUS_KEYS if data.get(k) is not None}}
 
 
 def base_checkpoint_dir(cfg: DictConfig) -> Path:
@@ -75,8 +75,7 @@ def ensure_base_model(cfg: DictConfig, progress: bool = True) -> Path:
     Parameters
     ----------
     cfg : DictConfig
-        A composed ``pretrain`` config: ``model``, ``data``, ``pretraining``, ``seed``,
-        ``cache_dir``.
+        A composed ``pretrain`` config: ``model``, ``data``, ``pretraining``, ``cache_dir``.
     progress : bool
         Show the training progress bar.
 
@@ -88,7 +87,7 @@ def ensure_base_model(cfg: DictConfig, progress: bool = True) -> Path:
         complete or not at all.
     """
     if cfg.model.path:
-        return Path(cfg.model.path)
+        return Path(check_model_path(cfg.model.path))
     target = base_checkpoint_dir(cfg)
     if (target / SUMMARY_FILE).is_file():
         log.info("reusing base checkpoint %s", target)
@@ -114,13 +113,14 @@ def pretrain(
         ``pretrain.json``.
     """
     p = cfg.pretraining
+    seed = int(p.get("seed", 0))
     start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     torch.set_num_threads(p.threads or os.cpu_count() or 1)
     corpus = load_data(cfg.data)
-    texts = tokenizer_texts(corpus["train"], max_mb=p.tokenizer_mb, seed=cfg.seed)
+    texts = tokenizer_texts(corpus["train"], max_mb=p.tokenizer_mb, seed=seed)
     tokenizer = train_tokenizer(texts, vocab_size=p.vocab_size)
-    blocks = mixed_blocks(corpus["train"], tokenizer, cfg.data.block_size, seed=cfg.seed)
+    blocks = mixed_blocks(corpus["train"], tokenizer, cfg.data.block_size, seed=seed)
     log.info("tokenizer of %d tokens; %d train blocks of %d", len(tokenizer), len(blocks),
              cfg.data.block_size)
     model = load_model(cfg.model, vocab_size=len(tokenizer))
@@ -129,7 +129,7 @@ def pretrain(
     result = train_lm(model, blocks, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
                       aux_loss_coef=p.aux_loss_coef, weight_decay=p.weight_decay,
                       max_grad_norm=p.max_grad_norm, warmup_steps=p.warmup_steps,
-                      seed=cfg.seed, progress="pretrain" if progress else False)
+                      seed=seed, progress="pretrain" if progress else False)
     train_seconds = time.perf_counter() - train_start
     num_eval = p.eval_blocks_per_domain
     domains = evaluate_domains(model, blocks, corpus["validation"], tokenizer,
@@ -294,6 +294,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
     if cfg.model.path:
+        check_model_path(cfg.model.path)
         print(f"model.path is set: using {cfg.model.path} as the base model (no pretraining)")
         return {"checkpoint": str(cfg.model.path), "reused": True}
     reused = (base_checkpoint_dir(cfg) / SUMMARY_FILE).is_file()

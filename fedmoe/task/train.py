@@ -115,14 +115,19 @@ def autocast_for(model: nn.Module) -> AbstractContextManager:
     return torch.autocast(model_device(model).type, dtype=dtype)
 
 
-def lm_loss(model: nn.Module, input_ids: torch.Tensor,
-            adapter: MoEAdapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy and the router load-balancing loss of one batch."""
+def lm_loss(model: nn.Module, input_ids: torch.Tensor, adapter: MoEAdapter | None = None,
+            labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy and the router load-balancing loss of one batch.
+
+    ``labels`` ``(B, T)`` (default: ``input_ids``) are the targets; ``-100`` marks a position
+    the loss skips (the prompt of an instruction record, ``fedmoe.data.instruct``).
+    """
     with _RouterLogits(adapter or MoEAdapter(model)) as routers, autocast_for(model):
         out = model(input_ids=input_ids.to(model_device(model)), use_cache=False)
     logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
-    targets = input_ids[:, 1:].to(logits.device)  # (B, T-1)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    targets = (input_ids if labels is None else labels)[:, 1:].to(logits.device)  # (B, T-1)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                         ignore_index=-100)
     return ce, routers.aux_loss(ce)
 
 
@@ -141,6 +146,7 @@ def train_lm(
     progress: bool | str = False,
     optimizer: torch.optim.Optimizer | None = None,
     accumulate: int = 1,
+    labels: torch.Tensor | None = None,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on random batches of ``blocks`` ``(N, T)``.
 
@@ -157,6 +163,8 @@ def train_lm(
     accumulate : int
         Gradient accumulation: each step averages the gradients of ``accumulate`` batches of
         ``batch_size`` (the effective batch), for a memory of one batch.
+    labels : Tensor, optional
+        ``(N, T)`` targets of ``blocks`` (``-100``: not trained on); default the blocks.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -177,7 +185,8 @@ def train_lm(
         finite = True
         for _ in range(accumulate):
             idx = torch.randint(0, blocks.shape[0], (batch_size,), generator=gen)
-            ce, aux = lm_loss(model, blocks[idx], adapter)
+            ce, aux = lm_loss(model, blocks[idx], adapter,
+                              None if labels is None else labels[idx])
             loss = (ce + aux_loss_coef * aux) / accumulate
             if not torch.isfinite(loss):
                 finite = False
@@ -221,8 +230,10 @@ def _schedule(steps: int, warmup: int):
 
 
 @torch.no_grad()
-def evaluate_lm(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
-    """Token-level cross-entropy and perplexity of ``model`` on ``blocks`` ``(N, T)``."""
+def evaluate_lm(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16,
+                labels: torch.Tensor | None = None) -> dict[str, float]:
+    """Token-level cross-entropy and perplexity of ``model`` on ``blocks`` ``(N, T)``, over
+    the positions ``labels`` keep (default: every token; ``-100`` skips one)."""
     model.eval()
     total, count = 0.0, 0
     device = model_device(model)
@@ -230,10 +241,12 @@ def evaluate_lm(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16) ->
         batch = blocks[start : start + batch_size].to(device)
         with autocast_for(model):
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1]  # (B, T-1, V)
-        targets = batch[:, 1:]
+        targets = (batch if labels is None else
+                   labels[start : start + batch_size].to(device))[:, 1:]
         total += F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
+            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum",
+            ignore_index=-100,
         ).item()
-        count += targets.numel()
+        count += int((targets != -100).sum())
     loss = total / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": float(count)}

@@ -12,12 +12,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from fedmoe.checkpoints import load_model
 from fedmoe.data.hf import load_text_dataset
 from fedmoe.data.load import load_data
 from fedmoe.fl.bridge import compose
 from fedmoe.fl.deploy import generate_supernode_keys, generate_tls_certificates
 from fedmoe.fl.state import PersonalStore
-from fedmoe.moe.models import load_model
 
 # --- key files ------------------------------------------------------------------------------
 

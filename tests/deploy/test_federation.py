@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from fedmoe.checkpoints import load_model
 from fedmoe.fl.bridge import compose
 from fedmoe.fl.deploy import (
     Control,
@@ -29,7 +30,6 @@ from fedmoe.fl.deploy import (
 )
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
-from fedmoe.moe.models import load_model
 
 from .conftest import TINY, dump_logs
 

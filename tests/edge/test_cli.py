@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedmoe.cli import COMMANDS, main
+from fedmoe.cli import main
 from fedmoe.edge.bench import KEYS
-
-pytestmark = pytest.mark.skipif("edge_generate" not in COMMANDS,
-                                reason="edge commands not registered in fedmoe/cli.py")
 
 PROMPT = "def add(a, b):"
 
@@ -66,3 +62,22 @@ def test_bench_writes_every_contender_with_the_documented_keys(tiny_checkpoint, 
     naive = rows[3]
     assert naive["hit_rate"] == 0.0 and naive["bytes_loaded"] > 0
     assert "naive offload" in printed
+
+
+def test_generate_builds_its_store_in_the_cache_not_in_the_model_dir(tiny_checkpoint, tmp_path,
+                                                                     monkeypatch, capsys):
+    # Prepare: a private cache (tests run as root here: a read-only mode would not bind)
+    monkeypatch.setenv("FEDMOE_CACHE", str(tmp_path / "cache"))
+    before = sorted(p.name for p in tiny_checkpoint.iterdir())
+
+    # Execute: twice; the second run reuses the store
+    for run in ("a", "b"):
+        main(["edge", "generate", f"model_dir={tiny_checkpoint}", f"prompt='{PROMPT}'",
+              "max_new_tokens=2", "edge.threads=1", f"hydra.run.dir={tmp_path / run}"])
+
+    # Assert: one store under <cache>/expert_store, named after the model; the model dir as it was
+    stores = list((tmp_path / "cache" / "expert_store").iterdir())
+    assert len(stores) == 1 and stores[0].name.startswith(f"{tiny_checkpoint.name}-")
+    assert (stores[0] / "expert_store.json").is_file()
+    assert sorted(p.name for p in tiny_checkpoint.iterdir()) == before
+    assert "[edge] policy=consistency" in capsys.readouterr().out

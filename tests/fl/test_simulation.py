@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedmoe.checkpoints import load_model
 from fedmoe.fl.bridge import compose
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
-from fedmoe.moe.models import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from fedmoe.checkpoints import load_model
 from fedmoe.cli import conf_dir
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import ROLES
 from fedmoe.moe.inspect import role_table
-from fedmoe.moe.models import load_model
 from tests.conftest import tiny_model
 
 PRESETS = ["tiny", "tiny_olmoe", "tiny_qwen3_moe", "tiny_mixtral", "tiny_deepseek_v3",

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedmoe.checkpoints import load_model
 from fedmoe.data import DOMAINS, load_data
-from fedmoe.moe.models import count_parameters, load_model
+from fedmoe.moe.models import count_parameters
 from fedmoe.task.pretrain import (
     SUMMARY_FILE,
     base_checkpoint_dir,
@@ -109,7 +110,7 @@ def test_second_call_reuses_checkpoint_without_training(smoke_pretrain):
 
 
 @pytest.mark.parametrize("override", [
-    "seed=1",
+    "pretraining.seed=1",
     "pretraining.steps=41",
     "pretraining.lr=1e-3",
     "model.config.num_experts=8",
@@ -126,6 +127,7 @@ def test_weight_changing_config_gets_another_dir(smoke_pretrain, override):
 
 
 @pytest.mark.parametrize("override", [
+    "seed=1",  # the run's seed: a seed sweep shares one base model
     "pretraining.threads=1",
     "model.experts_implementation=eager",
     "data.num_clients=3",
@@ -218,3 +220,32 @@ def test_cli_prints_table_and_copies_summary(smoke_pretrain, tmp_path):
     assert f"base checkpoint: {smoke_pretrain.checkpoint}" in proc.stdout
     copied = json.loads((run_dir / SUMMARY_FILE).read_text())
     assert copied == json.loads((smoke_pretrain.checkpoint / SUMMARY_FILE).read_text())
+
+
+def test_cli_reuses_the_user_cache_from_any_working_directory(smoke_pretrain, tmp_path):
+    # Prepare: $XDG_CACHE_HOME/fedmoe is the tests' cache (no $FEDMOE_CACHE, no cache_dir=);
+    # two unrelated working directories.
+    xdg = tmp_path / "xdg"
+    xdg.mkdir()
+    (xdg / "fedmoe").symlink_to(Path(smoke_pretrain.cfg.cache_dir), target_is_directory=True)
+    expected = xdg / "fedmoe" / "base" / smoke_pretrain.checkpoint.name
+    env = _subprocess_env(XDG_CACHE_HOME=str(xdg))
+    if os.environ.get("PYTHONPATH"):  # a checkout run from its own tree, not the installed one
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    outputs = []
+
+    # Execute
+    for cwd in (tmp_path / "a", tmp_path / "b" / "c"):
+        cwd.mkdir(parents=True)
+        command = [sys.executable, "-m", "fedmoe.cli", "pretrain", *smoke_pretrain.overrides,
+                   "seed=7", f"hydra.run.dir={cwd / 'run'}"]
+        proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=300)
+        outputs.append(proc)
+
+    # Assert: both reuse the one checkpoint (nothing pretrained, whatever the run seed)
+    for proc in outputs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "reused the saved checkpoint" in proc.stdout
+        assert f"base checkpoint: {expected}" in proc.stdout
+    assert not list(tmp_path.rglob(".cache"))
