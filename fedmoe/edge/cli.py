@@ -43,18 +43,18 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.edge.threads:
         torch.set_num_threads(int(cfg.edge.threads))
     model_dir = resolve_model_dir(cfg.model_dir, list(cfg.pretrain_overrides))
-    model, tokenizer = load_model(model_dir, cfg.edge.dtype, cfg.edge.device)
+    # The routed experts are never loaded: the store is written from the checkpoint and the
+    # runtime reads them from it (the device holds the dense part plus its cache).
+    model, tokenizer = load_model(model_dir, cfg.edge.dtype, cfg.edge.device, offloaded=True)
     input_ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids.to(cfg.edge.device)
-    counts = _static_counts(cfg, model, model_dir, input_ids)
     store = _open_store(model, model_dir, store_dir(cfg, model_dir))
-    config = edge_config(cfg.edge, counts)
+    budget = edge_config(cfg.edge, None).budget
+    runtime = offload(model, store, EdgeConfig(budget=budget, policy="none"))
+    config = edge_config(cfg.edge, _static_counts(cfg, model, model_dir, input_ids))
     if config.policy == "belady":  # the oracle needs this very run's trace: record it first
-        runtime = offload(model, store, EdgeConfig(budget=config.budget, policy="none"))
         _generate(model, input_ids, cfg.max_new_tokens, streamer=None)
         config.trace, config.prefetch = runtime.trace(), False
-        runtime.configure(config)
-    else:
-        runtime = offload(model, store, config)
+    runtime.configure(config)
     streamer = TextStreamer(tokenizer)
     out = _generate(model, input_ids, cfg.max_new_tokens, streamer)
     stats = runtime.stats()
@@ -132,6 +132,8 @@ def _open_store(model, model_dir: Path, directory: Path) -> ExpertStore:
     if index.is_file() and index.stat().st_mtime >= newest:
         return ExpertStore(directory)
     log.info("writing the expert store to %s", directory)
+    if any(p.is_meta for p in model.parameters()):  # loaded offloaded: stream the experts
+        return ExpertStore.build_from_checkpoint(model, model_dir, directory)
     return ExpertStore.build(model, directory)
 
 

@@ -78,6 +78,65 @@ class ExpertStore:
         (directory / INDEX).write_text(json.dumps(meta, indent=2))
         return cls(directory)
 
+    @classmethod
+    def build_from_checkpoint(cls, model: nn.Module, checkpoint: str | Path,
+                              directory: str | Path) -> ExpertStore:
+        """Write the store straight from a checkpoint's safetensors files, one expert in
+        memory at a time: ``model`` (whose experts may be ``meta``: never loaded) gives the
+        layout, :func:`fedmoe.checkpoints.checkpoint_plan` where each tensor goes."""
+        from fedmoe.checkpoints import checkpoint_plan, safetensors_files
+
+        adapter = MoEAdapter(model)
+        directory = Path(directory)
+        state = model.state_dict(keep_vars=True)
+        plan = checkpoint_plan(safetensors_files(Path(checkpoint)), state)
+        if plan is None:
+            raise ValueError(f"{checkpoint}: its tensors do not map onto the model's; load the "
+                             f"model in memory and use ExpertStore.build")
+        experts = {}  # fused tensor name -> (layer, parameter name)
+        layers = {}
+        for layer in adapter.moe_layers():
+            prefix = next(n for n, t in state.items() if t is getattr(layer.experts,
+                          layer.expert_param_names()[0])).rsplit(".", 1)[0]
+            params = {n: getattr(layer.experts, n) for n in layer.expert_param_names()}
+            experts |= {f"{prefix}.{n}": (layer.index, n) for n in params}
+            layers[str(layer.index)] = {
+                "num_experts": layer.num_experts,
+                "tensors": {n: {"shape": list(p.shape[1:]), "dtype": str(p.dtype)}
+                            for n, p in params.items()},
+                "expert_nbytes": sum(p[0].numel() * p.element_size() for p in params.values()),
+            }
+        pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        filled: dict[tuple[int, int], int] = {}
+        parts = {}  # (layer, expert) -> checkpoint tensors that make it up
+        for entries in plan.values():
+            for _, target in entries:
+                if target.name in experts and target.index is not None:
+                    key = (experts[target.name][0], target.index)
+                    parts[key] = parts.get(key, 0) + 1
+        for file, entries in plan.items():
+            with safe_open(str(file), framework="pt", device="cpu", backend="pread") as f:
+                for ckpt_key, target in entries:
+                    if target.name not in experts or target.index is None:
+                        continue
+                    layer, name = experts[target.name]
+                    key = (layer, target.index)
+                    shape = tuple(layers[str(layer)]["tensors"][name]["shape"])
+                    dtype = _DTYPES[layers[str(layer)]["tensors"][name]["dtype"]]
+                    buf = pending.setdefault(key, {}).setdefault(
+                        name, torch.empty(shape, dtype=dtype))
+                    dest = buf if target.half is None else \
+                        buf[target.half * shape[0] // 2:(target.half + 1) * shape[0] // 2]
+                    dest.copy_(f.get_tensor(ckpt_key))
+                    filled[key] = filled.get(key, 0) + 1
+                    if filled[key] == parts[key]:  # every piece of this expert is in
+                        folder = directory / f"layer{layer:03d}"
+                        folder.mkdir(parents=True, exist_ok=True)
+                        save_file(pending.pop(key), str(folder / f"expert{key[1]:04d}.safetensors"))
+        meta = {"format": 1, "model_type": model.config.model_type, "layers": layers}
+        (directory / INDEX).write_text(json.dumps(meta, indent=2))
+        return cls(directory)
+
     # ---- reading ----------------------------------------------------------------------------
     def path(self, layer: int, expert: int) -> Path:
         return self.directory / f"layer{layer:03d}" / f"expert{expert:04d}.safetensors"

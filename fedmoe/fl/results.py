@@ -18,6 +18,8 @@ def round_entry(server_round: int, log, payload_bytes: int) -> dict:
     return {
         "round": server_round,
         "train_loss": _num(log.train_metrics.get("train_loss")),
+        # mean over the accepted clients of their local training time
+        "train_seconds": _num(log.train_metrics.get("train_seconds")),
         "eval_ppl": _num(log.eval_metrics.get("eval_ppl")),  # weighted by held-out examples
         "eval_ppl_mean": _mean(ppl.values()),
         "eval_ppl_worst": max(ppl.values()) if ppl else None,
