@@ -64,15 +64,17 @@ SIM = ["model=olmoe_1b_7b", "train=lora", "data.num_clients=4", "fl.num_rounds=2
 
 
 @torch.no_grad()
-def build_checkpoint(out: Path, tokenizer_dir: Path, seed: int = 0) -> int:
+def build_checkpoint(out: Path, tokenizer_dir: Path, seed: int = 0,
+                     layers: int | None = None) -> int:
     """Random OLMoE-1B-7B weights (std 0.02, norms 1), one shard per decoder layer, in the
-    layout transformers saves; returns the weight bytes."""
+    layout transformers saves (``layers``: cut to that many); returns the weight bytes."""
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
 
     out.mkdir(parents=True, exist_ok=True)
-    config = AutoConfig.for_model("olmoe", **OLMOE_1B_7B)
+    config = AutoConfig.for_model("olmoe", **(OLMOE_1B_7B | (
+        {"num_hidden_layers": layers} if layers else {})))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     groups: dict[str, list[str]] = {}
