@@ -121,3 +121,28 @@ def test_personal_state_is_megabytes_of_lora_factors(smoke_cfg, tmp_path):
     assert all(n.rsplit(".", 1)[1].startswith("lora_") for n in saved)
     assert 0 < factors < routed / 2
     assert out["metrics"]["personal_mb"] == pytest.approx(factors * 4 / 2**20)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_and_evaluation_equal_cpu(smoke_cfg, tmp_path):
+    # The same client, round and data on both devices: the model lives where train.device says
+    from fedmoe.task import local
+
+    cfg, base = smoke_cfg
+    results = {}
+    for device in ("cpu", "cuda"):
+        local.shared_model.cache_clear()
+        run = compose(["experiment=smoke", "train=lora", f"train.device={device}",
+                       f"cache_dir={cfg.cache_dir}"])
+        client = LocalClient(run, 0, base, tmp_path / device)
+        assert {p.device.type for p in client.model.parameters()} == {device}
+        out = client.fit({}, server_round=1)
+        results[device] = (client.store.load()[0], client.evaluate({}, server_round=1),
+                           out["metrics"]["train_loss"])
+    (cpu_state, cpu_eval, cpu_loss), (gpu_state, gpu_eval, gpu_loss) = results["cpu"], \
+        results["cuda"]
+    assert gpu_loss == pytest.approx(cpu_loss, rel=1e-3)
+    assert gpu_eval["eval_ppl"] == pytest.approx(cpu_eval["eval_ppl"], rel=1e-3)
+    for name, value in cpu_state.items():
+        torch.testing.assert_close(gpu_state[name], value, atol=1e-4, rtol=1e-3)
