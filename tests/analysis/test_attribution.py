@@ -13,7 +13,7 @@ from fedmoe.analysis.attribution import (
     output_shares,
 )
 from fedmoe.moe.adapter import MoEAdapter
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 
 def test_qwen2_shares_measure_the_gated_shared_output():

@@ -8,23 +8,15 @@ import logging
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
-from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import OmegaConf
 
 from fedmoe.fl import checkpoint
 from fedmoe.fl.server_app import _deployed
 from fedmoe.fl.strategy import FedMoE, RoundLog
+from tests.helpers.records import ROUTER
 
-ROUTER = "model.layers.1.mlp.gate.weight"
-
-
-@pytest.fixture(autouse=True)
-def serverapp_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 def arrays(value: float = 0.0, shape=(4, 2)) -> ArrayRecord:

@@ -8,8 +8,8 @@ import torch
 from fedmoe.edge import IMPLEMENTATION, EdgeConfig, ExpertStore, offload, simulate_cache_stats
 from fedmoe.edge.runtime import routing_counts
 from fedmoe.moe.adapter import MoEAdapter
-from tests.conftest import tiny_model
-from tests.edge.conftest import PROMPT, greedy
+from tests.helpers.edge import PROMPT, greedy
+from tests.helpers.models import tiny_model
 
 BUDGETS = ("1x", "2x", "all")
 

@@ -17,11 +17,12 @@ from flwr.app import (
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe.fl.strategy import FedMoE, FedMoEAdam, FedMoEYogi, build_strategy
+from tests.helpers.records import ROUTER, f32
 
-ROUTER = "model.layers.1.mlp.gate.weight"
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
+
 SHARED = "model.layers.1.mlp.shared_expert.down_proj.weight"
 EXPERT_ROWS = {ROUTER: 1}
 GLOBAL_ROUTER = [[0, 0], [1, 1], [2, 2], [3, 3]]
@@ -31,15 +32,6 @@ A_ROUTER, A_SHARED = [[1, 2], [3, 4], [5, 6], [7, 8]], [1, 1, 1]
 B_ROUTER, B_SHARED = [[5, 6], [7, 8], [9, 10], [11, 12]], [5, 5, 5]
 # (1 * A + 3 * B) / 4, by hand
 AB_ROUTER, AB_SHARED = [[4, 5], [6, 7], [8, 9], [10, 11]], [4, 4, 4]
-
-
-@pytest.fixture(autouse=True)
-def serverapp_identity(monkeypatch):
-    """Flower 1.42 stamps new messages with the running task's identity; the ServerApp
-    runtime sets it, so tests set it as `flwr.server.compat.app` does."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
 
 
 class FakeGrid(Grid):
@@ -69,10 +61,6 @@ class FakeGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout=None):
         raise NotImplementedError
-
-
-def f32(values) -> np.ndarray:
-    return np.asarray(values, dtype=np.float32)
 
 
 def global_arrays() -> ArrayRecord:

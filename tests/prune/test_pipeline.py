@@ -13,7 +13,7 @@ from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.routing import capture_routing
 from fedmoe.prune import RoutingStats, budget_for_round, check_budget, prune_model, routed_mb
 from fedmoe.task.train import lm_loss
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "prune"
 BLOCKS = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))

@@ -8,7 +8,7 @@ import torch
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
 from fedmoe.task.lora import apply_lora
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 ALL = ["router", "shared_expert", "routed_experts"]
 
