@@ -20,8 +20,6 @@ COMMANDS: dict[str, str] = {
     "prune": "fedmoe.prune.cli:main",
     "report": "fedmoe.report:main",
 }
-# Commands whose config is checked against fedmoe/config.py's schemas before the task runs.
-VALIDATED = {"pretrain", "simulate"}
 # Commands taking one positional argument: `fedmoe report <dir>` means `sweep_dir=<dir>`.
 POSITIONAL = {"report": "sweep_dir"}
 # command -> primary config name, where ``conf/<command>/`` is a config group already.
@@ -74,9 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         sys.exit(f"fedmoe: unknown command {command!r}; one of: {', '.join(sorted(COMMANDS))}")
     module, func = COMMANDS[command].split(":")
-    task = getattr(import_module(module), func)
-    if command in VALIDATED:
-        task = _validated(task, command)
+    # Every command's config is checked against fedmoe/config.py's schemas before it runs.
+    task = _validated(getattr(import_module(module), func), command.replace("_", " "))
     args = argv[1:]
     if command in POSITIONAL:
         key = POSITIONAL[command]
