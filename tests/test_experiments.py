@@ -42,4 +42,6 @@ def test_every_experiment_runs_on_tiny_settings(tmp_path, fedmoe_cache):
     for res in results:
         assert [r["round"] for r in res["rounds"]] == [1]
         assert set(res["clients"]) == {"0", "1"}
-        assert all(c["final_ppl"] > 1 for c in res["clients"].values())
+        # below a uniform guess over the smoke vocabulary, whatever the experiment
+        vocab_size = res["config"]["pretraining"]["vocab_size"]
+        assert all(1 < c["final_ppl"] < vocab_size for c in res["clients"].values())

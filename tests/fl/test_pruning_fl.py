@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from fedmoe.fl.state import PersonalStore
-from tests.helpers.runs import simulate
+from tests.helpers.runs import FAST, simulate
 
 pytestmark = pytest.mark.slow
 
@@ -20,8 +20,7 @@ def test_disjoint_expert_subsets_train_together(tmp_path, fedmoe_cache):
         kept = {str(layer): list(range(4 * c, 4 * c + 4)) for layer in range(4)}
         PersonalStore(state / f"client_{c:04d}").save({}, {"rounds": 0, "kept": kept})
     # Execute
-    run = simulate(tmp_path, fedmoe_cache, "experiment=smoke", f"fl.state_dir={state}",
-                   "fl.num_rounds=1", "fl.export=false")
+    run = simulate(tmp_path, fedmoe_cache, *FAST, f"fl.state_dir={state}", "fl.num_rounds=1")
     # Assert: every reply accepted; each carries only its own 4 router rows and its ids
     res = run.results
     assert res["rounds"][0]["accepted"] == [0, 1, 2, 3] and not res["rounds"][0]["rejected"]
@@ -43,7 +42,7 @@ def test_disjoint_expert_subsets_train_together(tmp_path, fedmoe_cache):
 
 
 def test_prune_keep_half_reports_and_exports(tmp_path, fedmoe_cache):
-    run = simulate(tmp_path, fedmoe_cache, "experiment=smoke", "prune.keep=0.5")
+    run = simulate(tmp_path, fedmoe_cache, *FAST, "fl.export=true", "prune.keep=0.5")
     run_dir, res = run.dir, run.results
     client = res["clients"]["0"]
     assert client["experts_kept"] == {str(i): 8 for i in range(4)}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedmoe.fl.state import PersonalStateError, PersonalStore
-from tests.helpers.runs import child_env
+from tests.helpers.runs import FAST, child_env
 
 
 def test_save_load_round_trip(tmp_path):
@@ -75,8 +75,7 @@ _CLIENT = textwrap.dedent("""
 def test_client_restart_resumes_personal_experts_bit_for_bit(tmp_path, fedmoe_cache, smoke_base):
     # Prepare: the smoke settings on their base model
     env = child_env(fedmoe_cache)
-    overrides = json.dumps(["experiment=smoke", f"cache_dir={fedmoe_cache}",
-                            f"fl.base_model={smoke_base}"])
+    overrides = json.dumps([*FAST, f"cache_dir={fedmoe_cache}", f"fl.base_model={smoke_base}"])
     state = tmp_path / "client_0001"
 
     def run(mode: str) -> dict:

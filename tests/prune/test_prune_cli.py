@@ -37,7 +37,8 @@ def test_prune_prints_the_table_and_halves_the_routed_experts(pruned):
     assert summary["routed_mb_before"] == pytest.approx(sum(r["mb_before"] for r in
                                                             summary["layers"]))
     assert summary["eval_blocks"] == 8 and summary["calibration_blocks"] == 4  # 256 / 64
-    assert 1 < summary["ppl_before"] < 1e4 and 1 < summary["ppl_after"] < 1e4
+    vocab_size = summary["config"]["pretraining"]["vocab_size"]  # a uniform guess's ppl
+    assert 1 < summary["ppl_before"] < vocab_size and 1 < summary["ppl_after"] < vocab_size
     assert summary["ppl_after"] != summary["ppl_before"]  # half the experts do matter
     assert f"{NUM_EXPERTS // 2} / {NUM_EXPERTS}" in stdout
     assert f"{summary['ppl_before']:.2f} -> {summary['ppl_after']:.2f}" in stdout
