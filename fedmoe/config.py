@@ -2,9 +2,9 @@
 
 The YAML files in ``conf/`` stay plain (experiment and strategy files are ``# @package
 _global_`` overrides); :func:`validate` merges the composed config onto these schemas, so a
-misspelt key, a wrong type or a value out of range fails at the start of ``fedmoe simulate``
-or ``fedmoe pretrain``, naming the key and what it allows, instead of after pretraining or
-inside a Ray actor. The schemas are registered with Hydra's ConfigStore as ``schema/<name>``.
+misspelt key, a wrong type or a value out of range fails at the start of every ``fedmoe``
+command, naming the key and what it allows, instead of after pretraining or inside a Ray
+actor. The schemas are registered with Hydra's ConfigStore as ``schema/<name>``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ LOGGERS = ("none", "wandb")
 LOGGER_MODES = ("auto", "offline", "online", "disabled")
 PRUNE_SCORES = ("frequency", "tcess", "reap", "reconstruction", "random")
 PROMPT_TEMPLATES = ("alpaca", "chat")  # fedmoe.data.instruct.TEMPLATES
+EDGE_POLICIES = ("lru", "lfu", "static", "consistency", "belady", "none")
 
 
 def _choices(name: str, values: Iterable[str]) -> type[Enum]:
@@ -60,6 +61,7 @@ LoggerName = _choices("LoggerName", LOGGERS)
 LoggerMode = _choices("LoggerMode", LOGGER_MODES)
 PruneScore = _choices("PruneScore", PRUNE_SCORES)
 PromptTemplate = _choices("PromptTemplate", PROMPT_TEMPLATES)
+EdgePolicy = _choices("EdgePolicy", EDGE_POLICIES)
 
 
 class ConfigError(ValueError):
@@ -238,6 +240,21 @@ class PretrainingConfig:
 
 
 @dataclass
+class EdgeGroupConfig:
+    """The ``edge`` group (``fedmoe edge generate|bench``); fedmoe.edge.EdgeConfig at run time."""
+
+    budget: Any = "2x"  # experts per layer (4) | "2x" | "all" | "64MB"
+    policy: EdgePolicy = EdgePolicy.consistency
+    window: int = 16
+    prefetch: bool = True
+    routing_stats: str | None = None
+    store_dir: str | None = None
+    device: str = "cpu"
+    dtype: DType = DType.float32
+    threads: int | None = None
+
+
+@dataclass
 class TopLevel:
     """Scalars at the root of ``simulate.yaml`` / ``pretrain.yaml``."""
 
@@ -249,6 +266,7 @@ class TopLevel:
 GROUPS: dict[str, type] = {
     "model": ModelConfig, "train": TrainConfig, "fl": FLConfig, "strategy": StrategyConfig,
     "prune": PruneConfig, "logger": LoggerConfig, "pretraining": PretrainingConfig,
+    "edge": EdgeGroupConfig,
 }
 DATA_SCHEMAS: dict[str, type] = {"embedded": EmbeddedDataConfig, "hf": HFDataConfig}
 
@@ -359,6 +377,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pretraining.eval_blocks_per_domain": (_at_least(1), "an integer >= 1"),
     "pretraining.threads": (_at_least(1), "an integer >= 1, or null (all cores)"),
     "objective": (lambda v: v in OBJECTIVES, f"one of {list(OBJECTIVES)}"),
+    "edge.window": (_at_least(1), "an integer >= 1 (steps of the recent window)"),
+    "edge.threads": (_at_least(1), "an integer >= 1, or null (torch's default)"),
 }
 
 
@@ -368,7 +388,7 @@ def validate(cfg: DictConfig, simulated: bool = True) -> None:
     Parameters
     ----------
     cfg : DictConfig
-        A composed ``simulate`` or ``pretrain`` config (groups that are absent are skipped).
+        A composed config of any command (groups that are absent are skipped).
     simulated : bool
         The run is a simulation of ``data.num_clients`` nodes, so the ``fl.min_*_nodes`` may
         not exceed it. False for a deployment, where the SuperNodes that connect are the

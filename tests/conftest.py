@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny config-built models of every supported family (hidden 32, 8 experts)."""
+"""Shared fixtures: offline settings, tiny model families, the test cache, one smoke run."""
 
 from __future__ import annotations
 
@@ -9,12 +9,18 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
 
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+from tests.helpers.models import TINY_FAMILIES
+from tests.helpers.runs import SMOKE_BASE, Run, prune, simulate
+
+# Offline for the whole session (a value the user set wins), so child processes inherit it.
+# Tests never change the environment themselves: they give a child process an environment
+# of its own (tests/helpers/runs.py: child_env) or use monkeypatch.
+for _key, _value in {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}.items():
+    os.environ.setdefault(_key, _value)
 # fedmoe's cache defaults to the user's ($XDG_CACHE_HOME/fedmoe): tests never write there.
 # FEDMOE_TEST_CACHE shares the pretrained smoke base model between checkouts.
 if os.environ.get("FEDMOE_TEST_CACHE"):
@@ -24,62 +30,51 @@ else:
     atexit.register(shutil.rmtree, TEST_CACHE, ignore_errors=True)
 os.environ["FEDMOE_CACHE"] = str(TEST_CACHE)
 
-_COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=3,
-               max_position_embeddings=64, tie_word_embeddings=False)
-
-TINY_FAMILIES: dict[str, dict] = {
-    "qwen2_moe": dict(_COMMON, intermediate_size=64, moe_intermediate_size=16,
-                      shared_expert_intermediate_size=32, num_key_value_heads=2, num_experts=8,
-                      num_experts_per_tok=2, mlp_only_layers=[0]),
-    "qwen3_moe": dict(_COMMON, intermediate_size=64, moe_intermediate_size=16, head_dim=8,
-                      num_key_value_heads=2, num_experts=8, num_experts_per_tok=2),
-    "olmoe": dict(_COMMON, intermediate_size=16, num_key_value_heads=2, num_experts=8,
-                  num_experts_per_tok=2),
-    "mixtral": dict(_COMMON, intermediate_size=16, num_key_value_heads=2, num_local_experts=8,
-                    num_experts_per_tok=2),
-    "deepseek_v3": dict(_COMMON, intermediate_size=64, moe_intermediate_size=16,
-                        num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
-                        num_experts_per_tok=2, first_k_dense_replace=1, n_group=2,
-                        topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
-                        qk_nope_head_dim=8, v_head_dim=8),
-    "granitemoeshared": dict(_COMMON, intermediate_size=16, shared_intermediate_size=32,
-                             num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2),
-}
-
-
-def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A randomly initialised tiny model of ``family`` (deterministic for a seed)."""
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(family, **(TINY_FAMILIES[family] | overrides))
-    model = AutoModelForCausalLM.from_config(config)
-    if family == "deepseek_v3":
-        # A non-zero correction bias, so tests see it matter for routing.
-        for layer in model.model.layers[1:]:
-            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
-    return model.eval()
-
 
 @pytest.fixture(params=sorted(TINY_FAMILIES))
 def family(request) -> str:
     return request.param
 
 
+@pytest.fixture
+def serverapp_identity(monkeypatch):
+    """Flower 1.42 stamps new messages with the running task's identity; the ServerApp
+    runtime sets it, so tests set it as ``flwr.server.compat.app`` does."""
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+
+
 @pytest.fixture(scope="session")
-def fedmoe_cache():
-    """One cache (corpus, pretrained smoke base model) for the whole test session."""
+def fedmoe_cache() -> Path:
+    """One cache (corpus, pretrained base models) for the whole session; ``FEDMOE_TEST_CACHE``
+    shares it between sessions."""
     return TEST_CACHE
 
 
 @pytest.fixture(scope="session")
-def smoke_run(fedmoe_cache, tmp_path_factory) -> Path:
-    """One real ``fedmoe simulate experiment=smoke`` run (a few tens of seconds), shared by
-    the session: its run dir holds ``results.json`` and each client's exported model."""
-    from fedmoe.cli import main as fedmoe_main
+def smoke_base(fedmoe_cache) -> Path:
+    """The base model of ``experiment=smoke``, pretrained once into the test cache."""
+    from fedmoe.fl.bridge import compose
+    from fedmoe.task.pretrain import ensure_base_model
 
-    run_dir = tmp_path_factory.mktemp("smoke_run")
-    fedmoe_main(["simulate", "experiment=smoke", f"cache_dir={fedmoe_cache}",
-                 f"hydra.run.dir={run_dir}"])
-    return run_dir
+    return ensure_base_model(compose(["experiment=smoke", f"cache_dir={fedmoe_cache}"]),
+                             progress=False)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(fedmoe_cache, smoke_base, tmp_path_factory) -> Run:
+    """One real ``fedmoe simulate experiment=smoke`` (4 clients, 2 rounds), audited and its
+    wire observed, shared by every test that reads a finished run."""
+    return simulate(tmp_path_factory.mktemp("smoke"), fedmoe_cache, "experiment=smoke")
+
+
+@pytest.fixture(scope="session")
+def smoke_prune(fedmoe_cache, smoke_base, tmp_path_factory) -> tuple[dict, str]:
+    """One real ``fedmoe prune`` of the smoke base model (TCESS, half the experts kept): its
+    ``prune.json`` (``export``: the pruned checkpoint) and its stdout."""
+    run_dir = tmp_path_factory.mktemp("prune") / "run"
+    return prune(run_dir, fedmoe_cache, *SMOKE_BASE, "prune.score=tcess", "prune.keep=0.5")
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from fedmoe.checkpoints import load_model, resolve_device
 from fedmoe.moe.adapter import role_of_name
 from fedmoe.moe.families import Role
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 
 @pytest.fixture(scope="module")

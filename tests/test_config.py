@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hydra.core.config_store import ConfigStore
 
 from fedmoe import config
 from fedmoe.cli import conf_dir
+from fedmoe.cli import main as fedmoe_main
 from fedmoe.config import ConfigError, validate
 from fedmoe.fl.bridge import compose
+from tests.helpers.runs import child_env
 
 CONF = conf_dir()
 
@@ -95,20 +95,41 @@ def test_schemas_are_registered_with_hydra():
             "logger.yaml"} <= set(repo)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("command", ["simulate", "pretrain"])
-def test_the_cli_stops_before_anything_runs(command, tmp_path):
-    # Prepare: a value out of range, an empty cache (pretraining would start at once)
-    env = os.environ | {"FEDMOE_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "fedmoe.cli", command, "pretraining.steps=0",
-           f"hydra.run.dir={tmp_path / 'run'}"]
+@pytest.mark.parametrize(("command", "override", "message"), [
+    ("simulate", "pretraining.steps=0", "pretraining.steps=0: must be an integer >= 1"),
+    ("pretrain", "pretraining.steps=0", "pretraining.steps=0: must be an integer >= 1"),
+    ("prune", "prune.keep=1.5", "prune.keep=1.5: must be a fraction in (0, 1]"),
+    ("analyze", "data.block_size=1", "data.block_size=1: must be an integer >= 2"),
+    ("inspect", "model.dtype=float8", "model.dtype: Invalid value 'float8'"),
+    ("edge generate", "edge.policy=mru", "edge.policy: Invalid value 'mru'"),
+    ("edge bench", "edge.window=0", "edge.window=0: must be an integer >= 1"),
+])
+def test_every_command_checks_its_config_before_it_works(command, override, message, tmp_path,
+                                                         monkeypatch):
+    # Prepare: a bad value and an empty cache: every command but inspect would pretrain the
+    # base model into it at once (the edge commands too, without model_dir)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FEDMOE_CACHE", str(cache))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the CLI sets it for Hydra
     # Execute
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    # Assert: one message, no traceback, nothing built
+    with pytest.raises(SystemExit) as stop:
+        fedmoe_main([*command.split(), override, f"hydra.run.dir={tmp_path / 'run'}"])
+    # Assert: a message naming the command and the key; nothing built
+    assert str(stop.value.code).startswith(f"fedmoe {command}: invalid config:")
+    assert message in str(stop.value.code)
+    assert not cache.exists()
+
+
+@pytest.mark.slow
+def test_the_cli_process_prints_one_message_and_no_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "fedmoe.cli", "simulate", "pretraining.steps=0",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, env=child_env(tmp_path / "cache"), capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode != 0
     assert "pretraining.steps=0: must be an integer >= 1" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not Path(tmp_path / "cache").exists()
+    assert not (tmp_path / "cache").exists()
 
 
 def test_long_sweep_job_names_are_cut_with_a_hash():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import yaml
 
 from fedmoe.report import collect_runs, parse_overrides, summarize, to_markdown, write_report
 from fedmoe.tracking import offline_runs, read_offline_run
+from tests.helpers.runs import FAST, TWO_CLIENTS, fedmoe
 
 MB = 2**20
 
@@ -125,19 +125,15 @@ def test_cli_takes_the_sweep_dir_as_positional_argument(tmp_path):
 
 # --- a real sweep -------------------------------------------------------------------------------
 
-TINY = ["experiment=smoke", "fl.num_rounds=2", "data.num_clients=2", "train.local_steps=1",
-        "data.max_train_blocks_per_client=4", "data.max_eval_blocks_per_client=4"]
+TINY = [*FAST, *TWO_CLIENTS, "fl.num_rounds=2"]
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, fedmoe_cache) -> tuple[Path, str]:
     """`fedmoe simulate -m strategy=fedmoe,local logger=wandb` (2 jobs, 2 rounds, 2 clients)."""
     root = tmp_path_factory.mktemp("sweep") / "sweep-x"
-    env = os.environ | {"FEDMOE_CACHE": str(fedmoe_cache), "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "fedmoe.cli", "simulate", "-m", "strategy=fedmoe,local",
-           "logger=wandb", *TINY, f"hydra.sweep.dir={root}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = fedmoe(fedmoe_cache, "simulate", "-m", "strategy=fedmoe,local", "logger=wandb",
+                  *TINY, f"hydra.sweep.dir={root}", timeout=900)
     return root, proc.stdout + proc.stderr
 
 

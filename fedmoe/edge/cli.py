@@ -21,6 +21,7 @@ from fedmoe.edge.bench import KEYS, bench_model, contender_configs, print_table
 from fedmoe.edge.offload import EdgeConfig, offload
 from fedmoe.edge.runtime import (
     ROUTING_FILE,
+    check_counts,
     edge_config,
     load_model,
     load_routing_counts,
@@ -104,12 +105,18 @@ def _static_counts(cfg: DictConfig, model, model_dir: Path,
     policies = set(cfg.get("policies", [])) | {cfg.edge.policy}
     if "static" not in policies:
         return None
-    path = cfg.edge.routing_stats or (model_dir / ROUTING_FILE)
-    if Path(path).is_file():
-        return load_routing_counts(path)
-    if cfg.edge.routing_stats:
+    path = Path(cfg.edge.routing_stats or model_dir / ROUTING_FILE)
+    if cfg.edge.routing_stats and not path.is_file():
         raise FileNotFoundError(f"edge.routing_stats={cfg.edge.routing_stats!r} does not exist")
-    log.info("no %s in %s: calibrating the static policy on %d tokens", ROUTING_FILE,
+    counts = load_routing_counts(path) if path.is_file() else None
+    if counts is not None:
+        check_counts(counts, model, path)
+        return counts
+    if cfg.edge.routing_stats:
+        raise ValueError(f"edge.routing_stats={cfg.edge.routing_stats!r} records no routing "
+                         f"statistics; drop the key to calibrate on calibration_text")
+    # No file, or an export without statistics (`fedmoe prune` scores by one pass only).
+    log.info("no routing statistics in %s: calibrating the static policy on %d tokens",
              model_dir, calibration_ids.numel())
     return routing_counts(model, calibration_ids)
 

@@ -72,22 +72,59 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu
     return model.eval(), tokenizer
 
 
-def load_routing_counts(path: str | Path) -> dict[int, list[float]]:
-    """Per-layer expert counts from an export's ``fedmoe_experts.json``.
+def load_routing_counts(path: str | Path) -> dict[int, list[float]] | None:
+    """Per-layer expert counts from an export's ``fedmoe_experts.json`` (or a statistics file).
 
-    Reads ``{"routing_statistics": {"<layer>": [count per expert] | {"counts": [...]}}}``
-    (expert ids as in the exported, possibly pruned, model); a bare ``{"<layer>": ...}``
-    mapping is accepted too.
+    Expert ids are those of the exported, possibly pruned, model. Layouts read:
+
+    - a federated client's export: ``{"routing_stats": {"<layer>": {"counts": [...], ...}}}``;
+    - :meth:`fedmoe.prune.RoutingStats.to_dict`, alone or under ``"routing_stats"``:
+      ``{"tcess_k": ..., "layers": {"<layer>": {"tokens": ..., "counts": [...], ...}}}``;
+    - a bare mapping ``{"<layer>": [count per expert]}``.
+
+    Returns
+    -------
+    dict or None
+        ``{layer: counts}``; ``None`` when the file records no statistics (``fedmoe prune``
+        writes ``"routing_stats": null``: it scores experts by one calibration pass only).
+
+    Raises
+    ------
+    ValueError
+        If the file is not one of the layouts above.
     """
     data = json.loads(Path(path).read_text())
-    stats = data.get("routing_statistics", data.get("routing_stats", data))
-    counts = {}
-    for layer, entry in stats.items():
-        values = entry["counts"] if isinstance(entry, Mapping) else entry
-        counts[int(layer)] = [float(v) for v in values]
-    if not counts:
-        raise ValueError(f"{path} holds no per-layer routing statistics")
-    return counts
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected a JSON object of routing statistics")
+    data = data.get("routing_stats", data)
+    if not data:
+        return None
+    if isinstance(data, Mapping) and isinstance(data.get("layers"), Mapping):
+        data = data["layers"]  # RoutingStats.to_dict()
+    try:
+        counts = {int(layer): [float(v) for v in _counts_of(entry)]
+                  for layer, entry in data.items()}
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not per-layer routing statistics ({{layer: [counts]}}, "
+                         f"{{layer: {{'counts': [...]}}}} or RoutingStats.to_dict()): {e!r}") from e
+    return counts or None
+
+
+def _counts_of(entry: Any) -> list:
+    return entry["counts"] if isinstance(entry, Mapping) else list(entry)
+
+
+def check_counts(counts: Mapping[int, list[float]], model: torch.nn.Module,
+                 source: str | Path) -> None:
+    """Every MoE layer of ``model`` has one count per expert it holds in ``counts``."""
+    from fedmoe.moe.adapter import MoEAdapter
+
+    for layer in MoEAdapter(model).moe_layers():
+        have = counts.get(layer.index)
+        if have is None or len(have) != layer.num_experts:
+            got = "none" if have is None else f"{len(have)} counts"
+            raise ValueError(f"{source}: MoE layer {layer.index} holds {layer.num_experts} "
+                             f"experts but the routing statistics give {got}")
 
 
 @torch.inference_mode()

@@ -32,10 +32,10 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    root = (args.root or Path(tempfile.mkdtemp(prefix="fedmoe_federation_"))).resolve()
     overrides = list(args.overrides)
     cfg = compose(overrides)
-    check_config(cfg)
+    check_config(cfg)  # before anything is created
+    root = (args.root or Path(tempfile.mkdtemp(prefix="fedmoe_federation_"))).resolve()
     base = cfg.fl.base_model or cfg.model.path
     if not base:
         from fedmoe.task.pretrain import ensure_base_model

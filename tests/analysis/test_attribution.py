@@ -1,10 +1,14 @@
-"""Shared vs routed output shares and expert-blocking effects on tiny models."""
+"""Shared vs routed output shares and expert-blocking effects: tiny models, and the sign of
+the effects on the pretrained smoke base model."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedmoe.analysis.attribution import (
     block_shared_experts,
@@ -12,8 +16,13 @@ from fedmoe.analysis.attribution import (
     most_used_experts,
     output_shares,
 )
+from fedmoe.analysis.collect import collect_routing, domain_blocks
+from fedmoe.data import load_data
+from fedmoe.fl.bridge import compose
 from fedmoe.moe.adapter import MoEAdapter
-from tests.conftest import tiny_model
+from fedmoe.prune import keep_experts
+from fedmoe.task.train import evaluate_lm
+from tests.helpers.models import tiny_model
 
 
 def test_qwen2_shares_measure_the_gated_shared_output():
@@ -67,20 +76,29 @@ def test_blocking_shared_zeroes_its_contribution(family):
     torch.testing.assert_close(after, full)  # hooks removed
 
 
-def test_blocking_effects_report_loss_increases():
-    # Prepare: the most used experts of each layer on this data.
-    model = tiny_model("qwen2_moe")
-    adapter = MoEAdapter(model)
-    ids = torch.randint(0, 96, (4, 16))
-    from fedmoe.analysis.collect import collect_routing
-
-    routing = collect_routing(model, ids, batch_size=4)
+@pytest.mark.slow
+def test_blocking_raises_a_trained_models_loss_as_blocked_copies_do(smoke_base, fedmoe_cache):
+    # Prepare: the pretrained smoke base model on held-out code, and the two blockings built
+    # without the hooks under test: the shared experts' output projections zeroed, and the
+    # most used routed experts sliced out of the model (fedmoe.prune's slicing)
+    model = AutoModelForCausalLM.from_pretrained(smoke_base).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smoke_base)
+    data = compose(["experiment=smoke", f"cache_dir={fedmoe_cache}"]).data
+    blocks = domain_blocks(load_data(data)["validation"], tokenizer, 64, 8)["python_code"]
+    routing = collect_routing(model, blocks, batch_size=8)
     top = most_used_experts(routing.top_k_index, routing.num_experts, 2)
+    no_shared = copy.deepcopy(model)
+    for layer in no_shared.model.layers:
+        torch.nn.init.zeros_(layer.mlp.shared_expert.down_proj.weight)
+    without_top = copy.deepcopy(model)
+    keep_experts(without_top, {layer: [e for e in range(routing.num_experts[layer])
+                                       if e not in ids] for layer, ids in top.items()})
     # Execute
-    res = blocking_effects(model, ids, top, batch_size=4, adapter=adapter)
-    # Assert
-    assert set(top) == {layer.index for layer in adapter.moe_layers()}
-    assert all(len(v) == 2 for v in top.values())
-    assert res["delta_shared"] == pytest.approx(res["loss_block_shared"] - res["loss"])
-    assert res["delta_routed"] == pytest.approx(res["loss_block_routed"] - res["loss"])
-    assert res["delta_shared"] != 0 and res["delta_routed"] != 0
+    res = blocking_effects(model, blocks, top, batch_size=8)
+    # Assert: the losses of the blocked copies, and both blockings hurt the trained model
+    assert res["loss"] == pytest.approx(evaluate_lm(model, blocks)["loss"], rel=1e-6)
+    assert res["loss_block_shared"] == pytest.approx(evaluate_lm(no_shared, blocks)["loss"],
+                                                     rel=1e-5)
+    assert res["loss_block_routed"] == pytest.approx(evaluate_lm(without_top, blocks)["loss"],
+                                                     rel=1e-5)
+    assert res["delta_shared"] > 0.5 and res["delta_routed"] > 0, res  # seed 0: 1.9, 0.023

@@ -16,12 +16,12 @@ from fedmoe.prune.export import load_experts_info
 def test_analyze_judges_retrieval_against_the_clients_own_pruning(smoke_run, fedmoe_cache,
                                                                    tmp_path):
     # Prepare: client 0's export, with the routing statistics it gathered while training
-    model_dir = smoke_run / "clients" / "client_0000" / "model"
+    model_dir = smoke_run.dir / "clients" / "client_0000" / "model"
     info = load_experts_info(model_dir)
     assert all("tcess" in rec for rec in info["routing_stats"].values())
     # Execute
     fedmoe_main(["analyze", *SMOKE_OVERRIDES, "analysis.sections=[retrieval,specialization]",
-                 f"model_dir={model_dir}", f"run_dir={smoke_run}", f"cache_dir={fedmoe_cache}",
+                 f"model_dir={model_dir}", f"run_dir={smoke_run.dir}", f"cache_dir={fedmoe_cache}",
                  f"hydra.run.dir={tmp_path}"])
     # Assert
     report = json.loads((tmp_path / "analysis.json").read_text())

@@ -15,7 +15,7 @@ from fedmoe.analysis.retrieval import (
 )
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.routing import capture_routing
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 
 def test_tcess_keeps_top_k_raw_logits_and_averages_over_all_tokens():

@@ -1,4 +1,5 @@
-"""Session fixtures for the data tests: the embedded corpus built once, a tiny tokenizer."""
+"""Session fixtures for the data tests: the smoke corpus of the session cache, a tiny
+tokenizer."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ def _quiet_datasets():
 
 
 @pytest.fixture(scope="session")
-def corpus_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("corpus_cache"))
+def corpus_cache(fedmoe_cache) -> str:
+    """Where ``experiment=smoke`` keeps its corpus (``data.cache_dir: ${cache_dir}/corpus``)."""
+    return str(fedmoe_cache / "corpus")
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from fedmoe.data.instruct import (
 )
 from fedmoe.fl.bridge import compose
 from fedmoe.task.train import evaluate_lm, lm_loss
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 # One record maker per FlowerTune dataset, with the fields (and field use) of the hub data.
 FORMATS = {

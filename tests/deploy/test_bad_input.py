@@ -16,26 +16,18 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import save_file
 
 from fedmoe.fl.bridge import compose, to_run_config
 from fedmoe.fl.deploy import check_config
 from fedmoe.fl.state import PREV_TENSORS, STATE_ID, PersonalStateError, PersonalStore
 from fedmoe.fl.strategy import FedMoE
+from tests.helpers.records import ROUTER
 
-ROUTER = "model.layers.1.mlp.gate.weight"
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
+
 SHARED = "model.layers.1.mlp.shared_expert.down_proj.weight"
 GOOD = {ROUTER: np.full((4, 2), 1.0, np.float32), SHARED: np.full(3, 1.0, np.float32)}
-
-
-@pytest.fixture(autouse=True)
-def serverapp_identity(monkeypatch):
-    """Flower 1.42 stamps messages with the running task's identity (set by its runtime)."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
 
 
 class Grid:

@@ -30,8 +30,7 @@ from fedmoe.fl.deploy import (
 )
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
-
-from .conftest import TINY, dump_logs
+from tests.helpers.runs import FAST
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +65,18 @@ def device_data(path: Path) -> Path:
     return path
 
 
+def dump_logs(fed: LocalFederation, run_id: int | None = None) -> str:
+    """The tails of every process log (and the ServerApp's), for assertion messages."""
+    parts = [f"--- {s.name}\n{s.log()[-2500:]}"
+             for s in [fed.superlink, *fed.nodes] if s is not None]
+    if run_id is not None:
+        try:
+            parts.append(f"--- ServerApp\n{fed.control.logs(run_id)[-4000:]}")
+        except Exception as e:  # a diagnostic only: never hide the real failure
+            parts.append(f"--- ServerApp log unavailable: {e}")
+    return "\n".join(parts)
+
+
 # --- a managed local simulation -----------------------------------------------------------
 
 
@@ -81,7 +92,7 @@ def test_flwr_run_on_a_local_simulation_superlink_with_dp(tmp_path, base_model, 
     superlink = Service("superlink", superlink_command(port, tls=None, auth=False,
                                                        simulation=True),
                         tmp_path / "superlink.log", env)
-    overrides = [*TINY, f"fl.base_model={base_model}", "fl.num_rounds=1", "data.num_clients=2",
+    overrides = [*FAST, f"fl.base_model={base_model}", "fl.num_rounds=1", "data.num_clients=2",
                  f"run_dir={tmp_path / 'run'}", f"fl.state_dir={tmp_path / 'state'}",
                  "strategy.dp.enabled=true", "strategy.dp.noise_multiplier=0.1",
                  "strategy.dp.clipping_norm=0.5"]
@@ -117,7 +128,7 @@ def secure(tmp_path_factory, base_model, app_dir, fedmoe_cache):
     fed = LocalFederation(root / "federation", tls=True, auth=True, database=True,
                           env={"FEDMOE_CACHE": str(fedmoe_cache)})
     run_dir, audit = root / "run", root / "audit"
-    overrides = [*TINY, f"fl.base_model={base_model}", f"run_dir={run_dir}",
+    overrides = [*FAST, f"fl.base_model={base_model}", f"run_dir={run_dir}",
                  "fl.num_rounds=2", "fl.round_timeout=300", "fl.min_available_nodes=2"]
     try:
         fed.start_superlink()
@@ -230,7 +241,7 @@ def test_slow_and_crashed_nodes_miss_their_round_only(tmp_path, make_federation,
     run_dir = tmp_path / "run"
     configs = [{"partition-id": i, "state-dir": str(tmp_path / f"s{i}")} for i in range(3)]
     configs[1] |= {"debug-delay-s": timeout + 5, "debug-delay-round": 1}
-    overrides = [*TINY, f"fl.base_model={base_model}", f"run_dir={run_dir}", "fl.num_rounds=3",
+    overrides = [*FAST, f"fl.base_model={base_model}", f"run_dir={run_dir}", "fl.num_rounds=3",
                  "fl.fraction_evaluate=0", f"fl.round_timeout={timeout}",
                  # every round waits for and samples all 3 nodes (round 3: the restarted one;
                  # FedAvg sizes its sample before waiting); 1 accepted reply makes a round
@@ -270,7 +281,7 @@ def test_six_supernodes_three_rounds(tmp_path, make_federation, base_model, app_
     # Prepare
     fed = make_federation(tmp_path)
     run_dir = tmp_path / "run"
-    overrides = [*TINY, f"fl.base_model={base_model}", f"run_dir={run_dir}", "fl.num_rounds=3",
+    overrides = [*FAST, f"fl.base_model={base_model}", f"run_dir={run_dir}", "fl.num_rounds=3",
                  "fl.fraction_evaluate=0", "data.num_clients=6", "fl.min_available_nodes=6",
                  "fl.round_timeout=600"]
     fed.start_superlink()

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
+import psutil
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,18 +27,23 @@ from flwr.common.config import parse_config_args
 
 from fedmoe.fl.bridge import overrides_from_run_config
 from fedmoe.fl.deploy import (
+    Control,
+    Service,
     TlsFiles,
+    free_port,
     generate_supernode_keys,
     generate_tls_certificates,
     node_config_arg,
     stage_app,
     superlink_command,
     supernode_command,
+    wait_for_port,
     write_run_config,
     write_superlink_connection,
 )
+from tests.helpers.runs import REPO, child_env
 
-REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = REPO / "scripts" / "deploy"
 
 
 def test_server_certificate_is_signed_by_the_ca_for_localhost(tmp_path):
@@ -166,3 +174,87 @@ def test_make_certs_script_writes_certs_and_keys(tmp_path):
     files = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
     assert files == {"certs/ca.crt", "certs/server.pem", "certs/server.key", "keys/phone",
                      "keys/phone.pub", "keys/tablet", "keys/tablet.pub"}
+
+
+def launcher(name: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``scripts/deploy/<name>.py <args>`` as a user runs it."""
+    return subprocess.run([sys.executable, str(SCRIPTS / f"{name}.py"), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(("name", "args", "message"), [
+    ("start_superlink", ["--certs", "{tmp}/none"], "run scripts/deploy/make_certs.py"),
+    ("start_supernode", ["--superlink", "127.0.0.1:1", "--insecure", "--ca", "ca.crt",
+                         "--partition-id", "0"], "give --ca (TLS) or --insecure"),
+    ("start_supernode", ["--superlink", "127.0.0.1:1", "--insecure"],
+     "give --partition-id and/or --data-path"),
+    ("start_supernode", ["--superlink", "127.0.0.1:1", "--insecure", "--data-path",
+                         "{tmp}/notes.jsonl"], "notes.jsonl does not exist"),
+    ("add_connection", ["--address", "127.0.0.1:1"], "give --ca (TLS) or --insecure"),
+    ("run", ["--connection", "x", "fl.num_rounds=0"], "fl.num_rounds=0"),
+    ("local_federation", ["--nodes", "2", "fl.num_rounds=0"], "fl.num_rounds=0"),
+])
+def test_a_launcher_refuses_bad_arguments_before_it_starts_anything(name, args, message,
+                                                                     tmp_path):
+    env = child_env(tmp_path / "cache", FLWR_HOME=str(tmp_path / "flwr"))
+    proc = launcher(name, *(a.format(tmp=tmp_path) for a in args), env=env)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "flwr").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_the_launchers_bring_up_an_authenticated_federation(tmp_path, smoke_base, monkeypatch):
+    """README steps 1-4 with the scripts themselves: certificates, a TLS SuperLink with
+    SuperNode authentication, the connection, registered keys, and a device's SuperNode
+    with its node config (base model included) that the SuperLink then counts online."""
+    # Prepare
+    flwr_home, deploy, port = tmp_path / "flwr", tmp_path / "deploy", free_port()
+    env = child_env(tmp_path / "cache", FLWR_HOME=str(flwr_home))
+    monkeypatch.setenv("FLWR_HOME", str(flwr_home))  # where read_superlink_connection looks
+    ca = deploy / "certs" / "ca.crt"
+    assert launcher("make_certs", "--out", deploy, "--hosts", "127.0.0.1", "--nodes", "phone",
+                    "tablet", env=env).returncode == 0
+    superlink = Service("superlink", [sys.executable, str(SCRIPTS / "start_superlink.py"),
+                                      "--certs", str(deploy / "certs"), "--port", str(port)],
+                        tmp_path / "superlink.log", env)
+    node = Service("phone", [sys.executable, str(SCRIPTS / "start_supernode.py"),
+                             "--superlink", f"127.0.0.1:{port}", "--ca", str(ca),
+                             "--key", str(deploy / "keys" / "phone"), "--partition-id", "3",
+                             "--state-dir", str(tmp_path / "state"), "--base-model",
+                             str(smoke_base), "--port", str(free_port())],
+                   tmp_path / "phone.log", env)
+    try:
+        superlink.start()
+        wait_for_port("127.0.0.1", port, 60)
+        superlink.wait_for(r"Uvicorn running|Starting the SuperLink Fleet", 60)
+        # Execute: steps 3 and 4 of the README
+        added = launcher("add_connection", "--name", "edge", "--address", f"127.0.0.1:{port}",
+                         "--ca", ca, env=env)
+        registered = launcher("register_supernodes", "--connection", "edge",
+                              deploy / "keys" / "phone.pub", deploy / "keys" / "tablet.pub",
+                              env=env)
+        node.start()
+        control = Control(f"127.0.0.1:{port}", ca)
+        ids = [int(i) for i in re.findall(r"node id (\d+)", registered.stdout)]
+        deadline = time.monotonic() + 120
+        while control.nodes().get(ids[0] if ids else -1) != "online":
+            assert node.alive() and time.monotonic() < deadline, node.log()[-3000:]
+            time.sleep(0.5)
+        supernode = next(p for p in psutil.Process(node.pid).children(recursive=True)
+                         if "flower-supernode" in " ".join(p.cmdline()))
+        node_config = supernode.cmdline()[supernode.cmdline().index("--node-config") + 1]
+        statuses = control.nodes()
+    finally:
+        node.stop()
+        superlink.stop()
+    # Assert
+    assert added.returncode == 0, added.stderr
+    connection = read_superlink_connection("edge")
+    assert connection.address == f"127.0.0.1:{port}" and not connection.insecure
+    assert connection.root_certificates == str(ca.resolve())
+    assert registered.returncode == 0 and len(ids) == 2, registered.stdout + registered.stderr
+    assert statuses[ids[0]] == "online" and statuses[ids[1]] == "registered"
+    assert parse_config_args([node_config]) == {
+        "partition-id": 3, "state-dir": str((tmp_path / "state").resolve()),
+        "base-model": str(smoke_base.resolve())}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import (
@@ -14,18 +17,12 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe.fl import client_app
 from fedmoe.fl.bridge import to_run_config
+from tests.helpers.runs import FAST
 
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 def context(node_config: dict, *overrides: str, node_id: int = 123_456_789) -> Context:
@@ -86,3 +83,37 @@ def test_dp_mod_clips_the_update_when_dp_is_on():
     np.testing.assert_allclose(on.content["arrays"]["w"].numpy() - 1.0, [0.6, 0.8, 0, 0],
                                rtol=1e-6)
     np.testing.assert_allclose(off.content["arrays"]["w"].numpy() - 1.0, [3, 4, 0, 0])
+
+
+def evaluate_message() -> Message:
+    content = RecordDict({"config": ConfigRecord({"server-round": 1})})
+    return Message(content, dst_node_id=5, message_type=MessageType.EVALUATE)
+
+
+@pytest.mark.slow
+def test_a_devices_base_model_is_the_checkpoint_its_client_loads(smoke_base, fedmoe_cache,
+                                                                  tmp_path):
+    # Prepare: the run names a base model that does not exist; each device names its own
+    # copy, the second with a different output layer
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other_base"
+    shutil.copytree(smoke_base, other)
+    weights = load_file(other / "model.safetensors")
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 0.5
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    run = [*FAST, f"cache_dir={fedmoe_cache}", f"fl.base_model={tmp_path / 'nowhere'}"]
+
+    def device(base: Path, name: str) -> Context:
+        return context({"partition-id": 0, "base-model": str(base),
+                        "state-dir": str(tmp_path / name)}, *run)
+
+    # Execute: one evaluate message through the real ClientApp on each device
+    first = client_app.app(evaluate_message(), device(smoke_base, "a"))
+    second = client_app.app(evaluate_message(), device(other, "b"))
+    # Assert: both ran on their own base model (the run's does not exist)
+    ppl = [m.content["metrics"]["eval_ppl"] for m in (first, second)]
+    assert all(1 < p < 512 for p in ppl)
+    assert ppl[0] != pytest.approx(ppl[1], rel=1e-3)
+    with pytest.raises(Exception, match="nowhere"):  # without its own copy, the run's is used
+        client_app.app(evaluate_message(), context({"partition-id": 0}, *run))

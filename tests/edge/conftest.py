@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fedmoe.edge import ExpertStore
-from tests.conftest import tiny_model
+from tests.helpers.edge import greedy
+from tests.helpers.models import tiny_model
 
 PROMPT = torch.tensor([[5, 17, 42, 8, 63, 21, 9, 30]])
 NEW_TOKENS = 8
@@ -22,12 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@torch.inference_mode()
-def greedy(model: torch.nn.Module, input_ids: torch.Tensor = PROMPT) -> torch.Tensor:
-    return model.generate(input_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                          do_sample=False, pad_token_id=0)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,12 @@
-"""`fedmoe edge generate` and `fedmoe edge bench` on a tiny saved checkpoint."""
+"""`fedmoe edge generate` and `fedmoe edge bench` on a tiny saved checkpoint and on an export
+of `fedmoe prune`."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,3 +84,35 @@ def test_generate_builds_its_store_in_the_cache_not_in_the_model_dir(tiny_checkp
     assert (stores[0] / "expert_store.json").is_file()
     assert sorted(p.name for p in tiny_checkpoint.iterdir()) == before
     assert "[edge] policy=consistency" in capsys.readouterr().out
+def _bench_static(model_dir: Path, tmp_path: Path, *overrides: str) -> dict:
+    output = tmp_path / "bench.json"
+    main(["edge", "bench", f"model_dir={model_dir}", "max_new_tokens=4", "in_memory=[eager]",
+          "budgets=[1x]", "policies=[static]", "prefetch=[false]", "edge.threads=1",
+          f"output={output}", f"hydra.run.dir={tmp_path / 'run'}", *overrides])
+    return json.loads(output.read_text())
+
+
+@pytest.mark.slow
+def test_bench_calibrates_static_on_an_export_of_fedmoe_prune(smoke_prune, tmp_path):
+    # Prepare: `fedmoe prune` records no routing statistics in its export
+    export = Path(smoke_prune[0]["export"])
+    info = json.loads((export / "fedmoe_experts.json").read_text())
+    assert info["routing_stats"] is None
+    # Execute
+    result = _bench_static(export, tmp_path)
+    # Assert: a static contender exists only with counts (here from the calibration pass);
+    # it pinned top-k experts in each of the 4 layers and generated what the in-memory model does
+    rows = {r["contender"]: r for r in result["contenders"]}
+    static = rows["static 1x"]
+    assert static["same_output"] is True
+    assert static["capacity_per_layer"] == {layer: 2 for layer in info["kept"]}
+    assert static["preload_bytes"] > 0 and static["hit_rate"] > 0
+
+
+@pytest.mark.slow
+def test_a_routing_stats_file_without_statistics_is_a_clear_error(smoke_prune, tmp_path,
+                                                                  capsys):
+    export = Path(smoke_prune[0]["export"])
+    with pytest.raises(SystemExit):
+        _bench_static(export, tmp_path, f"edge.routing_stats={export / 'fedmoe_experts.json'}")
+    assert "records no routing statistics" in capsys.readouterr().err

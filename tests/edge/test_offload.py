@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedmoe.edge import IMPLEMENTATION, EdgeConfig, ExpertStore, offload, simulate_cache_stats
+from fedmoe.edge import IMPLEMENTATION, EdgeConfig, ExpertStore, offload
 from fedmoe.edge.runtime import routing_counts
 from fedmoe.moe.adapter import MoEAdapter
-from tests.conftest import tiny_model
-from tests.edge.conftest import PROMPT, greedy
+from tests.helpers.edge import PROMPT, greedy
+from tests.helpers.models import tiny_model
 
 BUDGETS = ("1x", "2x", "all")
 
@@ -73,26 +73,42 @@ def test_offloading_frees_the_resident_experts(offloadable):
     assert model.config._experts_implementation == IMPLEMENTATION
 
 
-def test_runtime_accounting_replays_in_the_simulator(offloadable):
-    # Prepare
-    model, _, store = offloadable("mixtral")
-    runtime = offload(model, store, EdgeConfig(budget="1x", policy="consistency", window=4))
+# Experts each step needs in every MoE layer, replayed: prefill (the 8 prompt tokens all
+# route to {0, 1}), then the 7 decode steps of an 8-token greedy generation.
+STEPS = [[0, 1], [0, 1], [2, 3], [0, 1], [0, 2], [2, 3], [4, 5], [0, 1]]
 
+
+def _replayed(steps: list[list[int]], prompt_len: int) -> torch.Tensor:
+    """The ``(T, k)`` routing rows that make each forward call need ``steps[i]``."""
+    return torch.tensor([steps[0]] * prompt_len + steps[1:])
+
+
+def test_runtime_accounting_is_the_hand_counted_lru(offloadable):
+    # Prepare: capacity 2 (1x of top-2). LRU on STEPS by hand (step: hits, misses -> cache):
+    #   {0,1}: -, 0 1 (cold) -> {0,1}     {0,1}: 0 1, -            {2,3}: -, 2 3 (cold) -> {2,3}
+    #   {0,1}: -, 0 1 -> {0,1}            {0,2}: 0, 2 (1 is the least recent) -> {0,2}
+    #   {2,3}: 2, 3 -> {2,3}              {4,5}: -, 4 5 (cold)     {0,1}: -, 0 1
+    #   per layer: 16 lookups, 4 hits, 12 misses of which 6 cold
+    from fedmoe.edge.bench import replay_routing
+
+    model, _, store = offloadable("olmoe")
+    layers = [layer.index for layer in MoEAdapter(model).moe_layers()]
+    rows = _replayed(STEPS, PROMPT.shape[1])
+    runtime = offload(model, store, EdgeConfig(budget="1x", policy="lru"))
     # Execute
-    greedy(model)
+    with replay_routing(model, {i: rows for i in layers}):
+        greedy(model)
     stats, trace = runtime.stats(), runtime.trace()
-
-    # Assert: per layer the same hits as the pure simulator on the recorded steps
-    for index, steps in trace.items():
-        sim = simulate_cache_stats(steps, runtime.capacities[index], "consistency", window=4)
-        assert stats["layers"][index]["hits"] == sim.hits
-        assert stats["layers"][index]["cold_misses"] == sim.cold_misses
-        assert len(steps) == 8  # prefill + 7 decode steps
+    # Assert
+    assert trace == {i: STEPS for i in layers}
+    for i in layers:
+        layer = stats["layers"][i]
+        assert (layer["lookups"], layer["hits"], layer["cold_misses"]) == (16, 4, 6), i
+        assert layer["capacity"] == 2
     # every miss loads one expert, nothing else does
-    nbytes = store.expert_nbytes(next(iter(trace)))
-    assert stats["bytes_loaded"] == stats["overall"]["misses"] * nbytes
-    layers = {ol.index: ol for ol in runtime.layers}
-    assert all(len(ol.weights) <= runtime.capacities[i] for i, ol in layers.items())
+    assert stats["loads"] == stats["overall"]["misses"] == 12 * len(layers)
+    assert stats["bytes_loaded"] == 12 * len(layers) * store.expert_nbytes(layers[0])
+    assert all(len(ol.weights) <= 2 for ol in runtime.layers)
 
 
 def test_everything_resident_loads_each_used_expert_once(offloadable):
@@ -109,20 +125,26 @@ def test_everything_resident_loads_each_used_expert_once(offloadable):
     assert stats["overall"]["hit_rate_warm"] == 1.0
 
 
-def test_prefetch_reports_precision_and_recall(offloadable):
-    # Prepare
-    model, _, store = offloadable("olmoe")
-    runtime = offload(model, store, EdgeConfig(budget="2x", policy="lru", prefetch=True))
+def test_prefetch_precision_and_recall_are_the_known_overlap(offloadable):
+    # Prepare: every step needs {0, 1}; the replayed predictions always guess {0, 2}
+    from fedmoe.edge.bench import replay_routing
 
+    model, _, store = offloadable("olmoe")
+    layers = [layer.index for layer in MoEAdapter(model).moe_layers()]
+    need = _replayed([[0, 1]] * 8, PROMPT.shape[1])
+    guess = torch.tensor([[0, 2]] * len(need))
+    runtime = offload(model, store, EdgeConfig(budget="2x", policy="lru", prefetch=True))
     # Execute
-    greedy(model)
+    with replay_routing(model, {i: need for i in layers}, predictions={i: guess for i in layers}):
+        greedy(model)
     prefetch = runtime.stats()["prefetch"]
     runtime.close()
-
-    # Assert: layers 1 and 2 were predicted at each of 8 steps
-    assert prefetch["actual"] > 0 and prefetch["predicted"] > 0
-    assert 0.0 <= prefetch["precision"] <= 1.0 and 0.0 <= prefetch["recall"] <= 1.0
-    assert prefetch["correct"] <= min(prefetch["predicted"], prefetch["actual"])
+    # Assert: every MoE layer but the first is predicted at each of 8 steps: 2 experts
+    # guessed, 2 needed, 1 of them right
+    predicted = 2 * 8 * (len(layers) - 1)
+    assert (prefetch["predicted"], prefetch["actual"], prefetch["correct"]) == (
+        predicted, predicted, predicted // 2)
+    assert prefetch["precision"] == prefetch["recall"] == 0.5
 
 
 def test_static_pins_are_loaded_up_front(offloadable):

@@ -12,14 +12,10 @@ from fedmoe.fl.aggregate import (
     update_norm,
     weighted_mean_metrics,
 )
+from tests.helpers.records import ROUTER, f32
 
-ROUTER = "model.layers.1.mlp.gate.weight"
 SHARED = "model.layers.1.mlp.shared_expert.down_proj.weight"
 EXPERT_ROWS = {ROUTER: 1}
-
-
-def f32(values) -> np.ndarray:
-    return np.asarray(values, dtype=np.float32)
 
 
 @pytest.fixture

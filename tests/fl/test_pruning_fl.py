@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from fedmoe.fl.state import PersonalStore
-from tests.fl.test_simulation import _audit, _simulate
+from tests.helpers.runs import FAST, simulate
 
 pytestmark = pytest.mark.slow
 
@@ -20,16 +20,19 @@ def test_disjoint_expert_subsets_train_together(tmp_path, fedmoe_cache):
         kept = {str(layer): list(range(4 * c, 4 * c + 4)) for layer in range(4)}
         PersonalStore(state / f"client_{c:04d}").save({}, {"rounds": 0, "kept": kept})
     # Execute
-    run_dir = _simulate(tmp_path, fedmoe_cache, f"fl.state_dir={state}", "fl.num_rounds=1",
-                        "fl.export=false")
+    run = simulate(tmp_path, fedmoe_cache, *FAST, f"fl.state_dir={state}", "fl.num_rounds=1")
     # Assert: every reply accepted; each carries only its own 4 router rows and its ids
-    res = json.loads((run_dir / "results.json").read_text())
+    res = run.results
     assert res["rounds"][0]["accepted"] == [0, 1, 2, 3] and not res["rounds"][0]["rejected"]
-    replies = [m for m in _audit(tmp_path) if m["direction"] == "out" and "experts" in m["records"]]
+    replies = [m for m in run.audit if m["direction"] == "out" and "experts" in m["records"]]
     assert len(replies) == 4
     for m in replies:
         routers = {k: v for k, v in m["records"]["arrays"]["arrays"].items() if ".mlp.gate." in k}
         assert routers and all(v["shape"][0] == 4 for v in routers.values())
+    # ... as the server received them: each client's own block of 4 ids in every layer
+    up = [m for m in run.wire if m["direction"] == "up" and m["type"] == "train"]
+    held = sorted(tuple(ids) for m in up for ids in m["configs"]["experts"].values())
+    assert held == [tuple(range(4 * c, 4 * c + 4)) for c in range(4) for _ in range(4)]
     m = res["config"]["model"]["config"]  # 3 matrices (gate, up, down) per expert, fp32
     per_expert_mb = 3 * m["hidden_size"] * m["moe_intermediate_size"] * 4 / 2**20
     for c in range(4):
@@ -39,8 +42,8 @@ def test_disjoint_expert_subsets_train_together(tmp_path, fedmoe_cache):
 
 
 def test_prune_keep_half_reports_and_exports(tmp_path, fedmoe_cache):
-    run_dir = _simulate(tmp_path, fedmoe_cache, "prune.keep=0.5", "fl.num_rounds=2")
-    res = json.loads((run_dir / "results.json").read_text())
+    run = simulate(tmp_path, fedmoe_cache, *FAST, "fl.export=true", "prune.keep=0.5")
+    run_dir, res = run.dir, run.results
     client = res["clients"]["0"]
     assert client["experts_kept"] == {str(i): 8 for i in range(4)}
     assert client["routed_expert_mb"]["after"] == pytest.approx(

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fedmoe.fl.state import PersonalStateError, PersonalStore
+from tests.helpers.runs import FAST, child_env
 
 
 def test_save_load_round_trip(tmp_path):
@@ -71,18 +72,10 @@ _CLIENT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_client_restart_resumes_personal_experts_bit_for_bit(tmp_path, fedmoe_cache):
-    # Prepare: a base model for the smoke settings
-    from fedmoe.fl.bridge import compose
-    from fedmoe.task.pretrain import ensure_base_model
-
-    env = os.environ | {"FEDMOE_CACHE": str(fedmoe_cache)}
-    os.environ["FEDMOE_CACHE"] = str(fedmoe_cache)
-    try:
-        base = ensure_base_model(compose(["experiment=smoke"]), progress=False)
-    finally:
-        os.environ.pop("FEDMOE_CACHE")
-    overrides = json.dumps(["experiment=smoke", f"fl.base_model={base}"])
+def test_client_restart_resumes_personal_experts_bit_for_bit(tmp_path, fedmoe_cache, smoke_base):
+    # Prepare: the smoke settings on their base model
+    env = child_env(fedmoe_cache)
+    overrides = json.dumps([*FAST, f"cache_dir={fedmoe_cache}", f"fl.base_model={smoke_base}"])
     state = tmp_path / "client_0001"
 
     def run(mode: str) -> dict:

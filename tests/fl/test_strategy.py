@@ -17,11 +17,12 @@ from flwr.app import (
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe.fl.strategy import FedMoE, FedMoEAdam, FedMoEYogi, build_strategy
+from tests.helpers.records import ROUTER, f32
 
-ROUTER = "model.layers.1.mlp.gate.weight"
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
+
 SHARED = "model.layers.1.mlp.shared_expert.down_proj.weight"
 EXPERT_ROWS = {ROUTER: 1}
 GLOBAL_ROUTER = [[0, 0], [1, 1], [2, 2], [3, 3]]
@@ -31,15 +32,6 @@ A_ROUTER, A_SHARED = [[1, 2], [3, 4], [5, 6], [7, 8]], [1, 1, 1]
 B_ROUTER, B_SHARED = [[5, 6], [7, 8], [9, 10], [11, 12]], [5, 5, 5]
 # (1 * A + 3 * B) / 4, by hand
 AB_ROUTER, AB_SHARED = [[4, 5], [6, 7], [8, 9], [10, 11]], [4, 4, 4]
-
-
-@pytest.fixture(autouse=True)
-def serverapp_identity(monkeypatch):
-    """Flower 1.42 stamps new messages with the running task's identity; the ServerApp
-    runtime sets it, so tests set it as `flwr.server.compat.app` does."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
 
 
 class FakeGrid(Grid):
@@ -69,10 +61,6 @@ class FakeGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout=None):
         raise NotImplementedError
-
-
-def f32(values) -> np.ndarray:
-    return np.asarray(values, dtype=np.float32)
 
 
 def global_arrays() -> ArrayRecord:
@@ -370,6 +358,47 @@ def test_fedadam_step_runs_on_the_masked_mean():
     assert numpy_of(arrays)[ROUTER].dtype == np.float32  # FedAdam alone gives float64
 
 
+def test_fedyogi_takes_the_hand_computed_steps_over_two_rounds():
+    # Prepare: FedYogi (no bias correction; v_t moves by sign(v - delta^2)), as Flower
+    # defines it, over FedMoE's masked mean; round 1 as in the FedAdam test above
+    eta, beta_1, beta_2, tau = 0.1, 0.9, 0.99, 1e-3
+    strategy = build_strategy(server_opt="yogi", expert_rows=EXPERT_ROWS, eta=eta,
+                              beta_1=beta_1, beta_2=beta_2, tau=tau)
+    sent = start_round(strategy, nodes=(1, 2))
+    first = [
+        reply(sent[1], {ROUTER: f32([[1, 2], [3, 4]]), SHARED: f32(A_SHARED)},
+              {"num-examples": 1, "client-id": 10}, experts={"1": [0, 1]}),
+        reply(sent[2], {ROUTER: f32([[7, 8], [9, 10]]), SHARED: f32(B_SHARED)},
+              {"num-examples": 3, "client-id": 11}, experts={"1": [1, 2]}),
+    ]
+    # Execute: round 1, then round 2 from its result with every expert held
+    after_1 = numpy_of(strategy.aggregate_train(1, first)[0])
+    messages = strategy.configure_train(
+        2, ArrayRecord({k: Array(v) for k, v in after_1.items()}), ConfigRecord(),
+        FakeGrid([1, 2]))
+    sent = {m.metadata.dst_node_id: m for m in messages}
+    second = good_replies(sent)
+    after_2 = numpy_of(strategy.aggregate_train(2, second)[0])
+    # Assert: by hand, for the router
+    g0 = f32(GLOBAL_ROUTER).astype(np.float64)
+    d1 = f32([[1, 2], [6, 7], [9, 10], [3, 3]]) - g0  # masked mean - global
+    m1, v1 = (1 - beta_1) * d1, (1 - beta_2) * d1**2  # v0 = 0: sign(0 - d^2) = -1
+    g1 = g0 + eta * m1 / (np.sqrt(v1) + tau)
+    d2 = f32(AB_ROUTER) - g1.astype(np.float32)
+    m2 = beta_1 * m1 + (1 - beta_1) * d2
+    v2 = v1 - (1 - beta_2) * d2**2 * np.sign(v1 - d2**2)
+    g2 = g1.astype(np.float32) + eta * m2 / (np.sqrt(v2) + tau)
+    np.testing.assert_allclose(after_1[ROUTER], g1, rtol=1e-5)
+    np.testing.assert_allclose(after_1[ROUTER][3], [3, 3])  # nobody held expert 3
+    np.testing.assert_allclose(after_2[ROUTER], g2, rtol=1e-5)
+    assert after_2[ROUTER].dtype == np.float32
+    # FedAdam (bias-corrected, v_t an EMA) would step elsewhere in round 2
+    v2_adam = beta_2 * v1 + (1 - beta_2) * d2**2
+    eta_2 = eta * np.sqrt(1 - beta_2**2) / (1 - beta_1**2)
+    adam = g1.astype(np.float32) + eta_2 * m2 / (np.sqrt(v2_adam) + tau)
+    assert not np.allclose(after_2[ROUTER], adam, rtol=1e-3)
+
+
 def test_server_optimizers_compose_by_mro():
     # Execute
     adam = build_strategy(server_opt="adam", expert_rows=EXPERT_ROWS, rule="trimmed_mean")
@@ -478,6 +507,35 @@ def test_evaluate_skips_bad_replies_and_keeps_per_client_ppl(caplog):
     assert {c: m["num-examples"] for c, m in log.eval_by_client.items()} == {10: 1, 11: 3}
     assert list(log.eval_rejected) == [12] and "client 12 (node 3)" in caplog.text
     assert log.wall_s > 0
+
+
+def _evaluate_replies(strategy: FedMoE, metrics: dict[int, dict]) -> list[Message]:
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_evaluate(
+        1, global_arrays(), ConfigRecord(), FakeGrid(sorted(metrics)))}
+    return [Message(RecordDict({"metrics": MetricRecord(m)}), reply_to=sent[n])
+            for n, m in metrics.items()]
+
+
+def test_list_valued_metrics_are_averaged_element_wise():
+    # Prepare: the same keys (Flower's aggregation), then different keys (fedmoe's per-key
+    # mean), where a list of another length cannot be averaged and is left out
+    strategy = FedMoE(expert_rows=EXPERT_ROWS)
+    start_round(strategy)
+    same = _evaluate_replies(strategy, {
+        1: {"num-examples": 1, "client-id": 10, "eval_loss": 2.0, "per_layer": [1.0, 2.0]},
+        2: {"num-examples": 3, "client-id": 11, "eval_loss": 1.0, "per_layer": [5.0, 6.0]}})
+    different = _evaluate_replies(strategy, {
+        1: {"num-examples": 1, "client-id": 10, "per_layer": [1.0, 2.0], "odd": [1.0]},
+        2: {"num-examples": 3, "client-id": 11, "per_layer": [5.0, 6.0], "odd": [1.0, 2.0]},
+        3: {"num-examples": 4, "client-id": 12, "eval_loss": 1.0}})
+    # Execute
+    first = strategy.aggregate_evaluate(1, same)
+    second = strategy.aggregate_evaluate(1, different)
+    # Assert: weights 1 and 3, element by element
+    assert first["per_layer"] == pytest.approx([4.0, 5.0])
+    assert first["eval_loss"] == pytest.approx(1.25)
+    assert second["per_layer"] == pytest.approx([4.0, 5.0])
+    assert second["eval_loss"] == pytest.approx(1.0) and "odd" not in second
 
 
 class SimGrid(FakeGrid):

@@ -7,7 +7,7 @@ import torch
 
 from fedmoe.moe.adapter import MoEAdapter, normalize_name
 from fedmoe.moe.families import FAMILIES, Role
-from tests.conftest import TINY_FAMILIES, tiny_model
+from tests.helpers.models import TINY_FAMILIES, tiny_model
 
 
 def test_every_family_is_tested():

@@ -15,7 +15,7 @@ from fedmoe.cli import conf_dir
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import ROLES
 from fedmoe.moe.inspect import role_table
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 PRESETS = ["tiny", "tiny_olmoe", "tiny_qwen3_moe", "tiny_mixtral", "tiny_deepseek_v3",
            "tiny_granitemoeshared"]

@@ -6,7 +6,7 @@ import torch
 
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.routing import capture_routing
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 
 def _expert_io(layer):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedmoe.prune import check_budget, expert_mb, plan_keep, routed_mb
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 SCORES = {1: np.array([0.1, 0.9, 0.3, 0.8, 0.0, 0.5]),  # ranking 1, 3, 5, 2, 0, 4
           2: np.array([5.0, -1.0, 2.0, 4.0, 3.0, 1.0])}  # ranking 0, 3, 4, 2, 5, 1

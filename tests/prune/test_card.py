@@ -9,7 +9,7 @@ from huggingface_hub import ModelCard
 
 from fedmoe.prune import export_checkpoint, keep_experts
 from fedmoe.prune.card import CARD_FILE, model_card
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 KEPT = {1: [0, 3, 5, 6], 2: [1, 2, 4, 7]}  # qwen2_moe tiny: layer 0 is dense
 

@@ -22,8 +22,8 @@ from fedmoe.prune import (
     load_experts_info,
 )
 from fedmoe.prune.budget import expert_mb
-from tests.conftest import TINY_FAMILIES, tiny_model
-from tests.prune.conftest import input_ids, mask_routers
+from tests.helpers.models import TINY_FAMILIES, tiny_model
+from tests.helpers.prune import input_ids, mask_routers
 
 # Four experts per layer, two from each DeepSeek group (0-3, 4-7), different per layer.
 KEPT_SETS = [[0, 2, 5, 7], [1, 3, 4, 6], [0, 3, 4, 5]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,16 @@ from omegaconf import OmegaConf
 
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.routing import capture_routing
-from fedmoe.prune import RoutingStats, budget_for_round, check_budget, prune_model, routed_mb
+from fedmoe.prune import (
+    RoutingStats,
+    budget_for_round,
+    check_budget,
+    compute_scores,
+    prune_model,
+    routed_mb,
+)
 from fedmoe.task.train import lm_loss
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "prune"
 BLOCKS = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -54,11 +62,28 @@ def test_prune_model_uses_training_stats_and_keeps_top_tcess(family):
 
 
 @pytest.mark.parametrize("score", ["frequency", "reap", "reconstruction", "random"])
-def test_prune_model_with_a_pass_and_count_budget(score):
+def test_a_pass_score_keeps_the_top_scored_experts_with_their_weights(score):
+    # Prepare: the scores of a pass over the same blocks, on a copy of the model
     model = tiny_model("qwen2_moe")
-    report = prune_model(model, BLOCKS, _cfg(score=score, keep_per_layer=3))
-    assert all(len(ids) == 3 for ids in report["kept"].values())
-    assert all(layer.num_experts == 3 for layer in MoEAdapter(model).moe_layers())
+    original = MoEAdapter(copy.deepcopy(model))
+    cfg = _cfg(score=score, keep_per_layer=3)
+    scores = compute_scores(copy.deepcopy(model), BLOCKS, score,
+                            calibration_tokens=cfg.calibration_tokens, seed=cfg.seed)
+    expected = {i: sorted(np.argsort(-s, kind="stable")[:3].tolist()) for i, s in scores.items()}
+    # Execute
+    report = prune_model(model, BLOCKS, cfg)
+    # Assert: the 3 best-scored experts of each layer (ties: lower id) and nothing else, each
+    # with its own router row and weights
+    assert report["kept"] == expected
+    assert any(ids != [0, 1, 2] for ids in expected.values())  # not merely the first three
+    for layer in MoEAdapter(model).moe_layers():
+        before = original.layer(layer.index)
+        np.testing.assert_allclose(report["scores"][layer.index], scores[layer.index])
+        assert layer.num_experts == 3
+        for j, e in enumerate(expected[layer.index]):
+            torch.testing.assert_close(layer.router.weight[j], before.router.weight[e])
+            for name, tensor in layer.expert_tensors(j).items():
+                torch.testing.assert_close(tensor, before.expert_tensors(e)[name])
 
 
 def test_max_mb_budget_respects_the_total():

@@ -14,7 +14,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.routing import capture_routing
 from fedmoe.prune import SCORES, RoutingStats, compute_scores
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 # 4 tokens, hidden 2, 3 experts: logits z = h W^T are small integers without ties.
 HIDDEN = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 2.0], [2.0, -1.0]])

@@ -9,8 +9,8 @@ import torch
 
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.prune import keep_experts, kept_experts, masked_routing
-from tests.conftest import tiny_model
-from tests.prune.conftest import input_ids, mask_routers
+from tests.helpers.models import tiny_model
+from tests.helpers.prune import input_ids, mask_routers
 
 
 def _kept(model, counts=(3, 5, 4)) -> dict[int, list[int]]:

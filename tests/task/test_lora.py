@@ -9,7 +9,7 @@ from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
 from fedmoe.task.expert_lora import merged_expert_weights
 from fedmoe.task.lora import apply_lora
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 ALL = ["router", "shared_expert", "routed_experts"]
 

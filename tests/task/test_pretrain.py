@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,13 @@ from fedmoe.task.pretrain import (
     ensure_base_model,
     tokenizer_texts,
 )
+from tests.helpers.runs import child_env
 
 pytestmark = pytest.mark.slow
+
+# The pretrained smoke base model's perplexity is at least this factor below the unigram
+# model's on every domain (the README: the base model must be far below it).
+UNIGRAM_FACTOR = 1.2
 
 SAMPLE_TEXT = "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a + b\n"
 
@@ -46,6 +50,7 @@ torch.save({"ids": ids, "logits": logits, "decoded": tokenizer.decode(ids[0])}, 
 
 
 def _subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment without fedmoe's cache or import path (a plain HF user's), offline."""
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "FEDMOE_CACHE"}}
     return {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
 
@@ -65,8 +70,9 @@ def test_checkpoint_is_a_complete_hf_directory_named_by_hash(smoke_pretrain):
     assert checkpoint.parent == Path(cfg.cache_dir) / "base"
     assert re.fullmatch(rf"{cfg.model.name}-[0-9a-f]{{12}}", checkpoint.name)
     assert {"config.json", "model.safetensors", "tokenizer.json", SUMMARY_FILE} <= files
+    assert base_checkpoint_dir(cfg) == checkpoint
     # The atomic save leaves no temporary sibling behind.
-    assert [p.name for p in checkpoint.parent.iterdir()] == [checkpoint.name]
+    assert not [p.name for p in checkpoint.parent.iterdir() if p.name.startswith(".")]
 
 
 def test_plain_transformers_load_matches_fedmoe_load(smoke_pretrain, tmp_path):
@@ -99,23 +105,20 @@ def test_second_call_reuses_checkpoint_without_training(smoke_pretrain):
     cfg = smoke_pretrain.compose()  # composed afresh: the hash must be stable
 
     # Execute
-    start = time.perf_counter()
     again = ensure_base_model(cfg, progress=False)
-    seconds = time.perf_counter() - start
 
-    # Assert
+    # Assert: the same files, none written again
     assert again == smoke_pretrain.checkpoint
     assert _mtimes(again) == before
-    assert seconds < smoke_pretrain.seconds / 5
 
 
 @pytest.mark.parametrize("override", [
     "pretraining.seed=1",
-    "pretraining.steps=41",
+    "pretraining.steps=121",
     "pretraining.lr=1e-3",
     "model.config.num_experts=8",
     "data.max_mb_per_domain=0.25",
-    "data.block_size=64",
+    "data.block_size=32",
 ])
 def test_weight_changing_config_gets_another_dir(smoke_pretrain, override):
     # Execute
@@ -166,11 +169,13 @@ def test_summary_has_model_and_unigram_ppl_per_domain(smoke_pretrain):
     summary = json.loads((smoke_pretrain.checkpoint / SUMMARY_FILE).read_text())
     model = load_model(cfg.model, checkpoint=smoke_pretrain.checkpoint)
 
-    # Assert
+    # Assert: a uniform guess over the vocabulary has perplexity vocab_size; the unigram
+    # model beats it, and the base model beats the unigram model on every domain by at least
+    # UNIGRAM_FACTOR (seeds 0-2 of the smoke pretraining: 1.25-1.29 on the weakest domain)
     assert list(summary["domains"]) == list(DOMAINS)
     for domain, r in summary["domains"].items():
-        assert math.isfinite(r["ppl"]) and 1 < r["ppl"] < vocab_size, domain
-        assert math.isfinite(r["unigram_ppl"]) and 1 < r["unigram_ppl"] < vocab_size, domain
+        assert 1 < r["ppl"] < r["unigram_ppl"] < vocab_size, domain
+        assert r["unigram_ppl"] > UNIGRAM_FACTOR * r["ppl"], (domain, r)
         assert r["tokens"] == cfg.pretraining.eval_blocks_per_domain * (block - 1), domain
     assert summary["overall"]["tokens"] == sum(r["tokens"] for r in summary["domains"].values())
     ppls = [r["ppl"] for r in summary["domains"].values()]
@@ -204,13 +209,13 @@ def test_tokenizer_text_is_a_seeded_mix_capped_in_mb(smoke_pretrain):
 def test_cli_prints_table_and_copies_summary(smoke_pretrain, tmp_path):
     # Prepare: the same config through the real CLI, cache_dir from $FEDMOE_CACHE.
     run_dir = tmp_path / "run"
-    cache = smoke_pretrain.cfg.cache_dir
+    cache = Path(smoke_pretrain.cfg.cache_dir)
     command = [sys.executable, "-m", "fedmoe.cli", "pretrain", *smoke_pretrain.overrides,
-               f"data.cache_dir={smoke_pretrain.cfg.data.cache_dir}", f"hydra.run.dir={run_dir}"]
+               f"hydra.run.dir={run_dir}"]
 
     # Execute
-    proc = subprocess.run(command, cwd=tmp_path, env=_subprocess_env(FEDMOE_CACHE=str(cache)),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, cwd=tmp_path, env=child_env(cache), capture_output=True,
+                          text=True, timeout=300)
 
     # Assert
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,7 +14,7 @@ from fedmoe.prune import export_checkpoint, keep_experts
 from fedmoe.prune.masked import KEEP_ATTR, RoutingRestriction
 from fedmoe.task.local import LocalClient
 from fedmoe.task.train import lm_loss
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 KEPT = [[0, 2, 5, 7], [1, 3, 4, 6], [0, 3, 4, 5]]  # two per DeepSeek group (0-3, 4-7)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedmoe.task.train import evaluate_lm, lm_loss, train_lm
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 
 def test_aux_loss_equals_transformers_on_one_moe_layer():

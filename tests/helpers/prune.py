@@ -1,4 +1,4 @@
-"""Helpers for pruning tests: reference routing restricted to kept experts."""
+"""Pruning-test helpers: reference routing restricted to kept experts, seeded token ids."""
 
 from __future__ import annotations
 
