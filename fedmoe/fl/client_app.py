@@ -116,7 +116,10 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
     _debug_delay(context, server_round)
     out = client.fit(_arrays(msg), server_round)
-    wire = client.wire_dtype()  # the base checkpoint's dtype: bf16 travels as 2 bytes
+    # The base checkpoint's dtype: bf16 travels as 2 bytes. Flower's DP clipping mod reads
+    # the arrays as numpy, so with DP they go as float32.
+    dp = client.cfg.strategy.get("dp")
+    wire = "float32" if dp is not None and dp.enabled else client.wire_dtype()
     content = RecordDict({
         "arrays": encode_record(out["arrays"], {k: wire for k in out["arrays"]}),
         "metrics": MetricRecord(out["metrics"]),

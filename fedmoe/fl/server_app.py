@@ -61,6 +61,8 @@ def initial_arrays(cfg) -> tuple[ArrayRecord, dict[str, int], int, dict[str, str
 
 def _strategy(cfg, rows: dict[str, int], wire_dtypes: dict[str, str]):
     s, fl = cfg.strategy, cfg.fl
+    if s.get("dp") is not None and s.dp.enabled:  # Flower's DP mods read arrays as numpy
+        wire_dtypes = {k: "float32" for k in wire_dtypes}
     kwargs = dict(
         expert_rows=rows, wire_dtypes=wire_dtypes, rule=s.rule, trim_beta=s.trim_beta,
         max_update_norm=s.max_update_norm, max_weight_share=s.max_weight_share,
