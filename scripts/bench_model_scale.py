@@ -189,15 +189,19 @@ def simulate_large(ckpt: Path, work: Path, cache: Path) -> dict:
     }
 
 
-def raw_aggregated_bytes(ckpt: Path) -> int:
-    """Bytes of the aggregated roles' tensors in the model's dtype (OLMoE: the routers)."""
+def raw_aggregated_bytes(ckpt: Path) -> tuple[int, int]:
+    """Bytes of the aggregated roles' tensors in the model's dtype (OLMoE: the routers), and
+    of the ArrayRecord a client sends with them (Flower's own count: payload and metadata)."""
     from fedmoe.fl.bridge import compose
+    from fedmoe.fl.codec import encode_record
     from fedmoe.fl.server_app import initial_arrays
 
     cfg = compose([*SIM, f"model.path={ckpt}", f"fl.base_model={ckpt}"])
     arrays, _, _, wire = initial_arrays(cfg)
     itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}
-    return sum(a.numpy().size * itemsize[wire[k]] for k, a in arrays.items())
+    raw = sum(a.numpy().size * itemsize[wire[k]] for k, a in arrays.items())
+    record = encode_record({k: a.numpy() for k, a in arrays.items()}, wire)
+    return raw, record.count_bytes()
 
 
 # --- 3. the edge -----------------------------------------------------------------------------
@@ -258,14 +262,21 @@ def edge(export: Path, work: Path, cache: Path, tokens: int, policy: str) -> dic
 # --- 4. the tiny model, before and after -----------------------------------------------------
 
 
+# The same run on both trees, whatever each tree's smoke preset says (the presets changed).
+TINY = ["experiment=smoke", "pretraining.steps=40", "train.local_steps=4", "train.batch_size=4",
+        "data.max_train_blocks_per_client=64", "data.max_eval_blocks_per_client=16"]
+
+
 def tiny(tree: Path, cache: Path, work: Path, tag: str) -> dict:
-    run_dir = work / f"tiny_{tag}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "fedmoe.cli", "simulate", "experiment=smoke",
-           f"cache_dir={cache}", f"hydra.run.dir={run_dir}"]
-    result = run_measured(cmd, env_for(tree, cache), cwd=tree)
-    if result["rc"] != 0:
-        raise SystemExit(f"tiny simulate ({tag}) failed:\n{result['tail']}")
+    """The smoke simulation on ``tree``: a first run pretrains (not timed), the second is."""
+    for attempt in ("warm", "timed"):
+        run_dir = work / f"tiny_{tag}_{attempt}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cmd = [sys.executable, "-m", "fedmoe.cli", "simulate", *TINY, f"cache_dir={cache}",
+               f"hydra.run.dir={run_dir}"]
+        result = run_measured(cmd, env_for(tree, cache), cwd=tree)
+        if result["rc"] != 0:
+            raise SystemExit(f"tiny simulate ({tag}) failed:\n{result['tail']}")
     rounds = json.loads((run_dir / "results.json").read_text())["rounds"]
     return {"seconds": result["seconds"], "round_seconds": [r["wall_seconds"] for r in rounds],
             "peak_pss_bytes": result["peak_pss_bytes"]}
@@ -278,7 +289,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("bench_model_scale"))
     ap.add_argument("--before", type=Path, help="another checkout for the tiny-model ratio")
-    ap.add_argument("--only", choices=["sim", "edge", "tiny"], action="append")
+    ap.add_argument("--only", choices=["sim", "edge", "tiny", "upload"], action="append")
     ap.add_argument("--edge-tokens", type=int, default=16)
     ap.add_argument("--edge-policy", default="lru")
     ap.add_argument("--keep-exports", type=int, default=1)
@@ -297,11 +308,16 @@ def main() -> None:
     if "sim" in only:
         print("simulate: 4 clients x 2 rounds on the 6.9B model ...", flush=True)
         report["simulate"] = simulate_large(ckpt, work, cache)
-        report["simulate"]["raw_aggregated_bytes"] = raw_aggregated_bytes(ckpt)
+        raw, record = raw_aggregated_bytes(ckpt)
+        report["simulate"] |= {"raw_aggregated_bytes": raw, "record_bytes": record}
         exports = sorted((work / "sim" / "clients").glob("client_*/model"))
         for extra in exports[args.keep_exports:]:
             shutil.rmtree(extra)
         report["simulate"]["exports_kept"] = [str(e) for e in exports[:args.keep_exports]]
+        report_path.write_text(json.dumps(report, indent=2))
+    if "upload" in only and "sim" not in only:
+        raw, record = raw_aggregated_bytes(ckpt)
+        report["simulate"] |= {"raw_aggregated_bytes": raw, "record_bytes": record}
         report_path.write_text(json.dumps(report, indent=2))
     if "edge" in only:
         export = Path(report["simulate"]["exports_kept"][0])
@@ -333,8 +349,8 @@ def print_table(report: dict) -> None:
             ("personal state MB per client", ", ".join(f"{v:.1f}" for v in
                                                      s["personal_mb"].values() if v)),
             ("upload MB per client per round", f"{up / 1e6:.3f}"),
-            ("upload overhead vs raw aggregated bytes",
-             f"{up / s['raw_aggregated_bytes'] - 1:.4%}"),
+            ("upload overhead vs raw aggregated bytes (ArrayRecord.count_bytes)",
+             f"{s['record_bytes'] / s['raw_aggregated_bytes'] - 1:.4%}"),
             ("clients accepted per round", str([len(a) for a in s["accepted"]])),
         ]
     if "edge" in report:

@@ -37,3 +37,15 @@ def make_federation(fedmoe_cache) -> Iterator:
     yield make
     for fed in made:
         fed.stop()
+
+
+def dump_logs(fed: LocalFederation, run_id: int | None = None) -> str:
+    """The tails of every process log (and the ServerApp's), for assertion messages."""
+    parts = [f"--- {s.name}\n{s.log()[-2500:]}"
+             for s in [fed.superlink, *fed.nodes] if s is not None]
+    if run_id is not None:
+        try:
+            parts.append(f"--- ServerApp\n{fed.control.logs(run_id)[-4000:]}")
+        except Exception as e:  # a diagnostic only: never hide the real failure
+            parts.append(f"--- ServerApp log unavailable: {e}")
+    return "\n".join(parts)

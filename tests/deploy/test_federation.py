@@ -32,6 +32,8 @@ from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
 from tests.helpers.runs import FAST
 
+from .conftest import dump_logs
+
 pytestmark = pytest.mark.slow
 
 MARKER = "zebra-quartz-7731"  # a word only the device's own data holds
@@ -63,18 +65,6 @@ def device_data(path: Path) -> Path:
     rows[5]["text"] += f" {MARKER}"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def dump_logs(fed: LocalFederation, run_id: int | None = None) -> str:
-    """The tails of every process log (and the ServerApp's), for assertion messages."""
-    parts = [f"--- {s.name}\n{s.log()[-2500:]}"
-             for s in [fed.superlink, *fed.nodes] if s is not None]
-    if run_id is not None:
-        try:
-            parts.append(f"--- ServerApp\n{fed.control.logs(run_id)[-4000:]}")
-        except Exception as e:  # a diagnostic only: never hide the real failure
-            parts.append(f"--- ServerApp log unavailable: {e}")
-    return "\n".join(parts)
 
 
 # --- a managed local simulation -----------------------------------------------------------

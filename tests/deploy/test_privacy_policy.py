@@ -11,8 +11,9 @@ import pytest
 
 from fedmoe.fl.policy import send_roles
 from fedmoe.moe.families import Role
+from tests.helpers.runs import FAST as TINY
 
-from .conftest import REPO, TINY, dump_logs
+from .conftest import REPO, dump_logs
 
 
 def test_start_supernode_defaults_to_the_strict_policy(monkeypatch):
