@@ -43,7 +43,7 @@ def task_identity(monkeypatch):
 @pytest.fixture(scope="module")
 def global_arrays(base_model) -> dict[str, np.ndarray]:
     """What the server sends with the default strategy: router and shared-expert tensors."""
-    arrays, _, _ = initial_arrays(compose(["experiment=smoke", f"fl.base_model={base_model}"]))
+    arrays, _, _, _ = initial_arrays(compose(["experiment=smoke", f"fl.base_model={base_model}"]))
     return {k: v.numpy() for k, v in arrays.items()}
 
 

@@ -27,7 +27,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe.fl import client_app
-from fedmoe.fl.aggregate import reference_norm
+from fedmoe.fl.aggregate import cap_weights, reference_norm
 from fedmoe.fl.bridge import compose, to_run_config
 from fedmoe.fl.server_app import initial_arrays
 from fedmoe.fl.state import PersonalStore
@@ -72,7 +72,7 @@ def federation(base_model, fedmoe_cache, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("FEDMOE_CACHE", str(fedmoe_cache))
     state = tmp_path_factory.mktemp("honest")
-    arrays, rows, _ = initial_arrays(compose([*RUN, f"fl.base_model={base_model}"]))
+    arrays, rows, _, _ = initial_arrays(compose([*RUN, f"fl.base_model={base_model}"]))
     sent = {m.metadata.dst_node_id: m for m in
             FedMoE(expert_rows=rows).configure_train(1, arrays, ConfigRecord(), Grid())}
     honest = [client_app.app(sent[n], honest_context(n, state, base_model))
@@ -116,7 +116,10 @@ def test_one_attacker_cannot_move_the_global_far_from_the_honest_mean(federation
 
     # Assert: within the stated bound of the honest mean (equal to it when rejected)
     updates = [numpy_of(r.content["arrays"]) for r in replies]
-    honest_mean = {k: np.mean([u[k] for u in updates[:3]], axis=0) for k in current}
+    # The honest clients' mean as the server weighs them (by their examples)
+    weights = [float(r.content["metrics"]["num-examples"]) for r in replies[:3]]
+    honest_mean = {k: np.average([u[k] for u in updates[:3]], axis=0, weights=weights)
+                   for k in current}
     norms = [delta_norm(u, current) for u in updates]
     distance = delta_norm(numpy_of(new), honest_mean)
     bound = (MAX_UPDATE_NORM * reference_norm(norms) + delta_norm(honest_mean, current)) / 2
@@ -129,7 +132,10 @@ def test_one_attacker_cannot_move_the_global_far_from_the_honest_mean(federation
     else:  # accepted, with at most half of the weight: G - H = s (A - H), 0 < s <= 1/2
         assert 3 in log.accepted
         share = _share(numpy_of(new), honest_mean, updates[3])
-        assert 0 < share <= 0.5 + 1e-4, share
+        # its share is what cap_weights allows it: the larger of 1/2 and 3x the median weight
+        capped = cap_weights([*weights, float(replies[3].content["metrics"]["num-examples"])])
+        assert 0 < share <= max(0.5, capped[3] / capped.sum()) + 1e-4, share
+        assert share == pytest.approx(capped[3] / capped.sum(), abs=1e-3)
 
     # Execute: the honest clients train round 2 from the new global
     round2 = strategy.configure_train(2, new, ConfigRecord(), Grid())
