@@ -30,5 +30,5 @@ def test_analyze_composes_pretrain_groups_analysis_and_cost():
 
 
 def test_analyze_command_is_registered():
-    module, func = COMMANDS["analyze"].split(":")
+    module, func = COMMANDS["analyze"].target.split(":")
     assert callable(getattr(import_module(module), func))

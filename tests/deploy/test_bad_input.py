@@ -210,7 +210,7 @@ def test_meta_written_before_state_ids_still_loads(tmp_path):
     (["model.config.num_experts_per_tok=0"], "model.config.num_experts_per_tok=0"),
     (["fl.aggregate=[router,experts]"], "fl.aggregate[1]: Invalid value 'experts'"),
     (["model.family=gpt2"], "model.family: Invalid value 'gpt2'"),
-    (["+edge.policy=mru"], "edge.policy='mru' is unknown"),
+    (["+edge.policy=mru"], "edge.policy: Invalid value 'mru'"),
     (["prune.keep=0.5", "prune.score=magnitude"], "prune.score: Invalid value 'magnitude'"),
     (["strategy.rule=mode"], "strategy.rule: Invalid value 'mode'"),
     (["strategy.server_opt=sgd"], "strategy.server_opt: Invalid value 'sgd'"),
