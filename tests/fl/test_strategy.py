@@ -593,7 +593,7 @@ def test_bf16_model_sends_and_receives_two_byte_payloads():
         replies.append(Message(content, reply_to=sent[node]))
     # Execute
     arrays, _ = strategy.aggregate_train(1, replies)
-    resent = start_round(strategy, nodes=(1,), server_round=2)[1]
+    resent = start_round(strategy, nodes=(1, 2), server_round=2)[1]
     # Assert: instructions carry bf16 (2 bytes a value), the aggregate is exact in float32
     instruction = resent.content.array_records["arrays"]
     assert {a.stype for a in instruction.values()} == {RAW_STYPE}
