@@ -198,9 +198,9 @@ def test_mixed_preset_gives_each_group_of_clients_one_domain(files):
 
 
 @pytest.mark.slow
-def test_federated_run_on_instruction_data(files, smoke_run, fedmoe_cache, tmp_path):
+def test_federated_run_on_instruction_data(files, smoke_base, fedmoe_cache, tmp_path):
     # Prepare: the smoke base model, 2 clients of the code dataset (a local file)
-    base = json.loads((smoke_run / "results.json").read_text())["config"]["fl"]["base_model"]
+    base = str(smoke_base)
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "fedmoe.cli", "simulate", "experiment=smoke", "data=code_alpaca",
            f"data.path={files['code_alpaca']}", f"model.path={base}", "data.num_clients=2",
