@@ -257,4 +257,5 @@ def test_the_launchers_bring_up_an_authenticated_federation(tmp_path, smoke_base
     assert statuses[ids[0]] == "online" and statuses[ids[1]] == "registered"
     assert parse_config_args([node_config]) == {
         "partition-id": 3, "state-dir": str((tmp_path / "state").resolve()),
-        "base-model": str(smoke_base.resolve())}
+        "base-model": str(smoke_base.resolve()),
+        "send-roles": "router,shared_expert"}  # the strict privacy policy by default
