@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,7 +147,9 @@ def test_runtime_and_partition_keys_keep_the_dir(smoke_pretrain, override):
 
 
 def test_user_checkpoint_skips_pretraining(smoke_pretrain, tmp_path):
-    # Prepare
+    # Prepare: a user's checkpoint directory (its config is all that is read)
+    (tmp_path / "mine").mkdir()
+    shutil.copy(smoke_pretrain.checkpoint / "config.json", tmp_path / "mine" / "config.json")
     cfg = smoke_pretrain.compose(f"model.path={tmp_path / 'mine'}")
     base = smoke_pretrain.checkpoint.parent
     before = sorted(base.iterdir())
