@@ -27,8 +27,6 @@ class Command:
         Its primary config, ``conf/<config>.yaml``.
     summary : str
         One line for ``fedmoe --help``.
-    validated : bool
-        Check the config against fedmoe/config.py's schemas before the task runs.
     positional : str, optional
         The key a first positional argument sets (``fedmoe report <dir>``: ``sweep_dir``).
     """
@@ -36,20 +34,17 @@ class Command:
     target: str
     config: str
     summary: str
-    validated: bool = False
     positional: str | None = None
 
 
 # In the order a newcomer meets them; two-word names (`edge generate`) are typed as such.
 COMMANDS: dict[str, Command] = {
     "pretrain": Command("fedmoe.task.pretrain:main", "pretrain",
-                        "train the tokenizer and the tiny base model (cached, reused)",
-                        validated=True),
+                        "train the tokenizer and the tiny base model (cached, reused)"),
     "inspect": Command("fedmoe.moe.inspect:main", "inspect",
                        "parameter roles (router, shared/routed experts) of a model preset"),
     "simulate": Command("fedmoe.fl.simulation:main", "simulate",
-                        "federated training of N virtual clients (Flower Simulation Engine)",
-                        validated=True),
+                        "federated training of N virtual clients (Flower Simulation Engine)"),
     "prune": Command("fedmoe.prune.cli:main", "prune_model",
                      "prune one model's routed experts and export it as an HF checkpoint"),
     "edge generate": Command("fedmoe.edge.cli:generate", "edge_generate",
@@ -136,7 +131,7 @@ def _run(name: str, command: Command, args: list[str]) -> None:
     import fedmoe.config  # noqa: F401  (schemas and the fedmoe.dirname resolver, for Hydra)
 
     module, func = command.target.split(":")
-    task = _user_errors(getattr(import_module(module), func), name, command.validated)
+    task = _user_errors(getattr(import_module(module), func), name)
     if command.positional:
         key = command.positional
         if args and _is_positional(args[0]):
@@ -147,9 +142,9 @@ def _run(name: str, command: Command, args: list[str]) -> None:
     hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=command.config)(task)()
 
 
-def _user_errors(task, name: str, validated: bool):
-    """``task`` preceded by the schema check (when ``validated``); a bad config, or an error
-    that names the missing file or model, exits with its message on one line."""
+def _user_errors(task, name: str):
+    """``task`` preceded by the schema check; a bad config, or an error that names the
+    missing file or model, exits with its message on one line."""
     import functools
     import os
 
@@ -158,8 +153,7 @@ def _user_errors(task, name: str, validated: bool):
     @functools.wraps(task)  # keeps __module__, which Hydra uses for the job name
     def run(cfg):
         try:
-            if validated:
-                validate(cfg)
+            validate(cfg)  # every command: the schema check comes before any work
             return task(cfg)
         except (ConfigError, FileNotFoundError, NotADirectoryError) as error:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
