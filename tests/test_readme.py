@@ -83,9 +83,9 @@ def _fill(example: str, places: dict[str, str]) -> list[str]:
 def places(smoke_run, tmp_path_factory) -> dict[str, str]:
     """Placeholder -> a real value from the smoke run (a sweep dir of links to it)."""
     sweep = tmp_path_factory.mktemp("readme_sweep")
-    (sweep / "0_seed=0").symlink_to(smoke_run, target_is_directory=True)
-    export = smoke_run / "clients" / "client_0000" / "model"
-    return {"<sweep dir>": str(sweep), "<simulate run>": str(smoke_run), "<dir>": str(export),
+    (sweep / "0_seed=0").symlink_to(smoke_run.dir, target_is_directory=True)
+    export = smoke_run.dir / "clients" / "client_0000" / "model"
+    return {"<sweep dir>": str(sweep), "<simulate run>": str(smoke_run.dir), "<dir>": str(export),
             "<preset>": "tiny_olmoe", "<local dir or hub id>": str(export)}
 
 
@@ -118,7 +118,9 @@ def test_readme_example_parses_and_composes(example, places):
             key, _, value = override.partition("=")
             # a group override picks a file, not a value; Hydra's own keys are not in cfg
             if key not in groups and "/" not in key and not key.startswith("hydra."):
-                assert str(OmegaConf.select(cfg, key)) == value.strip("'\""), override
+                got = OmegaConf.select(cfg, key)
+                got = str(got).lower() if isinstance(got, bool) else str(got)  # YAML's true
+                assert got == value.strip("'\""), override
 
 
 RUNNABLE = [e for e in EXAMPLES if e.split()[0] not in ("simulate", "pretrain")

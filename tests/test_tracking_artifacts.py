@@ -65,8 +65,10 @@ def test_client_exports_are_model_artifacts_when_asked(pruned_run, tmp_path, mon
     assert [a["name"] for a in models] == [f"{run_dir.name}-client-{c}" for c in (0, 1)]
     for artifact in models:
         client = str(artifact["metadata"]["client"])
-        assert {"config.json", "model.safetensors", "README.md", "fedmoe_experts.json",
-                "tokenizer.json"} <= set(artifact["files"])
+        files = set(artifact["files"])
+        assert {"config.json", "model.safetensors.index.json", "README.md",
+                "fedmoe_experts.json", "tokenizer.json"} <= files
+        assert any(f.endswith(".safetensors") for f in files)  # one shard per decoder layer
         assert artifact["metadata"]["experts_kept"] == results["clients"][client][
             "experts_kept"]
         assert artifact["metadata"]["held_out_ppl"] == pytest.approx(
