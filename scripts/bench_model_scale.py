@@ -350,7 +350,8 @@ def print_table(report: dict) -> None:
                                                      s["personal_mb"].values() if v)),
             ("upload MB per client per round", f"{up / 1e6:.3f}"),
             ("upload overhead vs raw aggregated bytes (ArrayRecord.count_bytes)",
-             f"{s['record_bytes'] / s['raw_aggregated_bytes'] - 1:.4%}"),
+             f"{s['record_bytes'] / s['raw_aggregated_bytes'] - 1:.4%}"
+             if "record_bytes" in s else "-"),
             ("clients accepted per round", str([len(a) for a in s["accepted"]])),
         ]
     if "edge" in report:
