@@ -23,8 +23,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe.fl import client_app
 from fedmoe.fl.aggregate import cap_weights, reference_norm
@@ -32,6 +30,7 @@ from fedmoe.fl.bridge import compose, to_run_config
 from fedmoe.fl.server_app import initial_arrays
 from fedmoe.fl.state import PersonalStore
 from fedmoe.fl.strategy import MAX_UPDATE_NORM, FedMoE
+from tests.helpers.records import serverapp_identity
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +39,9 @@ RUN = ["experiment=smoke", "train.local_steps=2", "fl.export=false"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def serverapp_identity():
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+def task_identity():
+    with serverapp_identity():
+        yield
 
 
 class Grid:

@@ -23,13 +23,12 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedmoe.fl.strategy import FedMoE, FedMoEAdam
+from tests.helpers.records import serverapp_identity
 
 ROUTER = "model.layers.1.mlp.gate.weight"
 SHARED = "model.layers.1.mlp.shared_expert.down_proj.weight"
@@ -38,12 +37,9 @@ NODES = (1, 2, 3, 4)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def serverapp_identity():
-    """Flower 1.42 stamps new messages with the running task's identity (set by its runtime)."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+def task_identity():
+    with serverapp_identity():
+        yield
 
 
 class Grid:
