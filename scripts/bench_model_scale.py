@@ -151,6 +151,18 @@ def cold_read_mb_s(path: Path) -> float:
     return size / 1e6 / (time.perf_counter() - start)
 
 
+def simulate(tree: Path, cache: Path, run_dir: Path, overrides: list[str]) -> tuple[dict, dict]:
+    """``fedmoe simulate`` of ``tree`` into a fresh ``run_dir``: the measurement and its
+    ``results.json``; a failed run stops the benchmark with its output."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "fedmoe.cli", "simulate", *overrides,
+           f"hydra.run.dir={run_dir}"]
+    result = run_measured(cmd, env_for(tree, cache), cwd=tree)
+    if result["rc"] != 0:
+        raise SystemExit(f"simulate {overrides} failed (rc {result['rc']}):\n{result['tail']}")
+    return result, json.loads((run_dir / "results.json").read_text())
+
+
 def env_for(tree: Path, cache: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree), FEDMOE_CACHE=str(cache), WANDB_MODE="offline",
                HF_HUB_OFFLINE="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
@@ -162,13 +174,7 @@ def env_for(tree: Path, cache: Path) -> dict:
 
 def simulate_large(ckpt: Path, work: Path, cache: Path) -> dict:
     run_dir = work / "sim"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "fedmoe.cli", "simulate", *SIM, f"model.path={ckpt}",
-           f"hydra.run.dir={run_dir}"]
-    result = run_measured(cmd, env_for(ROOT, cache), cwd=ROOT)
-    if result["rc"] != 0:
-        raise SystemExit(f"simulate failed (rc {result['rc']}):\n{result['tail']}")
-    results = json.loads((run_dir / "results.json").read_text())
+    result, results = simulate(ROOT, cache, run_dir, [*SIM, f"model.path={ckpt}"])
     rounds = results["rounds"]
     clients = results["clients"]
     train = [r for r in rounds]
@@ -270,14 +276,9 @@ TINY = ["experiment=smoke", "pretraining.steps=40", "train.local_steps=4", "trai
 def tiny(tree: Path, cache: Path, work: Path, tag: str) -> dict:
     """The smoke simulation on ``tree``: a first run pretrains (not timed), the second is."""
     for attempt in ("warm", "timed"):
-        run_dir = work / f"tiny_{tag}_{attempt}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        cmd = [sys.executable, "-m", "fedmoe.cli", "simulate", *TINY, f"cache_dir={cache}",
-               f"hydra.run.dir={run_dir}"]
-        result = run_measured(cmd, env_for(tree, cache), cwd=tree)
-        if result["rc"] != 0:
-            raise SystemExit(f"tiny simulate ({tag}) failed:\n{result['tail']}")
-    rounds = json.loads((run_dir / "results.json").read_text())["rounds"]
+        result, results = simulate(tree, cache, work / f"tiny_{tag}_{attempt}",
+                                   [*TINY, f"cache_dir={cache}"])
+    rounds = results["rounds"]
     return {"seconds": result["seconds"], "round_seconds": [r["wall_seconds"] for r in rounds],
             "peak_pss_bytes": result["peak_pss_bytes"]}
 
