@@ -154,6 +154,7 @@ class FLConfig:
     num_rounds: int = 5
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    evaluate_in_train: bool = True
     min_train_nodes: int = 2
     min_evaluate_nodes: int = 2
     min_available_nodes: int = 2

@@ -1,15 +1,27 @@
-"""Deployment scale: round time and SuperLink memory as SuperNodes grow (real processes).
+"""What a round costs on Flower's Deployment Engine, per device, side by side.
 
-For each N (default 2, 4, 8) starts a SuperLink and N SuperNodes on 127.0.0.1 (TLS and
-SuperNode authentication on, as the launchers default), runs fedmoe for a few tiny rounds
-with `flwr run`, and samples every 0.2 s the resident memory (psutil RSS) of the SuperLink
-process alone and of the SuperLink with its ServerApp. Prints a table and saves JSON.
+Starts a SuperLink and N SuperNodes on 127.0.0.1 (TLS and SuperNode authentication on, as
+the launchers default) for each variant and runs ``experiment=smoke`` for a few rounds with
+`flwr run`:
 
-    python scripts/bench_deploy.py                       # N = 2, 4, 8; 2 rounds
-    python scripts/bench_deploy.py --nodes 2 4 --rounds 3 --insecure
+    cold   this code, every message in a fresh ClientApp process (node config without
+           ``warm-worker``: what a SuperNode started by hand gets)
+    warm   this code, the node's warm worker (``warm-worker = true``, the launchers' default)
+    before another checkout of fedmoe (``--before DIR``, e.g. a ``git worktree`` of an older
+           commit), run the same way with that checkout's app and Flower's default SuperExec
+           poll interval (1 s)
 
-On one machine the N ClientApps share its cores: round time then measures this machine as
-much as Flower; the SuperLink's memory is what a real deployment would see.
+For every round it splits the wall time into what the clients report (process start to
+handler, i.e. imports; model assembly; training; evaluation) and the server's aggregation;
+the rest is Flower moving and polling for messages. It samples the PSS of each SuperNode's
+process tree with its ClientApp processes and its warm worker, and measures the size on disk
+of this interpreter's environment. Prints tables and ratios and saves JSON.
+
+    python scripts/bench_deploy.py --before /tmp/fedmoe_before      # cold, warm, before
+    python scripts/bench_deploy.py --variants warm --rounds 5
+
+On one machine the N ClientApps share its cores: a round here measures this machine as much
+as Flower. Ratios between variants of one run are what to quote.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -31,79 +44,164 @@ from fedmoe.fl.bridge import compose
 from fedmoe.fl.deploy import LocalFederation, stage_app
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["experiment=smoke", "train.local_steps=1", "data.max_train_blocks_per_client=8",
-        "data.max_eval_blocks_per_client=2", "fl.export=false", "fl.fraction_evaluate=0"]
+SMOKE = ["experiment=smoke", "fl.export=false"]
 
 
-class RssSampler(threading.Thread):
-    """Peak and mean RSS (MB) of a process, alone and with its descendants."""
+class NodeMemory(threading.Thread):
+    """Peak PSS (MB) of each SuperNode's process tree plus the warm workers it started."""
 
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
+    def __init__(self, pids: dict[str, int], interval: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.proc, self.interval = psutil.Process(pid), interval
-        self.alone: list[float] = []
-        self.tree: list[float] = []
+        self.pids, self.interval = pids, interval
+        self.peak = {name: 0.0 for name in pids}
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.is_set():
-            try:
-                alone = self.proc.memory_info().rss
-                tree = alone
-                for child in self.proc.children(recursive=True):
-                    try:
-                        tree += child.memory_info().rss
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                return
-            self.alone.append(alone / 2**20)
-            self.tree.append(tree / 2**20)
+            workers = _workers()
+            for name, pid in self.pids.items():
+                try:
+                    tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+                except psutil.Error:
+                    continue
+                tree += [w for w, parent in workers if parent in {p.pid for p in tree}]
+                self.peak[name] = max(self.peak[name], sum(_pss(p) for p in tree) / 2**20)
             time.sleep(self.interval)
 
-    def stop(self) -> dict:
+    def stop(self) -> dict[str, float]:
         self.stopped.set()
         self.join(timeout=5)
-        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-        return {"superlink_rss_peak_mb": max(self.alone, default=None),
-                "superlink_rss_mean_mb": mean(self.alone),
-                "superlink_serverapp_rss_peak_mb": max(self.tree, default=None)}
+        return self.peak
 
 
-def bench(n: int, rounds: int, root: Path, base: Path, app: Path, tls: bool,
-          env: dict) -> dict:
+def _workers() -> list[tuple[psutil.Process, int]]:
+    """Running warm workers and the pid they watch (their SuperNode's SuperExec)."""
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "fedmoe.fl.worker" in cmd and "--parent-pid" in cmd:
+            out.append((proc, int(cmd[cmd.index("--parent-pid") + 1])))
+    return out
+
+
+def _pss(proc: psutil.Process) -> int:
+    try:
+        return proc.memory_full_info().pss
+    except psutil.Error:
+        return 0
+
+
+def run_variant(name: str, repo: Path, nodes: int, rounds: int, root: Path, base: Path,
+                env: dict) -> dict:
+    """One federation, one run; per-round figures from its results.json."""
     run_dir = root / "run"
-    overrides = [*TINY, f"fl.base_model={base}", f"run_dir={run_dir}", f"fl.num_rounds={rounds}",
-                 f"data.num_clients={n}", f"fl.min_available_nodes={n}", "fl.round_timeout=1800"]
-    with LocalFederation(root, tls=tls, auth=tls, env=env) as fed:
-        start = time.perf_counter()
+    overrides = [*SMOKE, f"fl.base_model={base}", f"run_dir={run_dir}", f"fl.num_rounds={rounds}",
+                 f"data.num_clients={nodes}", f"fl.min_available_nodes={nodes}"]
+    with LocalFederation(root, env=env) as fed:
         fed.start_superlink()
-        sampler = RssSampler(fed.superlink.pid)
-        sampler.start()
-        for i in range(n):
-            fed.start_node(f"node{i}", {"partition-id": i, "state-dir": str(root / f"s{i}"),
-                                        "base-model": str(base)})
-        fed.wait_for_nodes(n, timeout=600)
-        online = time.perf_counter() - start
-        run_id = fed.run(app, overrides)
+        pids = {}
+        for i in range(nodes):
+            config = {"partition-id": i, "state-dir": str(root / f"state{i}"),
+                      "base-model": str(base), "warm-worker": name == "warm"}
+            pids[f"node{i}"] = fed.start_node(f"node{i}", config).pid
+        fed.wait_for_nodes(nodes, timeout=600)
+        memory = NodeMemory(pids)
+        memory.start()
+        start = time.perf_counter()
+        run_id = fed.run(stage_app(repo, root / "app"), overrides)
         status, details = fed.wait(run_id, timeout=3600)
-        total = time.perf_counter() - start - online
-        memory = sampler.stop()
+        total = time.perf_counter() - start
+        peak = memory.stop()
     if status != "finished:completed":
-        raise RuntimeError(f"N={n}: run {status} {details}; logs in {root / 'logs'}")
+        raise RuntimeError(f"{name}: run {status} {details}; logs in {root / 'logs'}")
     results = json.loads((run_dir / "results.json").read_text())
-    walls = [r["wall_seconds"] for r in results["rounds"]]
-    return {"nodes": n, "rounds": rounds, "startup_s": online, "run_s": total,
-            "round_s_mean": sum(walls) / len(walls), "round_s": walls,
-            "accepted": [len(r["accepted"]) for r in results["rounds"]],
-            "mb_up_per_round": results["rounds"][-1]["bytes_up"] / 2**20, **memory}
+    return {"variant": name, "nodes": nodes, "rounds": rounds, "run_s": total,
+            "per_round": [_split(r) for r in results["rounds"]],
+            "node_pss_peak_mb": peak, "train_loss": [r["train_loss"] for r in results["rounds"]]}
+
+
+def _split(entry: dict) -> dict:
+    """A round's wall time and its parts (None where the clients did not report one)."""
+    client = entry.get("client_seconds") or {}
+    parts = {"start": client.get("start"), "assemble": client.get("assemble"),
+             "train": client.get("train") or entry.get("train_seconds"),
+             "evaluate": client.get("evaluate"), "evaluate_start": client.get("evaluate_start"),
+             "aggregate": entry.get("aggregate_seconds")}
+    known = sum(v for v in parts.values() if v)
+    compute = (parts["train"] or 0) + (parts["evaluate"] or 0)
+    return {"round": entry["round"], "wall": entry["wall_seconds"], **parts,
+            "rest": entry["wall_seconds"] - known,
+            "wall_per_compute": entry["wall_seconds"] / compute if parts["evaluate"] else None,
+            "wall_per_train": entry["wall_seconds"] / parts["train"] if parts["train"] else None,
+            "evaluated_in_train": entry.get("evaluated_in_train", False)}
+
+
+def venv_mb(prefix: str = sys.prefix) -> float:
+    """Size on disk of an environment's files (MB)."""
+    total = 0
+    for dirpath, _, files in os.walk(prefix):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total / 2**20
+
+
+def _fmt(x, spec=".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def report(rows: list[dict]) -> None:
+    console = Console(width=160)
+    table = Table(title="Deployment round, per round (seconds; client figures are means over "
+                        "the nodes)")
+    for col in ("variant", "round", "wall", "client start", "assemble", "train", "evaluate",
+                "eval msg start", "aggregate", "rest (Flower)", "wall/(train+eval)",
+                "wall/train"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        for r in row["per_round"]:
+            table.add_row(row["variant"], str(r["round"]), _fmt(r["wall"], ".1f"),
+                          _fmt(r["start"]), _fmt(r["assemble"]), _fmt(r["train"]),
+                          _fmt(r["evaluate"]), _fmt(r["evaluate_start"]), _fmt(r["aggregate"]),
+                          _fmt(r["rest"], ".1f"), _fmt(r["wall_per_compute"], ".1f"),
+                          _fmt(r["wall_per_train"], ".1f"))
+    console.print(table)
+    summary = Table(title="Per variant: rounds 2.. (round 1 starts processes and workers)")
+    for col in ("variant", "round wall s (median)", "wall/(train+eval)", "wall/train",
+                "client start s", "node PSS peak MB (max)"):
+        summary.add_column(col, justify="right")
+    for row in rows:
+        later = row["per_round"][1:] or row["per_round"]
+
+        def med(key, later=later):
+            return _median([r[key] for r in later])
+
+        summary.add_row(row["variant"], _fmt(med("wall"), ".1f"),
+                        _fmt(med("wall_per_compute"), ".1f"), _fmt(med("wall_per_train"), ".1f"),
+                        _fmt(med("start")), f"{max(row['node_pss_peak_mb'].values()):.0f}")
+        row["summary"] = {k: med(k) for k in ("wall", "wall_per_compute", "wall_per_train",
+                                              "start")}
+    console.print(summary)
+    by = {row["variant"]: row["summary"] for row in rows}
+    for a, b in (("before", "warm"), ("cold", "warm"), ("before", "cold")):
+        if a in by and b in by and by[b]["wall"]:
+            print(f"round wall time {a} / {b}: {by[a]['wall'] / by[b]['wall']:.2f}x")
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--insecure", action="store_true", help="no TLS, no node auth")
+    parser.add_argument("--variants", nargs="+", default=["cold", "warm"],
+                        choices=["cold", "warm"])
+    parser.add_argument("--before", type=Path, help="an older fedmoe checkout to compare")
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_deploy.json")
     args = parser.parse_args()
     os.environ.setdefault("FEDMOE_CACHE", str(REPO / ".cache" / "fedmoe"))
@@ -111,27 +209,24 @@ def main() -> None:
     from fedmoe.task.pretrain import ensure_base_model
 
     base = ensure_base_model(compose(["experiment=smoke"]), progress=False)
+    variants = [(v, REPO, env) for v in args.variants]
+    if args.before:
+        # That checkout's SuperExec polled at Flower's default interval.
+        variants.insert(0, ("before", args.before.resolve(),
+                            env | {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}))
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_deploy_") as tmp:
-        app = stage_app(REPO, Path(tmp) / "app")
-        for n in args.nodes:
-            print(f"N={n} ...", file=sys.stderr, flush=True)
-            rows.append(bench(n, args.rounds, Path(tmp) / f"n{n}", base, app,
-                              not args.insecure, env))
-    table = Table(title=f"fedmoe on Flower deployment, {args.rounds} rounds "
-                        f"({'insecure' if args.insecure else 'TLS + node auth'})")
-    for col in ("SuperNodes", "startup s", "round s (mean)", "accepted/round",
-                "SuperLink RSS peak MB", "mean MB", "+ServerApp peak MB", "MB up/round"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["nodes"]), f"{r['startup_s']:.1f}", f"{r['round_s_mean']:.1f}",
-                      "/".join(map(str, r["accepted"])), f"{r['superlink_rss_peak_mb']:.0f}",
-                      f"{r['superlink_rss_mean_mb']:.0f}",
-                      f"{r['superlink_serverapp_rss_peak_mb']:.0f}", f"{r['mb_up_per_round']:.2f}")
-    Console(width=140).print(table)
+        for name, repo, variant_env in variants:
+            print(f"{name} ...", file=sys.stderr, flush=True)
+            rows.append(run_variant(name, repo, args.nodes, args.rounds, Path(tmp) / name,
+                                    base, variant_env))
+    report(rows)
+    size = venv_mb()
+    print(f"this environment ({sys.prefix}): {size:.0f} MB on disk")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rounds": args.rounds, "tls": not args.insecure,
-                                    "cpus": os.cpu_count(), "runs": rows}, indent=2))
+    args.out.write_text(json.dumps({"nodes": args.nodes, "rounds": args.rounds,
+                                    "cpus": os.cpu_count(), "env_mb": size, "runs": rows},
+                                   indent=2))
     print(f"saved {args.out}")
 
 

@@ -22,10 +22,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
+from fedmoe.errors import Diverged, PersonalStateError, Refused
 from fedmoe.fl.bridge import device_config
 from fedmoe.fl.policy import trusts_run_config
-from fedmoe.fl.state import PersonalStateError
-from fedmoe.task.guards import Diverged, Refused
 
 logger = logging.getLogger(__name__)
 

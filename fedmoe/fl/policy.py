@@ -30,8 +30,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedmoe.errors import Refused
 from fedmoe.moe.families import Role
-from fedmoe.task.guards import Refused
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ ALLOWED_KEYS = (
     "fl.num_rounds", "fl.fraction_train", "fl.fraction_evaluate", "fl.min_train_nodes",
     "fl.min_evaluate_nodes", "fl.min_available_nodes", "fl.round_timeout", "fl.min_replies",
     "fl.aggregate", "fl.export", "fl.client_threads", "fl.client_resources.*", "fl.resume",
-    "fl.keep_checkpoints",
+    "fl.keep_checkpoints", "fl.evaluate_in_train",
     "strategy.*",
     "prune.*",
     "pretraining.*",

@@ -28,6 +28,19 @@ def round_entry(server_round: int, log, payload_bytes: int) -> dict:
         "bytes_up": int(log.bytes_up),
         "payload_bytes": int(payload_bytes),
         "wall_seconds": float(log.wall_s),
+        # where a round's time went on the clients (means over the accepted replies): process
+        # start to handler (imports), model assembly, local training, held-out evaluation
+        # (in the train message, or the evaluate message's own), and on the server
+        "client_seconds": {
+            "start": _num(log.train_metrics.get("start_seconds")),
+            "assemble": _num(log.train_metrics.get("assemble_seconds")),
+            "train": _num(log.train_metrics.get("train_seconds")),
+            "evaluate": _num(log.eval_metrics.get("eval_seconds")),
+            "evaluate_start": (None if getattr(log, "in_train_eval", None)
+                               else _num(log.eval_metrics.get("start_seconds"))),
+        },
+        "aggregate_seconds": float(getattr(log, "aggregate_s", 0.0)),
+        "evaluated_in_train": bool(getattr(log, "in_train_eval", None)),
         "sampled": int(getattr(log, "sampled", 0)),
         "accepted": sorted(int(c) for c in log.accepted),
         "rejected": {str(c): r for c, r in log.rejected.items()},

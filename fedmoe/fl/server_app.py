@@ -73,7 +73,12 @@ def _strategy(cfg, rows: dict[str, int], wire_dtypes: dict[str, str]):
     )
     if s.server_opt:
         kwargs["eta"] = s.server_lr
-    return build_strategy("fedmoe", server_opt=s.server_opt, **kwargs)
+    strategy = build_strategy("fedmoe", server_opt=s.server_opt, **kwargs)
+    # Only when every client evaluated trains too (else the evaluate messages reach more).
+    if (fl.get("evaluate_in_train") and 0 < fl.fraction_evaluate <= fl.fraction_train
+            and fl.min_evaluate_nodes <= fl.min_train_nodes):
+        strategy.evaluate_in_train_before = int(fl.num_rounds)
+    return strategy
 
 
 class RoundReporter:

@@ -31,6 +31,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from fedmoe.errors import PersonalStateError
+
 TENSORS = "personal.safetensors"
 META = "meta.json"
 PREV_TENSORS = "personal.prev.safetensors"
@@ -40,10 +42,6 @@ STATE_ID = "_state_id"
 SHA256 = "_sha256"  # meta.json key: sha256 of the tensors file
 
 logger = logging.getLogger(__name__)
-
-
-class PersonalStateError(RuntimeError):
-    """A personal-state file exists but cannot be read; the message names the file."""
 
 
 def atomic_write(path: Path, write) -> None:

@@ -49,6 +49,8 @@ from fedmoe.fl.identity import ClientIds
 logger = logging.getLogger(__name__)
 
 EXPERTS_RECORD = "experts"
+# A train reply's held-out evaluation of the model just trained (fedmoe.fl.client_task).
+EVALUATION_RECORD = "evaluation"
 CLIENT_ID = "client-id"
 SERVER_OPTS = ("adam", "yogi")
 STRATEGY_NAMES = ("fedmoe",)
@@ -93,6 +95,11 @@ class RoundLog:
         bounds), or None.
     wall_s : float
         Seconds from ``configure_train`` to the end of ``aggregate_evaluate``.
+    aggregate_s : float
+        Seconds ``aggregate_train`` took (checks and aggregation).
+    in_train_eval : list[tuple[int, int, dict]]
+        ``(client, node, metrics)`` of the held-out evaluation accepted train replies carried
+        (see ``FedMoE.evaluate_in_train_before``).
     started_at : float
         ``time.perf_counter()`` when the round started.
 
@@ -112,6 +119,8 @@ class RoundLog:
     sampled: int = 0
     aggregate_rejected: str | None = None
     wall_s: float = 0.0
+    aggregate_s: float = 0.0
+    in_train_eval: list[tuple[int, int, dict]] = field(default_factory=list)
     started_at: float = field(default_factory=time.perf_counter)
 
 
@@ -159,7 +168,15 @@ class FedMoE(FedAvg):
     ----------
     history : dict[int, RoundLog]
         Server round -> what happened in it.
+    evaluate_in_train_before : int
+        Rounds before this one send no evaluate message: their train instruction asks each
+        client to evaluate the model it just trained and send the metrics with its update
+        (on Flower's Deployment Engine a message costs a client process). From this round on
+        (the last, whose evaluation is of the final model) clients evaluate the new global
+        model with their personal state. 0 (default): every round has its evaluate message.
     """
+
+    evaluate_in_train_before: int = 0
 
     def __init__(
         self,
@@ -249,6 +266,8 @@ class FedMoE(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample clients as FedAvg does; remember the global arrays and bytes sent."""
+        if server_round < self.evaluate_in_train_before:
+            config = ConfigRecord({**config, "evaluate": True})
         wire = self._wire(arrays)
         messages = list(super().configure_train(server_round, wire, config, grid))
         self._sent = messages
@@ -260,7 +279,10 @@ class FedMoE(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample clients as FedAvg does; count the bytes sent."""
+        """Sample clients as FedAvg does; count the bytes sent. None in a round whose train
+        replies carried their evaluation."""
+        if server_round < self.evaluate_in_train_before:
+            return []
         wire = self._wire(arrays)
         messages = list(super().configure_evaluate(server_round, wire, config, grid))
         self._sent = messages
@@ -302,6 +324,7 @@ class FedMoE(FedAvg):
             raise RuntimeError("FedMoE.aggregate_train needs configure_train to run first")
         current = self._global
         round_log = self.history.setdefault(server_round, RoundLog())
+        started = time.perf_counter()
         accepted = []
         for message in replies:
             reply = self._accept_train_reply(message, current, round_log)
@@ -309,6 +332,9 @@ class FedMoE(FedAvg):
                 accepted.append(reply)
         accepted = self._drop_norm_outliers(accepted, current, round_log)
         round_log.accepted = [reply.client for reply in accepted]
+        round_log.in_train_eval = [
+            (reply.client, reply.node, dict(reply.content.config_records[EVALUATION_RECORD]))
+            for reply in accepted if EVALUATION_RECORD in reply.content.config_records]
         round_log.wall_s = time.perf_counter() - round_log.started_at
         logger.info(
             "aggregate_train: round %d accepted %d, rejected %d",
@@ -330,6 +356,7 @@ class FedMoE(FedAvg):
         )
         metrics = self._aggregate_metrics([r.content for r in accepted], train=True)
         round_log.train_metrics = dict(metrics)
+        round_log.aggregate_s = time.perf_counter() - started
         if not self._aggregate_ok(arrays, round_log):
             return None, metrics
         return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}), metrics
@@ -414,20 +441,29 @@ class FedMoE(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Weighted mean of the well-formed evaluate replies; bad ones are skipped."""
+        """Weighted mean of the well-formed evaluate replies (or, in a round without evaluate
+        messages, of the evaluations the train replies carried); bad ones are skipped."""
         round_log = self.history.setdefault(server_round, RoundLog())
+        evaluations = [(*self._source(message), message) for message in replies]
+        if server_round < self.evaluate_in_train_before:
+            evaluations = [(client, node, None, metrics)
+                           for client, node, metrics in round_log.in_train_eval]
         accepted = []
-        for message in replies:
-            client, node, reason = self._source(message)
+        for client, node, reason, reply in evaluations:
             try:
-                reason = reason or check_metrics_reply(message, self.weighted_by_key)
+                if isinstance(reply, Message):
+                    reason = reason or check_metrics_reply(reply, self.weighted_by_key)
+                    content = reply.content
+                else:
+                    content = RecordDict({"metrics": MetricRecord(reply)})
+                    reason = check_metrics_content(content, self.weighted_by_key)
             except Exception as error:  # no reply may stop the server
                 reason = f"malformed reply ({type(error).__name__})"
             if reason is not None:
                 self._reject(round_log.eval_rejected, node, client, reason)
                 continue
-            accepted.append(message.content)
-            round_log.eval_by_client[client] = dict(only_metric_record(message.content))
+            accepted.append(content)
+            round_log.eval_by_client[client] = dict(only_metric_record(content))
         metrics = self._aggregate_metrics(accepted, train=False) if accepted else None
         round_log.eval_metrics = dict(metrics) if metrics is not None else {}
         round_log.wall_s = time.perf_counter() - round_log.started_at
@@ -549,8 +585,13 @@ def check_metrics_reply(message: Message, weighted_by_key: str) -> str | None:
     """Why an evaluate reply cannot be aggregated, or ``None``."""
     if message.has_error():
         return f"error reply: {message.error.reason}"
-    _, reason = reply_weight(message.content, weighted_by_key)
-    return reason or nonfinite_metric(message.content)
+    return check_metrics_content(message.content, weighted_by_key)
+
+
+def check_metrics_content(content: RecordDict, weighted_by_key: str) -> str | None:
+    """Why an evaluation's metrics cannot be aggregated, or ``None``."""
+    _, reason = reply_weight(content, weighted_by_key)
+    return reason or nonfinite_metric(content)
 
 
 def nonfinite_metric(content: RecordDict) -> str | None:

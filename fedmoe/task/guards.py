@@ -1,9 +1,9 @@
 """A client's checks on what it is given and what it keeps: no bad global tensor is applied,
 no non-finite tensor is saved or sent, and no personal tensor is dropped by the server's config.
 
-Two exceptions mark why a client stops a round. Their messages name only what the server
-sent (config keys, tensor names, roles), never the device's data or paths, so the ClientApp
-may send them back (see ``fedmoe.fl.mods.error_reply_mod``).
+Two exceptions (``fedmoe.errors``) mark why a client stops a round. Their messages name only
+what the server sent (config keys, tensor names, roles), never the device's data or paths, so
+the ClientApp may send them back (see ``fedmoe.fl.mods.error_reply_mod``).
 """
 
 from __future__ import annotations
@@ -14,17 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedmoe.errors import Diverged, Refused
+
 # Largest magnitude a client accepts in a global tensor. Trained LM weights are O(1); a value
 # this large is an attack or a divergence, and would overflow float16/bfloat16 arithmetic.
 MAX_ABS_VALUE = 1e4
-
-
-class Refused(RuntimeError):
-    """The device refuses the server's instruction (its config, its tensors)."""
-
-
-class Diverged(RuntimeError):
-    """Local training produced non-finite values: nothing is saved or sent this round."""
 
 
 def check_global(arrays: Mapping[str, object], model: nn.Module, names: Iterable[str],

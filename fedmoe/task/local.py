@@ -319,9 +319,16 @@ class LocalClient:
         return str(weight_dtype(self.model)).removeprefix("torch.")
 
     # ---- one round -----------------------------------------------------------------------
-    def fit(self, global_arrays: dict[str, torch.Tensor | np.ndarray], server_round: int) -> dict:
-        """Local steps on the client's data, pruning when due; personal state saved."""
+    def fit(self, global_arrays: dict[str, torch.Tensor | np.ndarray], server_round: int,
+            evaluate: bool = False) -> dict:
+        """Local steps on the client's data, pruning when due; personal state saved.
+
+        ``evaluate``: also evaluate the model just trained on the held-out data (its metrics
+        under ``"evaluation"``), so a round needs no separate evaluate message.
+        """
+        begun = time.perf_counter()
         meta = self.assemble(global_arrays)
+        assembled = time.perf_counter()
         if "base_ppl" not in meta:
             # Before any local step the model is the shared starting point: remember how well
             # it does on this client's held-out data, to report what personalization gained.
@@ -339,16 +346,22 @@ class LocalClient:
         personal, outgoing = self.personal_tensors(), self.outgoing()
         check_trained(result.steps, result.skipped, personal, outgoing)  # else nothing saved
         self.store.save(personal, meta)
-        return {
+        trained = time.perf_counter()
+        out = {
             "arrays": outgoing,
             "metrics": {"num-examples": int(self.data.train.shape[0]),
                         "client-id": self.client_id, "train_loss": result.loss,
                         "aux_loss": result.aux_loss, "steps": result.steps,
-                        "train_seconds": time.perf_counter() - start,
+                        "assemble_seconds": assembled - begun,
+                        "train_seconds": trained - start,
                         "personal_mb": sum(t.numel() * t.element_size()
                                            for t in personal.values()) / 2**20},
             "experts": meta.get("kept"),
         }
+        if evaluate:
+            out["evaluation"] = self._evaluation(meta)
+            out["evaluation"]["eval_seconds"] = time.perf_counter() - trained
+        return out
 
     def _train(self, server_round: int):
         t = self.cfg.train
@@ -393,7 +406,18 @@ class LocalClient:
     def evaluate(self, global_arrays: dict[str, torch.Tensor | np.ndarray],
                  server_round: int = 0) -> dict:
         """Held-out perplexity of the client's personalized model (and of the base model)."""
+        begun = time.perf_counter()
         meta = self.assemble(global_arrays)
+        assembled = time.perf_counter()
+        metrics = self._evaluation(meta)
+        metrics |= {"assemble_seconds": assembled - begun,
+                    "eval_seconds": time.perf_counter() - assembled}
+        if server_round and server_round == int(self.cfg.fl.num_rounds) and self.cfg.fl.export:
+            self.export(meta, metrics)
+        return metrics
+
+    def _evaluation(self, meta: dict) -> dict:
+        """Held-out metrics of the model as it stands, with what personalization changed."""
         ev = self._held_out()
         # A client that never trained holds no personal state: its model is the shared one.
         base_ppl = meta.get("base_ppl", ev["ppl"])
@@ -402,10 +426,7 @@ class LocalClient:
                    "base_ppl": float(base_ppl), "routed_mb": self._routed_mb(),
                    "routed_mb_before": float(meta.get("routed_mb_before", self._routed_mb())),
                    "personal_mb": self.personal_mb()}
-        metrics |= {f"experts_kept.{layer}": len(ids) for layer, ids in self.held.items()}
-        if server_round and server_round == int(self.cfg.fl.num_rounds) and self.cfg.fl.export:
-            self.export(meta, metrics)
-        return metrics
+        return metrics | {f"experts_kept.{layer}": len(ids) for layer, ids in self.held.items()}
 
     def export(self, meta: dict, metrics: dict | None = None) -> Path | None:
         """The personalized model as a standard HF checkpoint in ``<state dir>/model``."""

@@ -2,7 +2,8 @@
 
     python scripts/deploy/local_federation.py --nodes 2 experiment=smoke fl.num_rounds=2
 
-TLS and SuperNode authentication are on (``--insecure``/``--no-auth`` to compare); the
+TLS and SuperNode authentication are on (``--insecure``/``--no-auth`` to compare), and each
+node keeps its model between rounds in a warm worker (``--no-warm-worker`` to compare); the
 certificates, keys, Flower config and logs go to ``--root``. The base model is pretrained
 once (cached) when ``fl.base_model`` is not given. Every process is stopped at the end.
 """
@@ -29,6 +30,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=None, help="default: a temporary dir")
     parser.add_argument("--insecure", action="store_true")
     parser.add_argument("--no-auth", action="store_true")
+    parser.add_argument("--warm-worker", action=argparse.BooleanOptionalAction, default=True,
+                        help="each node runs its rounds in a warm worker process "
+                             "(fedmoe/fl/worker.py; default: on)")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -52,7 +56,8 @@ def main() -> None:
         for i in range(args.nodes):
             # A device takes its paths from its node config, never from the run config
             fed.start_node(f"node{i}", {"partition-id": i, "base-model": str(base),
-                                        "state-dir": str(root / "state" / f"node{i}")})
+                                        "state-dir": str(root / "state" / f"node{i}"),
+                                        "warm-worker": args.warm_worker})
         fed.wait_for_nodes(args.nodes)
         start = time.perf_counter()
         run_id = fed.run(stage_app(REPO, root / "app"), overrides)

@@ -12,7 +12,10 @@ json/jsonl/csv/parquet/txt file, read on the device only; ``state-dir`` keeps it
 experts across rounds and restarts; ``base-model`` is its copy of the base checkpoint;
 ``memory-budget-mb`` prunes its routed experts to fit; ``send-roles`` is its privacy policy,
 the parameter roles that may leave it (default: the router and the shared expert; a run
-asking for more is refused); ``audit-dir`` logs what every message carried in and out.
+asking for more is refused); ``audit-dir`` logs what every message carried in and out;
+``warm-worker`` (on unless ``--no-warm-worker``) keeps the model, data and imports in one
+worker process between rounds (Flower starts a fresh ClientApp process per message,
+fedmoe/fl/worker.py); ``--warm-worker-idle-s`` is how long it stays without a message.
 ``--debug-delay-s`` is a test hook (sleep before training) and must not be used on a real
 device.
 
@@ -48,6 +51,9 @@ def node_config(args: argparse.Namespace) -> dict:
             config[key.replace("_", "-")] = str(Path(value).expanduser().resolve())
     if args.memory_budget_mb is not None:
         config["memory-budget-mb"] = args.memory_budget_mb
+    config["warm-worker"] = args.warm_worker
+    if args.warm_worker:
+        config["warm-worker-idle-s"] = args.warm_worker_idle_s
     if args.debug_delay_s:
         config |= {"debug-delay-s": args.debug_delay_s, "debug-delay-round": args.debug_delay_round}
     return config
@@ -70,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="roles that may leave this device (comma-separated; 'none')")
     parser.add_argument("--audit-dir", type=Path,
                         help="log every message's tensor names, shapes and bytes here")
+    parser.add_argument("--warm-worker", action=argparse.BooleanOptionalAction, default=True,
+                        help="run rounds in a worker process that keeps the model between "
+                             "rounds (default: on)")
+    parser.add_argument("--warm-worker-idle-s", type=float, default=900.0, metavar="SECONDS",
+                        help="the warm worker exits after this long without a message")
     parser.add_argument("--retry-activation", type=float, default=90.0, metavar="SECONDS")
     parser.add_argument("--debug-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--debug-delay-round", type=int, default=0, help=argparse.SUPPRESS)

@@ -18,7 +18,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedmoe.fl import client_app
+from fedmoe.fl import client_app, client_task
 from fedmoe.fl.bridge import to_run_config
 from tests.helpers.runs import FAST
 
@@ -32,8 +32,8 @@ def context(node_config: dict, *overrides: str, node_id: int = 123_456_789) -> C
 
 def test_memory_budget_of_a_device_sets_its_pruning_budget():
     # Execute
-    plain = client_app._node_cfg(context({"partition-id": 0}))
-    budgeted = client_app._node_cfg(context({"partition-id": 0, "memory-budget-mb": 6}))
+    plain = client_task._node_cfg(context({"partition-id": 0}))
+    budgeted = client_task._node_cfg(context({"partition-id": 0, "memory-budget-mb": 6}))
     # Assert: only the device with a budget prunes, to that many MB of routed experts
     assert plain.prune.max_mb is None
     assert budgeted.prune.max_mb == 6.0
@@ -41,20 +41,20 @@ def test_memory_budget_of_a_device_sets_its_pruning_budget():
 
 
 def test_client_id_from_partition_id_else_from_the_node_id(caplog):
-    assert client_app._client_id(context({"partition-id": 7})) == 7
-    assert client_app._client_id(context({"data-path": "/x.jsonl"})) == 456_789
+    assert client_task._client_id(context({"partition-id": 7})) == 7
+    assert client_task._client_id(context({"data-path": "/x.jsonl"})) == 456_789
     assert "no partition-id" in caplog.text
 
 
 def test_debug_delay_hook_sleeps_in_its_round_only(monkeypatch):
     # Prepare
     slept = []
-    monkeypatch.setattr(client_app.time, "sleep", slept.append)
+    monkeypatch.setattr(client_task.time, "sleep", slept.append)
     slow = context({"partition-id": 1, "debug-delay-s": 2.5, "debug-delay-round": 2})
     # Execute
     for server_round in (1, 2, 3):
-        client_app._debug_delay(slow, server_round)
-    client_app._debug_delay(context({"partition-id": 0}), 2)
+        client_task._debug_delay(slow, server_round)
+    client_task._debug_delay(context({"partition-id": 0}), 2)
     # Assert
     assert slept == [2.5]
 

@@ -59,7 +59,13 @@ def test_results_json_has_rounds_clients_and_communication(smoke_run):
     for r in res["rounds"]:
         assert r["accepted"] == [0, 1, 2, 3] and not r["rejected"]
         assert r["bytes_up"] == 4 * r["payload_bytes"]  # every client sends the subset once
-        assert r["bytes_down"] == 8 * r["payload_bytes"]  # train + evaluate, 4 clients each
+        assert sorted(r["eval_ppl_by_client"]) == ["0", "1", "2", "3"]
+    # Round 1's clients evaluate the model they trained in the train message (fl.evaluate_in_
+    # train); the last round evaluates the final global model: train + evaluate messages.
+    first, last = res["rounds"]
+    assert first["evaluated_in_train"] and not last["evaluated_in_train"]
+    assert first["bytes_down"] == 4 * first["payload_bytes"]
+    assert last["bytes_down"] == 8 * last["payload_bytes"]
     assert set(res["clients"]) == {"0", "1", "2", "3"}
     for c in res["clients"].values():
         assert c["examples"] == 64  # data.max_eval_blocks_per_client of experiment=smoke
@@ -125,9 +131,10 @@ def test_no_routed_expert_tensor_ever_crosses_the_wire(smoke_run):
     # Execute: the server's Grid saw these messages; audit_mod saw them at the clients
     down = [m for m in smoke_run.wire if m["direction"] == "down"]
     up = [m for m in smoke_run.wire if m["direction"] == "up"]
-    # Assert: 4 clients x 2 rounds x (train, evaluate), each way
-    assert len(down) == len(up) == 16 and not any("error" in m for m in up)
-    assert len(smoke_run.audit) == 2 * 16
+    # Assert: 4 clients x (round 1: train with its evaluation; round 2: train, evaluate),
+    # each way
+    assert len(down) == len(up) == 12 and not any("error" in m for m in up)
+    assert len(smoke_run.audit) == 2 * 12
     assert smoke_run.sent_tensors("up") == smoke_run.sent_tensors("down") == aggregated
     assert audited_tensors(smoke_run) == aggregated
     assert roles[Role.ROUTED_EXPERTS] and not smoke_run.sent_tensors() & roles[Role.ROUTED_EXPERTS]
