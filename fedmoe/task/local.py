@@ -8,7 +8,9 @@ experts). Nothing here imports Flower; ``fedmoe/fl/client_app.py`` moves records
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -168,7 +170,18 @@ def _partitions(data_yaml: str, num_clients: int):
 
 @lru_cache(maxsize=256)
 def client_blocks(data_yaml: str, checkpoint: str, client_id: int) -> ClientBlocks:
-    """Tokenized train and held-out blocks of one client (cached per process)."""
+    """Tokenized train and held-out blocks of one client, cached per process and on disk
+    (``<cache>/blocks``): a device whose every message runs in a fresh process reads them
+    back instead of partitioning and tokenizing the corpus again."""
+    path = _blocks_path(data_yaml, checkpoint, client_id)
+    blocks = _read_blocks(path)
+    if blocks is None:
+        blocks = _client_blocks(data_yaml, checkpoint, client_id)
+        _write_blocks(path, blocks)
+    return blocks
+
+
+def _client_blocks(data_yaml: str, checkpoint: str, client_id: int) -> ClientBlocks:
     from fedmoe.data.instruct import token_blocks
 
     data = OmegaConf.create(data_yaml)
@@ -182,6 +195,42 @@ def client_blocks(data_yaml: str, checkpoint: str, client_id: int) -> ClientBloc
             f"(train {len(train)}, validation {len(val)}): lower data.num_clients or block_size"
         )
     return ClientBlocks(train, val, part.domains, train_labels, val_labels)
+
+
+def _blocks_path(data_yaml: str, checkpoint: str, client_id: int) -> Path:
+    """Where a client's blocks are kept: named by everything they derive from (the data
+    config, the tokenizer's files, fedmoe's data code, the client id)."""
+    from fedmoe.cache import cache_root
+
+    digest = hashlib.sha256(f"{data_yaml}\0{client_id}".encode())
+    for path in sorted(Path(checkpoint).glob("tokenizer*")):
+        digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+    for path in sorted((Path(__file__).parents[1] / "data").glob("*.py")):
+        digest.update(path.read_bytes())
+    return cache_root() / "blocks" / f"client_{client_id:04d}-{digest.hexdigest()[:20]}.npz"
+
+
+def _read_blocks(path: Path) -> ClientBlocks | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            tensor = lambda key: torch.from_numpy(z[key]) if key in z else None  # noqa: E731
+            return ClientBlocks(tensor("train"), tensor("validation"),
+                                [str(d) for d in z["domains"]], tensor("train_labels"),
+                                tensor("validation_labels"))
+    except (OSError, ValueError, KeyError):  # none yet, or unreadable: tokenize again
+        return None
+
+
+def _write_blocks(path: Path, blocks: ClientBlocks) -> None:
+    arrays = {"train": blocks.train.numpy(), "validation": blocks.validation.numpy(),
+              "domains": np.array(blocks.domains, dtype=str)}
+    for key in ("train_labels", "validation_labels"):
+        if getattr(blocks, key) is not None:
+            arrays[key] = getattr(blocks, key).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # atomic: a reader sees the whole file or none
 
 
 # --- a device's own data (deployment: node config `data-path`) -----------------------------
