@@ -23,9 +23,7 @@ from fedmoe.analysis.consistency import (
     policy_curves,
     routing_mask,
     sch_table,
-    simulate_expert_cache,
     srp,
-    stack_depths,
     window_count_histogram,
 )
 from fedmoe.analysis.cost import edge_vs_cloud, federated_traffic, load_bench, utility
@@ -77,10 +75,8 @@ __all__ = [
     "routing_mask",
     "run_analysis",
     "sch_table",
-    "simulate_expert_cache",
     "specialization_over_rounds",
     "srp",
-    "stack_depths",
     "tcess",
     "usage_from_routing",
     "utility",

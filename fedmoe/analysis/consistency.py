@@ -20,16 +20,14 @@ model figure pools M, P, A over layers too, with one threshold for all layers.
 
 **SCH** (segment cache best hit rate), lookahead L: a cache of C experts per layer that
 evicts the cached expert used least often in the next L tokens, counting the current token
-(ties: the least recently used goes). SCH with L=1 is LRU. Every C at once comes from
-Mattson's stack algorithm: at each time the eviction priority is a total order that does not
-depend on C, so a cache of size C always holds the top C entries of one priority stack.
+(ties: the least recently used goes). SCH with L=1 is LRU.
 
-Lookup conventions (shared by every policy here): the k experts of a token are looked up
-against the cache state at the start of the token, then inserted one after another in router
-order. Hit rate = hits / (T * k) per sample, then the mean over samples. A first use counts
-as a hit while the cache still has a free slot (the paper's convention, so every curve
-reaches 1.0 at C = E); ``hit_rate_strict`` counts every first use as a miss, and
-``cold_miss_rate`` is the share of first uses that found no free slot.
+Cache curves (SCH, and LRU, LFU, Belady, static to compare against) come from the stack
+algorithm of :mod:`fedmoe.expert_cache`, every C at once, under its lookup rules (moe-lrc's:
+lookups at the start of the token, then insertion in router order; a first use into a free
+slot is a hit, so every curve reaches 1.0 at C = E). Hit rate = hits / (T * k) per sample,
+then the mean over samples; ``hit_rate_strict`` counts every first use as a miss, and
+``cold_miss_rate`` is the share of accesses that were first uses finding no free slot.
 """
 
 from __future__ import annotations
@@ -39,8 +37,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from fedmoe.expert_cache import capacity_hits
+
 SEGMENT_LENGTHS: tuple[int, ...] = (4, 16, 64, 256)
-POLICIES: tuple[str, ...] = ("sch", "lru", "lfu", "belady", "static")
 
 
 # --- routing masks ------------------------------------------------------------------------
@@ -185,163 +184,7 @@ def _srp_result(full: tuple, boot: tuple, m: int, confidence: float,
                      ci_high=float(high), f1=[float(x) for x in f1], windows=windows)
 
 
-# --- caches: one priority stack for every capacity ----------------------------------------
-
-
-class _Priority:
-    """Eviction priorities of one policy over one sample: higher = kept longer.
-
-    Keys are integers ``primary * stride + last_use`` so ties in the primary score go to
-    recency (the least recently used is evicted first); ``last_use`` is unique per access.
-    """
-
-    def __init__(self, seq: np.ndarray, num_experts: int, policy: str,
-                 lookahead: int | None) -> None:
-        self.seq = seq.tolist()  # (T, k) as lists: the hot loop is plain Python
-        self.policy = policy
-        t, k = seq.shape
-        self.stride = t * k + 2
-        self.score = [0] * num_experts  # primary score per expert
-        self.last = [0] * num_experts
-        if policy == "lru":
-            policy, lookahead = "sch", 1
-        self.kind = policy
-        if policy == "sch":
-            if not lookahead or lookahead < 1:
-                raise ValueError(f"SCH needs a lookahead L >= 1, got {lookahead}")
-            self.lookahead = lookahead
-            for token in self.seq[:lookahead]:  # uses in tokens 0..L-1
-                for e in token:
-                    self.score[e] += 1
-        elif policy == "belady":
-            self._init_next_use(t, k, num_experts)
-        elif policy != "lfu":
-            raise ValueError(f"unknown cache policy {policy!r}; one of {POLICIES}")
-
-    def _init_next_use(self, t: int, k: int, num_experts: int) -> None:
-        # Position (token * k + slot) of each access's next access to the same expert.
-        never = t * k + 1
-        self.next_pos = [never] * (t * k)
-        upcoming = [never] * num_experts
-        for pos in range(t * k - 1, -1, -1):
-            e = self.seq[pos // k][pos % k]
-            self.next_pos[pos] = upcoming[e]
-            upcoming[e] = pos
-        self.never = never
-        self.score = [never - p for p in upcoming]  # sooner use = higher priority
-
-    def key(self, e: int) -> int:
-        return self.score[e] * self.stride + self.last[e]
-
-    def start_token(self, i: int) -> None:
-        if self.kind == "lfu":  # frequency of use so far, the current token included
-            for e in self.seq[i]:
-                self.score[e] += 1
-
-    def accessed(self, e: int, pos: int, ts: int) -> None:
-        self.last[e] = ts
-        if self.kind == "sch":
-            self.score[e] -= 1  # this use leaves the lookahead window
-        elif self.kind == "belady":
-            self.score[e] = self.never - self.next_pos[pos]
-
-    def end_token(self, i: int) -> None:
-        if self.kind == "sch" and i + self.lookahead < len(self.seq):
-            for e in self.seq[i + self.lookahead]:  # token i+L enters the window
-                self.score[e] += 1
-
-
-def stack_depths(seq: np.ndarray, num_experts: int, policy: str,
-                 lookahead: int | None = None) -> tuple[np.ndarray, int]:
-    """Hits of one sample for every cache size at once (Mattson's stack algorithm).
-
-    Parameters
-    ----------
-    seq : np.ndarray
-        ``(T, k)`` expert ids per token.
-    policy : str
-        ``"sch"`` (needs ``lookahead``), ``"lru"`` (SCH with L=1), ``"lfu"``, ``"belady"``.
-
-    Returns
-    -------
-    depth_hits : np.ndarray
-        ``(E,)``: accesses found at stack depth d at the start of their token; a cache of
-        size C hits those with d < C.
-    first_uses : int
-        Distinct experts of the sample (the u-th first use, u = 0, 1, ..., finds a free slot
-        in every cache larger than u).
-    """
-    prio = _Priority(seq, num_experts, policy, lookahead)
-    k = seq.shape[1]
-    depth_hits = np.zeros(num_experts, dtype=np.int64)
-    stack: list[int] = []  # experts, top (highest priority) first
-    ts = 0
-    for i, token in enumerate(prio.seq):
-        prio.start_token(i)
-        depth = {e: d for d, e in enumerate(stack)}
-        for e in token:  # looked up against the state at the start of the token
-            if e in depth:
-                depth_hits[depth[e]] += 1
-        for slot, x in enumerate(token):
-            ts += 1
-            _push(stack, x, prio)
-            prio.accessed(x, i * k + slot, ts)
-        prio.end_token(i)
-    return depth_hits, len(stack)
-
-
-def _push(stack: list[int], x: int, prio: _Priority) -> None:
-    """Move ``x`` to the top; the lowest-priority entry of each prefix sinks to x's slot."""
-    try:
-        d = stack.index(x)
-    except ValueError:
-        d = len(stack)
-        stack.append(x)
-    if d == 0:
-        return
-    carried, stack[0] = stack[0], x
-    carried_key = prio.key(carried)
-    for i in range(1, d):
-        key = prio.key(stack[i])
-        if key < carried_key:  # the lower priority keeps sinking
-            stack[i], carried, carried_key = carried, stack[i], key
-    stack[d] = carried
-
-
-def simulate_expert_cache(seq: np.ndarray, num_experts: int, capacity: int, policy: str,
-                          lookahead: int | None = None) -> tuple[int, int]:
-    """Direct simulation of one cache of ``capacity`` experts (the definition, no stack).
-
-    Slower than :func:`stack_depths` (one pass per capacity) and used to check it.
-
-    Returns
-    -------
-    tuple
-        ``(hits, cold_hits)``: hits under the free-slot convention, and how many of them
-        were first uses that found a free slot.
-    """
-    prio = _Priority(seq, num_experts, policy, lookahead)
-    k = seq.shape[1]
-    cache: set[int] = set()
-    seen: set[int] = set()
-    hits = cold_hits = ts = 0
-    for i, token in enumerate(prio.seq):
-        prio.start_token(i)
-        hits += sum(e in cache for e in token)
-        for slot, x in enumerate(token):
-            ts += 1
-            if x not in seen:
-                seen.add(x)
-                if len(seen) <= capacity:  # the u-th first use finds a free slot iff u < C
-                    hits += 1
-                    cold_hits += 1
-            if x not in cache:
-                if len(cache) >= capacity:
-                    cache.remove(min(cache, key=prio.key))
-                cache.add(x)
-            prio.accessed(x, i * k + slot, ts)
-        prio.end_token(i)
-    return hits, cold_hits
+# --- cache curves --------------------------------------------------------------------------
 
 
 @dataclass
@@ -369,31 +212,17 @@ def per_sample_hit_rates(top_k_index: np.ndarray, num_experts: int, policy: str,
                          frequency: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """Per sample and capacity: hit rate, strict hit rate, cold-miss rate, each ``(N, E)``.
 
-    ``static`` keeps the ``C`` experts most frequent in ``frequency`` ``(E,)`` (all samples'
-    counts when ``None``; ties to the lower id), preloaded: it has no first uses.
+    From the stack algorithm (:func:`fedmoe.expert_cache.capacity_hits`). ``static`` keeps
+    the ``C`` experts most frequent in ``frequency`` ``(E,)`` (all samples' counts when
+    ``None``), preloaded.
     """
-    n, t, k = top_k_index.shape
-    accesses = t * k
-    capacities = np.arange(1, num_experts + 1)
-    if policy == "static":
-        if frequency is None:
-            frequency = np.bincount(top_k_index.ravel(), minlength=num_experts)
-        order = np.argsort(-np.asarray(frequency), kind="stable")  # most frequent first
-        rank = np.empty(num_experts, dtype=np.int64)
-        rank[order] = np.arange(num_experts)
-        per_rank = np.stack([np.bincount(rank[s.ravel()], minlength=num_experts)
-                             for s in top_k_index])  # (N, E) accesses per frequency rank
-        hits = np.cumsum(per_rank, axis=1) / accesses
-        return hits, hits, np.zeros_like(hits)
-    hit, strict, cold = [], [], []
-    for sample in top_k_index:
-        depth_hits, distinct = stack_depths(sample, num_experts, policy, lookahead)
-        found = np.cumsum(depth_hits)  # (E,) hits of in-cache experts, C = 1..E
-        free_slot = np.minimum(distinct, capacities)
-        hit.append((found + free_slot) / accesses)
-        strict.append(found / accesses)
-        cold.append(np.maximum(distinct - capacities, 0) / accesses)
-    return np.array(hit), np.array(strict), np.array(cold)
+    accesses = top_k_index.shape[1] * top_k_index.shape[2]  # T * k
+    if policy == "static" and frequency is None:
+        frequency = np.bincount(top_k_index.ravel(), minlength=num_experts)
+    per_sample = [capacity_hits(sample, num_experts, policy, lookahead, frequency=frequency)
+                  for sample in top_k_index]
+    hit, strict, cold = (np.array(counts) / accesses for counts in zip(*per_sample, strict=True))
+    return hit, strict, cold
 
 
 def cache_curve(top_k_index: np.ndarray, num_experts: int, policy: str,

@@ -24,8 +24,8 @@ from rich.table import Table
 from torch import nn
 from transformers.generation.streamers import BaseStreamer
 
-from fedmoe.edge.cache import CacheStats, simulate_cache_stats
 from fedmoe.edge.offload import EdgeConfig, EdgeRuntime
+from fedmoe.expert_cache import CacheStats, simulate_cache_stats
 from fedmoe.moe.adapter import MoEAdapter
 
 # The JSON keys every contender carries (more may follow).

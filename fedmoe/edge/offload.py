@@ -31,9 +31,10 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ExpertsInterface
 
-from fedmoe.edge.cache import CacheState, CacheStats, capacities, make_policy
+from fedmoe.edge.budget import capacities
 from fedmoe.edge.prefetch import Pending, Prefetcher, predict_experts
 from fedmoe.edge.store import INDEX, ExpertStore
+from fedmoe.expert_cache import CacheState, CacheStats, make_policy
 from fedmoe.moe.adapter import MoEAdapter, MoELayer
 
 IMPLEMENTATION = "fedmoe_offload"
@@ -51,7 +52,7 @@ class EdgeConfig:
     ----------
     budget : int or str
         Experts per layer (``4``), a multiple of the active ones (``"2x"``), ``"all"``, or
-        memory for all routed experts (``"64MB"``); see :func:`fedmoe.edge.cache.parse_budget`.
+        memory for all routed experts (``"64MB"``); see :func:`fedmoe.edge.budget.parse_budget`.
     policy : str
         ``lru`` | ``lfu`` | ``static`` | ``consistency`` | ``belady``.
     window : int
@@ -135,12 +136,21 @@ class OffloadedLayer:
 
     def _admit(self, expert: int, tensors: dict[str, torch.Tensor],
                protect: Collection[int] = ()) -> bool:
-        admitted, evicted = self.cache.admit(expert, protect)
+        """Prefetched ``expert`` enters ahead of use; whether it did."""
+        return self._hold(expert, tensors, *self.cache.admit(expert, protect))
+
+    def _use(self, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        """The step has used ``expert``: the cache counts the use and keeps it if it can."""
+        self._hold(expert, tensors, *self.cache.use(expert))
+
+    def _hold(self, expert: int, tensors: dict[str, torch.Tensor], resident: bool,
+              evicted: int | None) -> bool:
+        """Keep the weights the cache holds, drop those it evicted."""
         if evicted is not None:
             del self.weights[evicted]
-        if admitted:
+        if resident:
             self.weights[expert] = tensors
-        return admitted
+        return resident
 
     def predict(self, previous_hidden: torch.Tensor) -> list[int]:
         """This layer's experts guessed from the previous layer's expert input (at most the
@@ -178,7 +188,8 @@ class OffloadedLayer:
             correct = len(set(self.predicted) & set(needed))
             self.prefetch_stats += PrefetchStats(len(self.predicted), len(needed), correct)
             self.predicted = None
-        # Hold the hits now: admitting a miss below may evict one not yet computed.
+        # Hold the hits now: a miss entering below may evict one not yet computed (it
+        # re-enters in its turn, from the held copy).
         held = {e: self.weights[e] for e in hits}
         final = torch.zeros_like(hidden_states)  # (T, H)
         slots = top_k_index.T  # (k, T)
@@ -190,8 +201,7 @@ class OffloadedLayer:
             out = nn.functional.linear(h, w["down_proj"])  # (n, H)
             out = out * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
-            if e not in held:
-                self._admit(e, w)
+            self._use(e, w)
         return final
 
 

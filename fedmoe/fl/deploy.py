@@ -74,11 +74,11 @@ def check_config(cfg) -> None:
                          "kept experts only; turn one of them off")
     edge = cfg.get("edge")
     if edge is not None and edge.get("policy") is not None:
-        from fedmoe.edge.cache import POLICIES
+        from fedmoe.config import EDGE_POLICIES
 
-        if edge.policy not in (*POLICIES, "none"):
+        if edge.policy not in EDGE_POLICIES:
             raise ValueError(f"edge.policy={edge.policy!r} is unknown; one of "
-                             f"{[*POLICIES, 'none']}")
+                             f"{list(EDGE_POLICIES)}")
 
 
 # --- TLS certificates and SuperNode keys ---------------------------------------------------

@@ -1,4 +1,4 @@
-"""Cache policies: textbook hit counts, Belady's optimality, budgets."""
+"""Cache policies and the simulator: textbook hit counts, Belady's optimality, LFU as moe-lrc."""
 
 from __future__ import annotations
 
@@ -9,13 +9,7 @@ from functools import cache
 import pytest
 import torch
 
-from fedmoe.edge.cache import (
-    CacheState,
-    make_policy,
-    parse_budget,
-    simulate_cache,
-    simulate_cache_stats,
-)
+from fedmoe.expert_cache import CacheState, make_policy, simulate_cache_stats
 
 # Silberschatz's reference string: 3 frames give 12 faults under LRU, 9 under OPT.
 TEXTBOOK = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]
@@ -42,6 +36,10 @@ def optimal_hits(trace: list[list[int]], capacity: int) -> int:
     return best(0, frozenset())
 
 
+def hit_rate(trace, capacity: int, policy: str, **kwargs) -> float:
+    return simulate_cache_stats(trace, capacity, policy, **kwargs).hit_rate
+
+
 def random_trace(seed: int, steps: int, experts: int, k: int) -> list[list[int]]:
     rng = random.Random(seed)
     # Mild locality: a drifting favourite set, so policies differ.
@@ -59,9 +57,13 @@ def test_lru_textbook_reference_string():
     # Execute
     stats = simulate_cache_stats(_steps(TEXTBOOK), 3, "lru")
 
-    # Assert: 12 faults of 20, 6 of them first uses (7, 0, 1, 2, 3, 4)
-    assert (stats.misses, stats.hits, stats.cold_misses) == (12, 8, 6)
-    assert stats.hit_rate == pytest.approx(8 / 20)
+    # Assert: the textbook's 12 faults of 20, 6 of them first uses (7, 0, 1, 2, 3, 4); the
+    # first three found a free slot, hits by the moe-lrc convention, so 9 misses, 3 cold.
+    assert (stats.lookups - stats.resident_hits, stats.resident_hits) == (12, 8)
+    assert (stats.first_uses, stats.free_slot_hits, stats.cold_misses) == (6, 3, 3)
+    assert (stats.hits, stats.misses) == (11, 9)
+    assert stats.hit_rate == pytest.approx(11 / 20)
+    assert stats.hit_rate_strict == pytest.approx(8 / 20)
     assert stats.hit_rate_warm == pytest.approx(8 / 14)
 
 
@@ -70,8 +72,8 @@ def test_belady_textbook_reference_string_beats_opt_without_bypass():
     stats = simulate_cache_stats(_steps(TEXTBOOK), 3, "belady")
 
     # Assert: OPT's 9 faults at most (bypass can only help), and exactly the optimum
-    assert stats.misses <= 9
-    assert stats.hits == optimal_hits(_steps(TEXTBOOK), 3)
+    assert stats.lookups - stats.resident_hits <= 9
+    assert stats.resident_hits == optimal_hits(_steps(TEXTBOOK), 3)
 
 
 def test_lfu_keeps_the_frequent_expert_lru_drops():
@@ -84,9 +86,9 @@ def test_lfu_keeps_the_frequent_expert_lru_drops():
 
     # Assert
     # LFU: 1 miss, 1 hit, 2 miss, 3 miss (evicts 2: used once), 1 hit, 2 miss -> 2 hits
-    assert lfu.hits == 2
+    assert lfu.resident_hits == 2
     # LRU: 1 miss, 1 hit, 2 miss, 3 miss (evicts 1), 1 miss, 2 miss -> 1 hit
-    assert lru.hits == 1
+    assert lru.resident_hits == 1
 
 
 def test_consistency_counts_uses_within_the_window():
@@ -99,9 +101,9 @@ def test_consistency_counts_uses_within_the_window():
     short = simulate_cache_stats(trace, 2, "consistency", window=1)
 
     # Assert
-    assert consistency.hits == 3  # steps 1, 2 and 5
-    assert lru.hits == 2
-    assert short.hits == lru.hits  # a 1-step window degenerates to recency
+    assert consistency.resident_hits == 3  # steps 1, 2 and 5
+    assert lru.resident_hits == 2
+    assert short.resident_hits == lru.resident_hits  # a 1-step window degenerates to recency
 
 
 def test_static_pins_the_most_used_and_admits_nothing():
@@ -115,6 +117,7 @@ def test_static_pins_the_most_used_and_admits_nothing():
     # Assert: 0 and 1 pinned: hits on every 0 and 1 (6), misses on 2 and 3
     assert (stats.hits, stats.misses) == (6, 2)
     assert stats.cold_misses == 2  # pinned experts were loaded up front, never cold
+    assert stats.free_slot_hits == 0  # it admits nothing: no slot is ever free for 2 or 3
 
 
 def test_none_policy_misses_every_lookup():
@@ -130,9 +133,10 @@ def test_multi_expert_steps_look_up_against_the_start_of_step_state():
     lru = simulate_cache_stats(trace, 2, "lru")
     full = simulate_cache_stats(trace, 4, "lru")
 
-    # Assert
-    assert (lru.hits, lru.lookups, lru.steps) == (0, 6, 3)
-    assert (full.hits, full.cold_misses) == (2, 4)
+    # Assert: 0, 1 take the free slots; 2 and 3 evict them; 0, 1 miss again
+    assert (lru.resident_hits, lru.free_slot_hits, lru.lookups, lru.steps) == (0, 2, 6, 3)
+    # four slots: four first uses into free slots, then 0 and 1 resident
+    assert (full.resident_hits, full.first_uses, full.cold_misses, full.hits) == (2, 4, 0, 6)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -142,7 +146,7 @@ def test_belady_is_optimal_on_small_random_traces(k):
         trace = random_trace(seed, steps=10, experts=6, k=k)
         for capacity in (k, k + 1):
             # Execute
-            hits = simulate_cache_stats(trace, capacity, "belady").hits
+            hits = simulate_cache_stats(trace, capacity, "belady").resident_hits
 
             # Assert
             assert hits == optimal_hits(trace, capacity), (seed, capacity)
@@ -152,13 +156,13 @@ def test_belady_upper_bounds_every_online_policy_on_random_traces():
     for seed, k, capacity in itertools.product(range(6), (1, 2, 4), (1, 2, 4, 8)):
         # Prepare
         trace = random_trace(100 + seed, steps=200, experts=16, k=k)
-        bound = simulate_cache(trace, capacity, "belady")
+        bound = hit_rate(trace, capacity, "belady")
 
         # Execute
-        online = {p: simulate_cache(trace, capacity, p, window=8)
+        online = {p: hit_rate(trace, capacity, p, window=8)
                   for p in ("lru", "lfu", "consistency", "none")}
-        static = simulate_cache(trace, capacity, "static")  # oracle counts, preloaded
-        warm_bound = simulate_cache(trace, capacity, "belady", warm=True)
+        static = hit_rate(trace, capacity, "static")  # oracle counts, preloaded
+        warm_bound = hit_rate(trace, capacity, "belady", warm=True)
 
         # Assert
         assert all(rate <= bound + 1e-12 for rate in online.values()), (seed, k, capacity, online)
@@ -170,10 +174,11 @@ def test_simulator_accepts_a_top_k_tensor():
     ids = torch.tensor([[0, 1], [1, 2], [0, 1]])
 
     # Execute
-    rate = simulate_cache(ids, 4, "lru")
+    stats = simulate_cache_stats(ids, 4, "lru")
 
-    # Assert: 0,1 cold; 1 hit, 2 cold; 0 and 1 hit
-    assert rate == pytest.approx(3 / 6)
+    # Assert: 0,1 first uses; 1 hit, 2 first use; 0 and 1 hit; every first use found a slot
+    assert stats.hit_rate_strict == pytest.approx(3 / 6)
+    assert stats.hit_rate == pytest.approx(1.0)
 
 
 def test_cache_state_never_exceeds_capacity():
@@ -199,21 +204,6 @@ def test_admit_never_evicts_a_protected_expert():
     assert state.admit(4, protect=[1, 3]) == (False, None)
     assert list(state.resident) == [1, 3]
     assert state.admit(4) == (True, 1)
-
-
-@pytest.mark.parametrize(("budget", "expected"), [
-    ("2x", 4), ("1x", 2), ("all", 8), (3, 3), ("5", 5), ("100x", 8),
-    ("1MB", 1_000_000 // (1000 * 4)), ("0.5MiB", 2**19 // (1000 * 4)),
-])
-def test_parse_budget(budget, expected):
-    got = parse_budget(budget, top_k=2, num_experts=8, expert_nbytes=1000, num_layers=4)
-    assert got == min(expected, 8)
-
-
-@pytest.mark.parametrize("budget", ["1KB", "abc", "0"])
-def test_parse_budget_rejects_less_than_one_expert(budget):
-    with pytest.raises(ValueError, match="edge.budget"):
-        parse_budget(budget, top_k=2, num_experts=8, expert_nbytes=1000, num_layers=4)
 
 
 def test_unknown_policy_and_missing_inputs_name_the_key():
