@@ -130,7 +130,7 @@ def _json_records(path: Path) -> list[dict]:
             record = None
         if not isinstance(record, dict):
             raise ValueError(f"data file {str(path)!r} cannot be read as json: line {number} "
-                             "is not a JSON object (expected JSON lines or a JSON list)")
+                             "is malformed (expected one JSON object a line, or a JSON list)")
         records.append(record)
     return records
 

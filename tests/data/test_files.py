@@ -129,8 +129,8 @@ print(len(ids), sorted(m for m in ("datasets", "pyarrow", "pandas") if m in sys.
 
 
 @pytest.mark.parametrize(("content", "match"), [
-    ('{"text": "a"}\n[1, 2]\n', "line 2 is not a JSON object"),
-    ('{"text": "a"}\n{"text": \n', "line 2 is not a JSON object"),
+    ('{"text": "a"}\n[1, 2]\n', "line 2 is malformed"),
+    ('{"text": "a"}\n{"text": \n', "line 2 is malformed"),
     ("\n  \n", "is empty"),
 ])
 def test_malformed_json_lines_name_the_file_and_line(tmp_path, content, match):
