@@ -86,7 +86,12 @@ def resolve_base_model(cfg: Any, progress: bool = True) -> str:
     fl = cfg.get("fl")
     if fl is not None and fl.get("base_model"):
         return str(fl.base_model)
-    from fedmoe.task.pretrain import ensure_base_model  # pretraining imports the corpus
+    from fedmoe.extras import extra_needed
+
+    # No base model given (a device: node config base-model): pretrain one, on the corpus.
+    with extra_needed("pretraining a base model (none given: model.path, fl.base_model, "
+                      "or a device's node config base-model)"):
+        from fedmoe.task.pretrain import ensure_base_model
 
     return str(ensure_base_model(cfg, progress=progress))
 

@@ -131,7 +131,12 @@ def _run(name: str, command: Command, args: list[str]) -> None:
     import fedmoe.config  # noqa: F401  (schemas and the fedmoe.dirname resolver, for Hydra)
 
     module, func = command.target.split(":")
-    task = _user_errors(getattr(import_module(module), func), name)
+    try:
+        target = getattr(import_module(module), func)
+    except ModuleNotFoundError as error:
+        _exit_if_extra_missing(error, name)
+        raise
+    task = _user_errors(target, name)
     if command.positional:
         key = command.positional
         if args and _is_positional(args[0]):
@@ -143,8 +148,9 @@ def _run(name: str, command: Command, args: list[str]) -> None:
 
 
 def _user_errors(task, name: str):
-    """``task`` preceded by the schema check; a bad config, or an error that names the
-    missing file or model, exits with its message on one line."""
+    """``task`` preceded by the schema check; a bad config, an error that names the missing
+    file or model, or an optional package that is not installed, exits with its message on
+    one line."""
     import functools
     import os
 
@@ -155,12 +161,27 @@ def _user_errors(task, name: str):
         try:
             validate(cfg)  # every command: the schema check comes before any work
             return task(cfg)
+        except ModuleNotFoundError as error:
+            _exit_if_extra_missing(error, name)
+            raise
         except (ConfigError, FileNotFoundError, NotADirectoryError) as error:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             raise SystemExit(f"fedmoe {name}: {error}") from None
 
     return run
+
+
+def _exit_if_extra_missing(error: ModuleNotFoundError, name: str) -> None:
+    """Exit with one line naming the extra when ``error`` is an optional package missing
+    (``fedmoe simulate`` without Ray: the ``sim`` extra); return for any other module."""
+    import os
+
+    from fedmoe.extras import as_missing_extra
+
+    missing = as_missing_extra(error, f"fedmoe {name}")
+    if missing is not None and os.environ.get("HYDRA_FULL_ERROR") != "1":
+        raise SystemExit(str(missing)) from None
 
 
 def command_help(name: str, overrides: list[str]) -> str:

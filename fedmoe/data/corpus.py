@@ -28,8 +28,9 @@ from pathlib import Path
 
 import datasets
 
+from fedmoe.data.files import SPLITS
+
 DOMAINS: tuple[str, ...] = ("python_code", "c_headers", "reference", "docstrings")
-SPLITS: tuple[str, ...] = ("train", "validation", "test")
 # Fractions of sources per split; train gets the rest.
 _SPLIT_FRACTIONS = {"validation": 0.1, "test": 0.1}
 # Bump when the corpus content changes for the same arguments, so stale caches are skipped.

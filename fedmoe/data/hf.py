@@ -1,51 +1,31 @@
-"""User text data: a hub dataset or local files, reduced to ``text`` and ``domain`` columns."""
+"""User text data: a hub dataset or local files, reduced to ``text`` and ``domain`` columns.
+
+The simulation's loader (``datasets``, the ``sim`` extra). Which field holds the text and the
+file checks are :mod:`fedmoe.data.files`', which reads a device's own file without it.
+"""
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import datasets
 
-DEFAULT_DOMAIN = "default"
-# Columns tried, in order, when no ``text_field`` is given.
-TEXT_FIELD_CANDIDATES: tuple[str, ...] = ("text", "content", "document")
-ALPACA_FIELDS: tuple[str, ...] = ("instruction", "input", "output")
-# Builder of ``datasets.load_dataset`` per local file extension.
-_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet",
-             ".txt": "text"}
+from fedmoe.data.files import (
+    DEFAULT_DOMAIN,
+    check_domain_field,
+    file_format,
+    text_row,
+)
 
 DataFiles = str | Sequence[str] | Mapping[str, str | Sequence[str]] | None
-
-
-def format_alpaca(record: Mapping[str, object]) -> str:
-    """Format an instruction record (``instruction``, optional ``input``, ``output``).
-
-    Examples
-    --------
-    >>> format_alpaca({"instruction": "Add.", "input": "1 2", "output": "3"})
-    '### Instruction:\\nAdd.\\n\\n### Input:\\n1 2\\n\\n### Response:\\n3'
-    """
-    parts = [f"### Instruction:\n{str(record['instruction']).strip()}"]
-    if record.get("input"):
-        parts.append(f"### Input:\n{str(record['input']).strip()}")
-    parts.append(f"### Response:\n{str(record.get('output') or '').strip()}")
-    return "\n\n".join(parts)
 
 
 def _load_raw(path: str, split: str, data_files: DataFiles) -> datasets.Dataset:
     """``datasets.load_dataset`` for a local file (builder from its extension) or hub id/dir."""
     local = Path(path)
     if local.is_file():
-        builder = _BUILDERS.get(local.suffix.lower())
-        if builder is None:
-            raise ValueError(f"Cannot read {path!r}: unknown extension {local.suffix!r}; "
-                             f"expected one of {sorted(_BUILDERS)}")
-        if local.stat().st_size < 2**16 and not local.read_bytes().strip():
-            raise ValueError(f"data file {path!r} is empty")
-        if builder != "parquet":
-            _check_utf8(local)
+        builder = file_format(local)
         try:
             # A single local file always loads as the "train" split of its builder.
             return datasets.load_dataset(builder, data_files=str(local), split="train")
@@ -53,26 +33,6 @@ def _load_raw(path: str, split: str, data_files: DataFiles) -> datasets.Dataset:
             raise ValueError(f"data file {path!r} cannot be read as {builder}: "
                              f"{_cause(e)}") from e
     return datasets.load_dataset(path, data_files=data_files, split=split)
-
-
-def _check_utf8(path: Path, chunk: int = 2**20) -> None:
-    """Raise naming ``path`` and the byte offset when the file is not UTF-8 text (datasets
-    fails on it deep inside a worker, or later while mapping rows)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError as e:
-                raise ValueError(f"data file {str(path)!r} is not UTF-8 text (byte "
-                                 f"{offset + e.start})") from None
-            offset += len(block)
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise ValueError(f"data file {str(path)!r} is not UTF-8 text (it ends inside a "
-                         "character)") from None
 
 
 def _cause(error: BaseException) -> str:
@@ -88,23 +48,7 @@ def _cause(error: BaseException) -> str:
 
 def _text_column(ds: datasets.Dataset, path: str, text_field: str | None) -> datasets.Dataset:
     """A dataset with one ``text`` column from ``text_field``, alpaca fields or a default."""
-    columns = ds.column_names
-    if text_field is not None:
-        if text_field not in columns:
-            raise ValueError(f"{path!r} has no text field {text_field!r} (data.text_field); "
-                             f"its columns are {columns}")
-        return ds.map(lambda r: {"text": str(r[text_field] or "")}, remove_columns=columns)
-    if "instruction" in columns and "output" in columns:
-        # The fields stay too: fedmoe.data.instruct splits prompt from response with them.
-        return ds.map(lambda r: {"text": format_alpaca(r),
-                                 **{f: str(r.get(f) or "") for f in ALPACA_FIELDS}},
-                      remove_columns=columns)
-    for name in TEXT_FIELD_CANDIDATES:
-        if name in columns:
-            return ds.map(lambda r, n=name: {"text": str(r[n] or "")}, remove_columns=columns)
-    raise ValueError(f"{path!r} has no text field: none of {list(TEXT_FIELD_CANDIDATES)} nor "
-                     f"alpaca fields {list(ALPACA_FIELDS)} among its columns {columns}; "
-                     f"set data.text_field")
+    return ds.map(text_row(ds.column_names, path, text_field), remove_columns=ds.column_names)
 
 
 def load_text_dataset(
@@ -145,9 +89,7 @@ def load_text_dataset(
         Naming the file and the missing field when no text or domain column is found.
     """
     raw = _load_raw(path, split, data_files)
-    if domain_field is not None and domain_field not in raw.column_names:
-        raise ValueError(f"{path!r} has no domain field {domain_field!r} (data.domain_field); "
-                         f"its columns are {raw.column_names}")
+    check_domain_field(raw.column_names, path, domain_field)
     domains = ([str(d) for d in raw[domain_field]] if domain_field is not None
                else [default_domain] * len(raw))
     ds = _text_column(raw, path, text_field).add_column("domain", domains)

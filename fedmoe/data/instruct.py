@@ -16,13 +16,15 @@ prompt tokens: with ``data.response_only`` the model learns to answer, not to ec
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedmoe.data.lm import tokenize_blocks
+
+if TYPE_CHECKING:
+    from fedmoe.data.lm import Rows
 
 TEMPLATES: tuple[str, ...] = ("alpaca", "chat")
 IGNORE_INDEX = -100  # positions the loss skips (torch's cross_entropy default)
@@ -82,13 +84,14 @@ def chat_prompt_and_response(tokenizer: PreTrainedTokenizerBase | None, instruct
     return prompt, full[len(prompt):]
 
 
-def is_instruction_data(ds: datasets.Dataset) -> bool:
-    """Rows that carry ``instruction`` and ``output`` (kept by the ``hf`` loader)."""
-    return {"instruction", "output"} <= set(ds.column_names)
+def is_instruction_data(ds: Rows) -> bool:
+    """Rows that carry ``instruction`` and ``output`` (kept by both loaders)."""
+    columns = ds.column_names if hasattr(ds, "column_names") else (ds[0] if len(ds) else {})
+    return {"instruction", "output"} <= set(columns)
 
 
 def instruction_blocks(
-    ds: datasets.Dataset,
+    ds: Rows,
     tokenizer: PreTrainedTokenizerBase,
     block_size: int,
     max_blocks: int | None = None,
@@ -129,7 +132,7 @@ def instruction_blocks(
             torch.tensor(labels[:n], dtype=torch.long).view(shape))  # (N, T)
 
 
-def token_blocks(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
+def token_blocks(ds: Rows, tokenizer: PreTrainedTokenizerBase,
                  data: Mapping[str, Any], max_blocks: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The blocks of ``ds`` under the ``data`` config: instruction blocks and labels when

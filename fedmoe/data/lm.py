@@ -1,19 +1,40 @@
-"""Language-model batching: token blocks from text rows, and a unigram baseline."""
+"""Language-model batching: token blocks from text rows, and a unigram baseline.
+
+Rows are a ``datasets.Dataset`` (simulation) or a list of row dicts
+(:func:`fedmoe.data.files.read_text_rows`, a device's own file): the same texts give the same
+blocks, and nothing here imports ``datasets``.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+if TYPE_CHECKING:
+    import datasets
+
+    Rows = datasets.Dataset | Sequence[Mapping[str, Any]]
+
 _TOKENIZE_BATCH = 256
 
 
+def text_batches(rows: Rows, batch_size: int = _TOKENIZE_BATCH) -> Iterator[list[str]]:
+    """The ``text`` of ``rows``, ``batch_size`` rows at a time, in row order."""
+    if hasattr(rows, "select_columns"):  # a datasets.Dataset: read its one column only
+        for batch in rows.select_columns(["text"]).iter(batch_size=batch_size):
+            yield batch["text"]
+        return
+    for start in range(0, len(rows), batch_size):
+        yield [row["text"] for row in rows[start:start + batch_size]]
+
+
 def tokenize_blocks(
-    ds: datasets.Dataset,
+    ds: Rows,
     tokenizer: PreTrainedTokenizerBase,
     block_size: int,
     max_blocks: int | None = None,
@@ -26,8 +47,8 @@ def tokenize_blocks(
 
     Parameters
     ----------
-    ds : datasets.Dataset
-        Rows with a ``text`` column.
+    ds : datasets.Dataset or Sequence[Mapping]
+        Rows with a ``text`` field.
     tokenizer : PreTrainedTokenizerBase
         Must define ``eos_token_id``.
     block_size : int
@@ -47,8 +68,8 @@ def tokenize_blocks(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     budget = None if max_blocks is None else max_blocks * block_size
     ids: list[int] = []
-    for batch in ds.select_columns(["text"]).iter(batch_size=_TOKENIZE_BATCH):
-        encoded = tokenizer(batch["text"], add_special_tokens=False, verbose=False)
+    for texts in text_batches(ds):
+        encoded = tokenizer(texts, add_special_tokens=False, verbose=False)
         for row in encoded["input_ids"]:
             ids.extend(row)
             ids.append(tokenizer.eos_token_id)

@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
 import datasets
 
-from fedmoe.data.corpus import SPLITS, build_corpus
-from fedmoe.data.hf import DEFAULT_DOMAIN, load_text_dataset
+from fedmoe.data.corpus import build_corpus
+from fedmoe.data.files import DEFAULT_DOMAIN, SPLITS, split_of
+from fedmoe.data.hf import load_text_dataset
 
 DATA_NAMES: tuple[str, ...] = ("embedded", "hf")
 
 
 def split_by_hash(ds: datasets.Dataset, validation: float = 0.1,
                   test: float = 0.1) -> datasets.DatasetDict:
-    """Split rows into train/validation/test by a sha256 hash of their text.
+    """Split rows into train/validation/test by a sha256 hash of their text
+    (:func:`fedmoe.data.files.split_of`).
 
     Equal texts always share a split, so duplicates never leak from train into evaluation;
     the split does not depend on row order.
     """
-    def split_of(text: str) -> str:
-        u = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
-        return "validation" if u < validation else "test" if u < validation + test else "train"
-
-    labels = [split_of(text) for text in ds["text"]]
+    labels = [split_of(text, validation, test) for text in ds["text"]]
     return datasets.DatasetDict({
         split: ds.select([i for i, label in enumerate(labels) if label == split])
         for split in SPLITS})

@@ -305,28 +305,41 @@ def node_config_arg(node_config: Mapping[str, str | int | float | bool]) -> str:
 # --- commands ------------------------------------------------------------------------------
 
 
-def _bin(name: str) -> str:
-    """An executable of this interpreter's environment (the venv), else from PATH."""
+def _bin(name: str, bin_dir: str | Path | None = None) -> str:
+    """An executable of ``bin_dir`` (another environment's), else of this interpreter's
+    environment (the venv), else from PATH."""
+    if bin_dir is not None:
+        path = Path(bin_dir) / name
+        if not path.exists():
+            raise FileNotFoundError(f"{bin_dir} has no {name}: install fedmoe in that "
+                                    "environment (pip install fedmoe)")
+        return str(path)
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-def flwr_env(flwr_home: str | Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def flwr_env(flwr_home: str | Path, extra: Mapping[str, str] | None = None,
+             bin_dir: str | Path | None = None) -> dict[str, str]:
     """Environment for Flower processes: a private ``FLWR_HOME``, no runtime installs.
 
     ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` keeps Flower from building a virtual
     environment per run (with uv, downloading torch); telemetry and update checks are off.
     The SuperNode's SuperExec polls for a message to run every 0.1 s instead of 1 s (each
     message waited half a second on average before its ClientApp process started).
+    The environment's executables come first on ``PATH`` (a SuperNode starts its SuperExec
+    and ClientApps by name): ``bin_dir``'s, else this interpreter's. Another environment
+    gets no ``PYTHONPATH`` of ours: it runs what is installed in it.
     """
     env = dict(os.environ)
+    if bin_dir is not None:
+        env.pop("PYTHONPATH", None)
     env.update({
         "FLWR_HOME": str(Path(flwr_home).resolve()),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "PATH": f"{bin_dir or Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         "WANDB_MODE": "offline",
@@ -374,6 +387,7 @@ def supernode_command(
     private_key: str | Path | None = None,
     host: str = "127.0.0.1",
     max_wait_time: float | None = None,
+    bin_dir: str | Path | None = None,
 ) -> list[str]:
     """``flower-supernode`` arguments.
 
@@ -392,8 +406,11 @@ def supernode_command(
         The node's private key (SuperNode authentication).
     max_wait_time : float or None
         Give up reconnecting to the SuperLink after this many seconds.
+    bin_dir : str or Path or None
+        The ``bin`` directory of the environment to run it from (e.g. a device's slim venv);
+        ``None``: this interpreter's. Run it with :func:`flwr_env` of the same ``bin_dir``.
     """
-    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--host", host,
+    cmd = [_bin("flower-supernode", bin_dir), "--superlink", superlink, "--host", host,
            "--port", str(port), "--node-config", node_config_arg(node_config)]
     if root_certificates is None:
         cmd.append("--insecure")
@@ -706,13 +723,17 @@ class LocalFederation:
         Extra environment for every process (e.g. ``FEDMOE_CACHE``).
     connection : str
         Name of the SuperLink connection in ``$FLWR_HOME/config.toml``.
+
+    The SuperLink runs from this interpreter's environment; a SuperNode may run from another
+    (:meth:`start_node` with ``python``), e.g. a device's slim install.
     """
 
     def __init__(self, root: str | Path, *, tls: bool = True, auth: bool = True,
                  database: bool = False, env: Mapping[str, str] | None = None,
                  connection: str = "fedmoe") -> None:
         self.root = Path(root).resolve()
-        self.env = flwr_env(self.root / "flwr", env)
+        self.extra_env = dict(env or {})
+        self.env = flwr_env(self.root / "flwr", self.extra_env)
         self.tls = generate_tls_certificates(self.root / "certs") if tls else None
         self.auth, self.connection = auth, connection
         self.database = self.root / "superlink.db" if database else None
@@ -756,15 +777,25 @@ class LocalFederation:
         return keys
 
     def start_node(self, name: str, node_config: Mapping[str, str | int | float | bool], *,
-                   keys: NodeKeys | None = None, register: bool = True) -> Service:
+                   keys: NodeKeys | None = None, register: bool = True,
+                   python: str | Path | None = None) -> Service:
         """Start a SuperNode with ``node_config``; with auth, its keys are made and registered
-        first unless ``keys`` are given (``register=False``: an unregistered node)."""
+        first unless ``keys`` are given (``register=False``: an unregistered node).
+
+        ``python``: the interpreter of the environment to run it from (its ``bin`` directory
+        holds ``flower-supernode``, and the SuperExec and ClientApps it starts are taken from
+        there too); ``None``: this process's.
+        """
         if self.auth and keys is None:
             keys = self.node_keys(name, register=register)
+        # Not resolved: a venv's bin/python links to the base interpreter, outside the venv.
+        bin_dir = None if python is None else Path(python).parent
+        env = self.env if bin_dir is None else flwr_env(self.root / "flwr", self.extra_env,
+                                                        bin_dir)
         cmd = supernode_command(self.address, free_port(), node_config,
                                 root_certificates=self.ca_cert,
-                                private_key=keys.private_key if keys else None)
-        node = Service(name, cmd, self.root / "logs" / f"{name}.log", self.env).start()
+                                private_key=keys.private_key if keys else None, bin_dir=bin_dir)
+        node = Service(name, cmd, self.root / "logs" / f"{name}.log", env).start()
         self.nodes.append(node)
         return node
 

@@ -168,9 +168,13 @@ def main(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     from fedmoe.checkpoints import resolve_base_model
+    from fedmoe.extras import require
     from fedmoe.fl.policy import trusted_node_config
     from fedmoe.moe.models import check_model_path
 
+    # Ray's Simulation Engine and the run's data (corpus, datasets): the sim extra, checked
+    # before any work.
+    require("ray", "datasets", needed_by="fedmoe simulate")
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
     base = resolve_base_model(cfg)

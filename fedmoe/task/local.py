@@ -237,17 +237,16 @@ def _write_blocks(path: Path, blocks: ClientBlocks) -> None:
 @lru_cache(maxsize=8)
 def local_blocks(data_path: str, data_yaml: str, checkpoint: str) -> ClientBlocks:
     """Tokenized blocks of a device's own text file: train and held-out split by a hash of
-    each row's text (validation and test together are held out), never partitioned."""
-    from datasets import concatenate_datasets
-
-    from fedmoe.data import load_text_dataset, split_by_hash
+    each row's text (validation and test together are held out), never partitioned. Read
+    without ``datasets`` (the slim device install has none), as the ``hf`` loader reads it."""
+    from fedmoe.data.files import read_text_rows, split_rows
     from fedmoe.data.instruct import token_blocks
 
     data = OmegaConf.create(data_yaml)
-    rows = load_text_dataset(data_path, text_field=data.get("text_field"),
-                             domain_field=data.get("domain_field"))
-    splits = split_by_hash(rows)
-    held_out = concatenate_datasets([splits["validation"], splits["test"]])
+    rows = read_text_rows(data_path, text_field=data.get("text_field"),
+                          domain_field=data.get("domain_field"))
+    splits = split_rows(rows)
+    held_out = splits["validation"] + splits["test"]
     tok = _tokenizer(checkpoint)
     train, train_labels = token_blocks(splits["train"], tok, data,
                                        data.max_train_blocks_per_client)
@@ -258,7 +257,8 @@ def local_blocks(data_path: str, data_yaml: str, checkpoint: str) -> ClientBlock
             f"data.block_size={data.block_size} tokens (train {len(train)}, held-out "
             f"{len(val)}): add text or lower data.block_size"
         )
-    return ClientBlocks(train, val, sorted(set(rows["domain"])), train_labels, val_labels)
+    return ClientBlocks(train, val, sorted({row["domain"] for row in rows}), train_labels,
+                        val_labels)
 # --- end of a device's own data ------------------------------------------------------------
 
 

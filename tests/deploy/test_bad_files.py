@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fedmoe.checkpoints import load_model
+from fedmoe.data.files import read_text_rows
 from fedmoe.data.hf import load_text_dataset
 from fedmoe.data.load import load_data
 from fedmoe.fl.bridge import compose
@@ -83,11 +84,13 @@ def test_non_finite_personal_tensors_on_disk_count_as_unreadable(tmp_path, caplo
     ("latin1.csv", "text\ncaf\xe9\n".encode("latin-1"), "not UTF-8 text"),
     ("broken.jsonl", b'{"text": "ok"}\n{"text": \n', "malformed"),
 ])
-def test_unreadable_data_files_give_one_line_naming_the_file(tmp_path, name, content, message):
+@pytest.mark.parametrize("read", [load_text_dataset, read_text_rows])  # simulation, device
+def test_unreadable_data_files_give_one_line_naming_the_file(tmp_path, name, content, message,
+                                                            read):
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(ValueError) as error:
-        load_text_dataset(str(path))
+        read(str(path))
     assert str(path) in str(error.value) and message in str(error.value)
     assert "\n" not in str(error.value)
 
