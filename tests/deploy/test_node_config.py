@@ -74,8 +74,8 @@ def local_training(msg: Message, _context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def test_dp_mod_clips_the_update_when_dp_is_on():
-    # Execute
+def test_dp_mod_clips_the_update_when_the_instruction_carries_a_clipping_norm():
+    # Execute: Flower's DP wrapper (strategy.dp.enabled) sends the norm with each instruction
     on = client_app.dp_clipping_mod(train_message(1.0, 1.0),
                                     context({}, "strategy.dp.enabled=true"), local_training)
     off = client_app.dp_clipping_mod(train_message(1.0, None), context({}), local_training)
