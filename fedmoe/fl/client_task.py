@@ -46,8 +46,8 @@ def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     })
     if out["experts"]:
         reply[EXPERTS_RECORD] = ConfigRecord({k: list(v) for k, v in out["experts"].items()})
-    if "evaluation" in out:  # a ConfigRecord: a train reply carries exactly one MetricRecord
-        reply[EVALUATION_RECORD] = ConfigRecord(out["evaluation"])
+    if "evaluation" in out:
+        reply[EVALUATION_RECORD] = MetricRecord(out["evaluation"])
     return reply
 
 

@@ -133,7 +133,8 @@ class _TrainReply:
     update: dict[str, np.ndarray]
     held: Held | None
     weight: float
-    content: RecordDict
+    content: RecordDict  # without the evaluation record
+    evaluation: dict | None = None  # the held-out metrics the reply carried
 
 
 class FedMoE(FedAvg):
@@ -332,9 +333,8 @@ class FedMoE(FedAvg):
                 accepted.append(reply)
         accepted = self._drop_norm_outliers(accepted, current, round_log)
         round_log.accepted = [reply.client for reply in accepted]
-        round_log.in_train_eval = [
-            (reply.client, reply.node, dict(reply.content.config_records[EVALUATION_RECORD]))
-            for reply in accepted if EVALUATION_RECORD in reply.content.config_records]
+        round_log.in_train_eval = [(reply.client, reply.node, reply.evaluation)
+                                   for reply in accepted if reply.evaluation is not None]
         round_log.wall_s = time.perf_counter() - round_log.started_at
         logger.info(
             "aggregate_train: round %d accepted %d, rejected %d",
@@ -393,7 +393,7 @@ class FedMoE(FedAvg):
         """Return ``(reply, None, bytes)`` or ``(None, reason, bytes)``."""
         if message.has_error():
             return None, f"error reply: {message.error.reason}", 0
-        content = message.content
+        content, evaluation = split_evaluation(message.content)
         if len(content.array_records) != 1:
             return None, f"expected 1 ArrayRecord, got {len(content.array_records)}", 0
         record = next(iter(content.array_records.values()))
@@ -408,7 +408,7 @@ class FedMoE(FedAvg):
         reason = reason or weight_reason or nonfinite_metric(content)
         if reason:
             return None, reason, nbytes
-        return _TrainReply(client, node, update, held, weight, content), None, nbytes
+        return _TrainReply(client, node, update, held, weight, content, evaluation), None, nbytes
 
     def _drop_norm_outliers(
         self, replies: list[_TrainReply], current: dict[str, np.ndarray], round_log: RoundLog
@@ -547,6 +547,14 @@ def claimed_client_id(message: Message) -> tuple[int | None, str | None]:
             return None, f"metric '{CLIENT_ID}' must be an integer, got {value!r}"
         return int(value), None
     return None, None
+
+
+def split_evaluation(content: RecordDict) -> tuple[RecordDict, dict | None]:
+    """A train reply without its evaluation record, and that record's metrics (or None)."""
+    if EVALUATION_RECORD not in content.metric_records:
+        return content, None
+    rest = RecordDict({k: v for k, v in content.items() if k != EVALUATION_RECORD})
+    return rest, dict(content.metric_records[EVALUATION_RECORD])
 
 
 def only_metric_record(content: RecordDict) -> MetricRecord:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from fedmoe.checkpoints import load_model
@@ -265,9 +266,11 @@ def test_slow_and_crashed_nodes_miss_their_round_only(tmp_path, make_federation,
 # --- load ---------------------------------------------------------------------------------
 
 
-def test_six_supernodes_three_rounds(tmp_path, make_federation, base_model, app_dir):
+def test_six_supernodes_three_rounds_in_warm_workers(tmp_path, make_federation, base_model,
+                                                     app_dir):
     """Six SuperNodes for 3 rounds, with TLS and SuperNode authentication on (the default
-    deployment: six key pairs registered before the run)."""
+    deployment: six key pairs registered before the run), each running its rounds in its
+    warm worker (the launchers' default), which exits with its SuperNode."""
     # Prepare
     fed = make_federation(tmp_path)
     run_dir = tmp_path / "run"
@@ -276,13 +279,42 @@ def test_six_supernodes_three_rounds(tmp_path, make_federation, base_model, app_
                  "fl.round_timeout=600"]
     fed.start_superlink()
     for i in range(6):
-        fed.start_node(f"node{i}", {"partition-id": i, "state-dir": str(tmp_path / f"s{i}")})
+        fed.start_node(f"node{i}", {"partition-id": i, "state-dir": str(tmp_path / f"s{i}"),
+                                    "warm-worker": True})
     fed.wait_for_nodes(6)
     # Execute
     run_id = fed.run(app_dir, overrides)
     status = fed.wait(run_id, 900)
-    # Assert
+    logs = [log.read_text() for log in worker_logs() if f"of run {run_id} handled" in
+            log.read_text()]
+    fed.stop()
+    # Assert: every round of every node ran in that node's one worker ...
     assert status == ("finished:completed", ""), dump_logs(fed, run_id)
     rounds = read_json(run_dir / "results.json")["rounds"]
     assert [r["accepted"] for r in rounds] == [list(range(6))] * 3
     assert all(r["bytes_up"] == 6 * r["payload_bytes"] for r in rounds)
+    assert len(logs) == 6
+    assert all(log.count("serving at") == 1 and
+               log.count(f"train message of run {run_id} handled") == 3 for log in logs)
+    # ... and the workers are gone with their SuperNodes
+    pids = [int(line.split("warm worker ")[1].split()[0]) for log in logs
+            for line in log.splitlines() if "serving at" in line]
+    deadline = time.monotonic() + 30
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(map(running, pids))
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def worker_logs() -> list[Path]:
+    """The warm workers' logs on this machine (fedmoe.fl.worker)."""
+    import os
+    import tempfile
+
+    return sorted((Path(tempfile.gettempdir()) / f"fedmoe-{os.getuid()}").glob("w*.log"))

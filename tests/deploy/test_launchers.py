@@ -258,4 +258,5 @@ def test_the_launchers_bring_up_an_authenticated_federation(tmp_path, smoke_base
     assert parse_config_args([node_config]) == {
         "partition-id": 3, "state-dir": str((tmp_path / "state").resolve()),
         "base-model": str(smoke_base.resolve()),
-        "send-roles": "router,shared_expert"}  # the strict privacy policy by default
+        "send-roles": "router,shared_expert",  # the strict privacy policy by default
+        "warm-worker": True, "warm-worker-idle-s": 900.0}  # rounds keep the model warm
