@@ -695,11 +695,6 @@ class Control:
         self.client.close()
 
 
-def stop_run(run_id: int, connection: str, env: Mapping[str, str]) -> None:
-    """``flwr stop``: stop a run that is still going (its ServerApp exits)."""
-    flwr(["stop", str(run_id), connection], env)
-
-
 # --- a whole federation on this machine ----------------------------------------------------
 
 
