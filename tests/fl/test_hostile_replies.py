@@ -192,3 +192,33 @@ def test_a_client_id_passes_on_when_its_node_has_left():
     strategy.aggregate_train(2, [good(sent[3], 10)])
     # Assert
     assert strategy.history[2].accepted == [10] and not strategy.history[2].rejected
+
+
+# --- the evaluation a train reply carries (fl.evaluate_in_train) ----------------------------
+
+def test_a_crafted_evaluation_in_a_train_reply_is_skipped_and_never_costs_the_update():
+    # Prepare: rounds before round 3 evaluate in the train message; node 2 sends a non-finite
+    # evaluation, node 3 one without a weight that claims to be client 10, node 4 puts text
+    # in a ConfigRecord under the evaluation's name
+    strategy = FedMoE(expert_rows=EXPERT_ROWS)
+    strategy.evaluate_in_train_before = 3
+    sent = start_round(strategy, nodes=(1, 2, 3, 4))
+    replies = [good(sent[n], 10 * n) for n in (1, 2, 3, 4)]
+    evaluations = {1: {"num-examples": 4, "eval_ppl": 5.0, "eval_loss": 1.6},
+                   2: {"num-examples": 4, "eval_ppl": float("inf"), "eval_loss": 1.6},
+                   3: {"eval_ppl": 1.0, "client-id": 10}}
+    for node, metrics in evaluations.items():
+        replies[node - 1].content["evaluation"] = MetricRecord(metrics)
+    replies[3].content["evaluation"] = ConfigRecord({"note": "device text"})
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert strategy.configure_evaluate(1, arrays, ConfigRecord(), FakeGrid([1, 2, 3, 4])) == []
+    metrics = strategy.aggregate_evaluate(1, [])
+    # Assert: every update is aggregated; only the honest evaluation counts, under the id its
+    # train reply proved, and the bad ones are named
+    log = strategy.history[1]
+    assert log.accepted == [10, 20, 30, 40]
+    assert log.eval_by_client == {10: evaluations[1]}
+    assert "not finite" in log.eval_rejected[20] and "num-examples" in log.eval_rejected[30]
+    assert 40 not in log.eval_rejected  # a ConfigRecord is no evaluation: ignored
+    assert metrics["eval_ppl"] == 5.0
