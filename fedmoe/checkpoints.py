@@ -12,7 +12,9 @@ streams the weights itself instead of calling ``from_pretrained``:
   OLMoE-shaped model (``scripts/bench_model_scale.py`` measures the loader against it);
 - ``names`` loads only some tensors (the server needs the router and shared experts of a 7B
   model, not the model), the rest stays on ``meta``; ``skip`` leaves some out (the edge
-  runtime streams routed experts from its own store).
+  runtime streams routed experts from its own store);
+- ``map_embeddings`` leaves the input embedding in the file's memory mapping: a lookup pages
+  in only the rows of the tokens seen (0.2 GB of an OLMoE-1B-7B stays on disk at the edge).
 
 Checkpoints written by transformers 5.x keep the original per-expert layout
 (``mlp.experts.<e>.gate_proj.weight``) while the model holds fused 3-D tensors
@@ -189,6 +191,7 @@ def load_model(
     device: str | torch.device = "cpu",
     names: Iterable[str] | None = None,
     skip: Callable[[str], bool] | None = None,
+    map_embeddings: bool = False,
 ) -> PreTrainedModel:
     """The model a ``model`` preset describes, in the preset's dtype, on ``device``.
 
@@ -206,6 +209,9 @@ def load_model(
         Load only these state-dict entries; everything else stays on the ``meta`` device.
     skip : callable, optional
         ``skip(name)`` true: leave that entry on ``meta`` (not read).
+    map_embeddings : bool
+        Keep the input embedding memory-mapped (read-only, CPU, untied, stored in the
+        model's dtype; otherwise it is read like the rest).
     """
     m = plain(model_cfg)
     dtype = DTYPES[m.get("dtype") or "float32"]
@@ -215,15 +221,16 @@ def load_model(
         model = model.to(device)
     else:
         model = _load_checkpoint(str(source), m["family"], dtype, torch.device(device),
-                                 names=set(names) if names is not None else None, skip=skip)
+                                 names=set(names) if names is not None else None, skip=skip,
+                                 map_embeddings=map_embeddings)
     if m.get("experts_implementation"):
         model.set_experts_implementation(m["experts_implementation"])
     return model
 
 
 def _load_checkpoint(source: str, family: str, dtype: torch.dtype, device: torch.device,
-                     names: set[str] | None, skip: Callable[[str], bool] | None
-                     ) -> PreTrainedModel:
+                     names: set[str] | None, skip: Callable[[str], bool] | None,
+                     map_embeddings: bool = False) -> PreTrainedModel:
     path = Path(source)
     config = _checkpoint_config(source)
     if config.model_type != family_spec(family).model_type:
@@ -239,8 +246,11 @@ def _load_checkpoint(source: str, family: str, dtype: torch.dtype, device: torch
             if path.is_dir() else None
         if plan is None:
             return _from_pretrained(source, dtype, device)
-        _materialize(model, wanted, device)
-        _stream_weights(model, plan, wanted, device)
+        embedding = _embedding_name(model) if map_embeddings and device.type == "cpu" else None
+        mapped = {embedding} if embedding in wanted and _map_tensor(model, plan, embedding) \
+            else set()
+        _materialize(model, wanted - mapped, device)
+        _stream_weights(model, plan, wanted - mapped, device)
     except (SafetensorError, EOFError, pickle.UnpicklingError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"checkpoint {source!r}: its weights file is truncated or corrupt "
@@ -317,6 +327,34 @@ def _stream_weights(model: nn.Module, plan: dict[Path, list[tuple[str, Target]]]
                     raise ValueError(f"{file}: tensor {key} has shape {tuple(value.shape)}, "
                                      f"the model expects {tuple(dest.shape)} for {target.name}")
                 dest.copy_(value)
+
+
+def _embedding_name(model: PreTrainedModel) -> str | None:
+    """State-dict name of the input embedding's weight (``None``: tied to the output)."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        return None  # the output layer reads every row each token: nothing to leave on disk
+    embedding = model.get_input_embeddings()
+    return next((f"{path}.weight" for path, module in model.named_modules()
+                 if module is embedding), None)
+
+
+def _map_tensor(model: nn.Module, plan: dict[Path, list[tuple[str, Target]]],
+                name: str) -> bool:
+    """Put the checkpoint's tensor ``name`` in place as a view of the file's memory mapping
+    (safetensors' default backend); ``False`` when it is stored otherwise (renamed, fused or
+    in another dtype), then it is read like the rest."""
+    param = model.get_parameter(name)
+    for file, entries in plan.items():
+        if (name, Target(name)) not in entries:
+            continue
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            value = f.get_tensor(name)  # lazily paged in: the mapping outlives the handle
+        if value.dtype != param.dtype or value.shape != param.shape:
+            return False
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(value, requires_grad=False))
+        return True
+    return False
 
 
 def _tie_and_check(model: PreTrainedModel, wanted: set[str]) -> None:

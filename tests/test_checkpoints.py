@@ -69,3 +69,32 @@ def test_device_setting_is_checked_not_silently_ignored():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="train.device='cuda'"):
             resolve_device("cuda")
+
+
+def _backing_file(address: int) -> str | None:
+    """The file mapped at ``address`` in this process (``None``: anonymous memory)."""
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
+    return None
+
+
+def test_mapped_input_embedding_stays_in_the_file(saved):
+    # The edge keeps the input embedding in the checkpoint's memory mapping: a lookup pages
+    # in only the rows of the tokens seen.
+    path = saved / "olmoe"
+    spec = {"family": "olmoe", "path": str(path), "dtype": "float32"}
+    model = load_model(spec, map_embeddings=True)
+    reference = AutoModelForCausalLM.from_pretrained(path).eval()
+    weight = model.get_input_embeddings().weight
+    backing = _backing_file(weight.data_ptr())
+    assert backing and backing.startswith(str(path)) and backing.endswith(".safetensors")
+    assert not weight.requires_grad
+    ids = torch.arange(14).reshape(2, 7) % 90
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=0, rtol=0)
+    # Without the option (and for the other weights) the tensors are read into memory.
+    assert _backing_file(load_model(spec).get_input_embeddings().weight.data_ptr()) is None
+    assert _backing_file(model.lm_head.weight.data_ptr()) is None

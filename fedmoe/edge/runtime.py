@@ -57,7 +57,8 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu
 
     ``offloaded``: the routed experts are not read (they stay on the ``meta`` device): the
     runtime serves them from its expert store (``ExpertStore.build_from_checkpoint``), so a
-    device never holds more than the dense part of the model plus its expert cache.
+    device never holds more than the dense part of the model plus its expert cache; the
+    input embedding stays memory-mapped (a token's lookup pages in its row only).
     """
     from fedmoe.checkpoints import load_model as load_checkpoint
     from fedmoe.moe.adapter import role_of_name
@@ -67,7 +68,7 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu
     skip = (lambda name: role_of_name(model_type, name) == Role.ROUTED_EXPERTS) \
         if offloaded else None
     model = load_checkpoint({"family": model_type, "path": str(model_dir), "dtype": dtype},
-                            device=device, skip=skip)
+                            device=device, skip=skip, map_embeddings=offloaded)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return model.eval(), tokenizer
 

@@ -20,14 +20,25 @@ from fedmoe.fl.bridge import device_config
 from fedmoe.fl.codec import decode_record, encode_record
 from fedmoe.fl.policy import check_send_policy
 from fedmoe.fl.strategy import EVALUATION_RECORD, EXPERTS_RECORD
+from fedmoe.memory import limit_kernel_cache, release_free_memory
 from fedmoe.task.local import LocalClient
 
 log = logging.getLogger(__name__)
 
+limit_kernel_cache()  # before the first kernel of this process
 
 
 def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
-    """The reply content to a ``train`` or ``evaluate`` message's ``content``."""
+    """The reply content to a ``train`` or ``evaluate`` message's ``content``; the memory
+    the round freed goes back to the OS before the reply (warm workers and Ray actors live on
+    for the next message)."""
+    try:
+        return _handle(kind, content, context)
+    finally:
+        release_free_memory()
+
+
+def _handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     client = _client(context)
     config = content["config"]
     server_round = int(config.get("server-round", 0))

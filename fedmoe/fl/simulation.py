@@ -20,11 +20,12 @@ from fedmoe.fl.backend import backend_config
 from fedmoe.fl.bridge import RUN_CONFIG_KEY, to_run_config
 from fedmoe.fl.objective import objective_value
 from fedmoe.fl.results import print_summary, run_failure, write_json
-from fedmoe.memory import GiB, PeakMemory, available_bytes, checkpoint_bytes
+from fedmoe.memory import GiB, PeakMemory, available_bytes, checkpoint_bytes, limit_kernel_cache
 from fedmoe.prune.summary import print_pruning_summary
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+limit_kernel_cache()  # Ray's client actors inherit the driver's environment
 
 
 def _write_app_dir(app_dir: Path, run_config: dict[str, str]) -> None:

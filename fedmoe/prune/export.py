@@ -26,9 +26,10 @@ import copy
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -41,9 +42,17 @@ from fedmoe.moe.families import Role
 from fedmoe.prune.card import CARD_FILE, model_card
 from fedmoe.prune.scores import RoutingStats
 from fedmoe.prune.slicing import _deepseek_grouping, kept_experts
-from fedmoe.task.expert_lora import IMPLEMENTATION, has_expert_lora, merged_expert_weights
+from fedmoe.task.expert_lora import (
+    IMPLEMENTATION,
+    PARTS,
+    has_expert_lora,
+    merged_expert_weights,
+)
 
 EXPERTS_FILE = "fedmoe_experts.json"
+# Exported tensors wait in memory until their file is written, so files are cut at this size
+# (an OLMoE-1B-7B layer's experts, 0.4 GB at 32 kept, go in two files).
+SHARD_BYTES = 256 * 2**20
 
 
 def export_checkpoint(
@@ -55,12 +64,14 @@ def export_checkpoint(
     routing_stats: RoutingStats | dict | None = None,
     select: dict[int, list[int]] | None = None,
     card: Mapping[str, Any] | None = None,
+    max_shard_bytes: int = SHARD_BYTES,
 ) -> Path:
     """Write ``model`` (pruned or not, optionally PEFT) as an HF checkpoint in ``out_dir``.
 
-    Tensors are merged (LoRA folded in), sliced and written one decoder layer at a time, in
-    the checkpoint layout transformers saves (``revert_weight_conversion``): the live model
-    is never copied, so exporting a 7B model costs one layer of memory.
+    Tensors are merged (LoRA folded in), sliced and written one at a time, in the checkpoint
+    layout transformers saves (``revert_weight_conversion``), into files of at most
+    ``max_shard_bytes``: the live model is never copied, so exporting a 7B model costs about
+    one fused expert tensor, its per-expert copies and one file of memory.
 
     Parameters
     ----------
@@ -85,6 +96,8 @@ def export_checkpoint(
         What the model card adds to the family and kept experts: the keyword arguments of
         :func:`fedmoe.prune.card.model_card` (``name``, ``base_model``, ``held_out_ppl``,
         ``base_ppl``, ``dataset``, ``config``).
+    max_shard_bytes : int
+        Largest weights file (a tensor larger than this gets a file of its own).
 
     Returns
     -------
@@ -114,7 +127,8 @@ def export_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write(model, tokenizer, tmp, adapter, kept, select, scores, routing_stats)
+        _write(model, tokenizer, tmp, adapter, kept, select, scores, routing_stats,
+               max_shard_bytes)
         info = load_experts_info(tmp)
         model_card(family=info["family"], kept=info["kept"],
                    num_experts_original=info["num_experts_original"],
@@ -129,13 +143,13 @@ def export_checkpoint(
 def _write(model: nn.Module, tokenizer: Any, tmp: Path, adapter: MoEAdapter,
            kept: dict[int, list[int]], select: dict[int, list[int]],
            scores: dict[int, np.ndarray] | None,
-           routing_stats: RoutingStats | dict | None) -> None:
+           routing_stats: RoutingStats | dict | None, max_shard_bytes: int) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     sliced = any(len(ids) != layer.num_experts for layer, ids in
                  zip(adapter.moe_layers(), select.values(), strict=True))
     if hasattr(model, "merge_and_unload") and not sliced:  # a PeftModel's unmerged adapter
         model.save_pretrained(tmp / "adapter")
-    weight_map = _write_shards(model, base, adapter, select, tmp)
+    weight_map = _write_shards(model, base, adapter, select, tmp, max_shard_bytes)
     (tmp / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": sum(weight_map.pop("__bytes__").values())},
          "weight_map": weight_map}, indent=2))
@@ -178,26 +192,46 @@ def _export_config(base: nn.Module, adapter: MoEAdapter, kept: dict[int, list[in
 
 @torch.no_grad()
 def _write_shards(model: nn.Module, base: nn.Module, adapter: MoEAdapter,
-                  select: dict[int, list[int]], tmp: Path) -> dict:
-    """One safetensors shard per decoder layer (plus one for the rest): merged, sliced,
-    in the original checkpoint layout. Returns the weight map (and shard sizes)."""
+                  select: dict[int, list[int]], tmp: Path, max_bytes: int) -> dict:
+    """The weights, merged and sliced one tensor at a time, in the original checkpoint layout,
+    in safetensors files of at most ``max_bytes`` (a larger tensor gets a file of its own);
+    a decoder layer never shares a file with another. Returns the weight map (and sizes)."""
     groups: dict[str, list[str]] = {}
     tensors = _base_tensors(model, base)
     for name in tensors:
         layer = adapter.layer_of(name)
         groups.setdefault("rest" if layer is None else f"layer{layer:04d}", []).append(name)
-    deltas = _lora_deltas(model)
+    merges = _lora_merges(model)
+    files: list[tuple[Path, list[str], int]] = []
+    pending: dict[str, torch.Tensor] = {}
+
+    def flush() -> None:
+        if pending:
+            path = tmp / f"part-{len(files):05d}.safetensors"
+            save_file(pending, str(path), metadata={"format": "pt"})
+            files.append((path, list(pending), sum(_nbytes(t) for t in pending.values())))
+            pending.clear()
+
+    for group in sorted(groups):
+        for name in groups[group]:
+            value = _export_tensor(name, tensors[name], merges, adapter, select)
+            for key, part in revert_weight_conversion(base, {name: value}).items():
+                if pending and sum(map(_nbytes, pending.values())) + _nbytes(part) > max_bytes:
+                    flush()
+                pending[key] = part.contiguous()
+            del value
+        flush()
     weight_map: dict = {"__bytes__": {}}
-    order = sorted(groups)
-    for n, group in enumerate(order, 1):
-        file = f"model-{n:05d}-of-{len(order):05d}.safetensors"
-        shard = {name: _export_tensor(name, tensors[name], deltas, adapter, select)
-                 for name in groups[group]}
-        shard = {k: v.contiguous() for k, v in revert_weight_conversion(base, shard).items()}
-        save_file(shard, str(tmp / file), metadata={"format": "pt"})
-        weight_map |= {k: file for k in shard}
-        weight_map["__bytes__"][file] = sum(t.numel() * t.element_size() for t in shard.values())
+    for n, (path, keys, size) in enumerate(files, 1):
+        file = f"model-{n:05d}-of-{len(files):05d}.safetensors"
+        path.rename(tmp / file)
+        weight_map |= {k: file for k in keys}
+        weight_map["__bytes__"][file] = size
     return weight_map
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _base_tensors(model: nn.Module, base: nn.Module) -> dict[str, torch.Tensor]:
@@ -221,26 +255,34 @@ def _base_tensors(model: nn.Module, base: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _lora_deltas(model: nn.Module) -> dict[str, Any]:
-    """Base name -> a function giving the LoRA delta to add (PEFT layers, fedmoe experts)."""
+class _Merge(NamedTuple):
+    """How a tensor's LoRA is folded in on export: ``delta()`` is added to a PEFT layer's
+    weight; ``merged(rows)`` is a fedmoe expert tensor already merged (one expert at a time)."""
+
+    delta: Callable[[], torch.Tensor] | None = None
+    merged: Callable[[list[int] | None], torch.Tensor] | None = None
+
+
+def _lora_merges(model: nn.Module) -> dict[str, _Merge]:
+    """Base name -> how its LoRA is merged (PEFT layers, fedmoe experts)."""
     from peft.tuners.lora import LoraLayer
 
-    deltas: dict[str, Any] = {}
+    merges: dict[str, _Merge] = {}
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and module.active_adapters:
             name = getattr(module, "parameter_name", None) or "weight"
-            key = normalize_name(f"{path}.{name}")
-            deltas[key] = (lambda m: lambda: sum(m.get_delta_weight(a)
-                                                 for a in m.active_adapters))(module)
+            merges[normalize_name(f"{path}.{name}")] = _Merge(delta=partial(
+                lambda m: sum(m.get_delta_weight(a) for a in m.active_adapters), module))
         elif has_expert_lora(module):
-            merged = (lambda m: lambda sel: merged_expert_weights(m, sel))(module)
-            for part in ("gate_up_proj", "down_proj"):
-                deltas[normalize_name(f"{path}.{part}")] = ("merged", merged, part)
-    return deltas
+            for part in PARTS:
+                merges[normalize_name(f"{path}.{part}_proj")] = _Merge(merged=partial(
+                    lambda m, p, rows: merged_expert_weights(m, rows, (p,))[f"{p}_proj"],
+                    module, part))
+    return merges
 
 
-def _export_tensor(name: str, tensor: torch.Tensor, deltas: dict, adapter: MoEAdapter,
-                   select: dict[int, list[int]]) -> torch.Tensor:
+def _export_tensor(name: str, tensor: torch.Tensor, merges: dict[str, _Merge],
+                   adapter: MoEAdapter, select: dict[int, list[int]]) -> torch.Tensor:
     """One tensor as exported: LoRA merged, expert-indexed rows cut to ``select``."""
     layer_index = adapter.layer_of(name)
     rows = None
@@ -251,15 +293,15 @@ def _export_tensor(name: str, tensor: torch.Tensor, deltas: dict, adapter: MoEAd
         if role in (Role.ROUTER, Role.ROUTED_EXPERTS) and tensor.shape[:1] == \
                 (layer.num_experts,):
             rows = select[layer_index]
-    delta = deltas.get(name)
-    if isinstance(delta, tuple):  # fedmoe expert LoRA: merged one expert at a time
-        return delta[1](rows)[delta[2]].cpu()
+    merge = merges.get(name, _Merge())
+    if merge.merged is not None:
+        return merge.merged(rows).cpu()
     value = tensor.detach()
-    if delta is not None:
-        value = (value.float() + delta().float()).to(tensor.dtype)
+    if merge.delta is not None:
+        value = (value.float() + merge.delta().float()).to(tensor.dtype)
     if rows is not None and len(rows) != tensor.shape[0]:
         value = value[torch.tensor(rows, device=value.device)]
-    return value.to("cpu", copy=True)
+    return value.to("cpu")  # written before anything changes the model: no copy
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

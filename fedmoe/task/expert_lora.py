@@ -91,13 +91,14 @@ ExpertsInterface.register(IMPLEMENTATION, lora_experts_forward)
 
 
 @torch.no_grad()
-def merged_expert_weights(experts: nn.Module, select: list[int] | None = None
-                          ) -> dict[str, torch.Tensor]:
+def merged_expert_weights(experts: nn.Module, select: list[int] | None = None,
+                          parts: tuple[str, ...] = PARTS) -> dict[str, torch.Tensor]:
     """``W_e + scaling * B_e @ A_e`` of the ``select``-ed experts (all by default), in the
-    weights' dtype; merged one expert at a time (for export: no full-layer fp32 copy)."""
+    weights' dtype; merged one expert at a time (for export: no full-layer fp32 copy).
+    ``parts``: which fused tensors (``gate_up``, ``down``); export asks for one at a time."""
     scaling = getattr(experts, SCALING_ATTR)
     out = {}
-    for part in PARTS:
+    for part in parts:
         weight = getattr(experts, f"{part}_proj")  # (E, out, in)
         ids = list(range(weight.shape[0])) if select is None else list(select)
         name_a, name_b = factor_names(part)

@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fedmoe.checkpoints import load_model, resolve_device
 from fedmoe.fl.state import PersonalStore
+from fedmoe.memory import release_free_memory
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
 from fedmoe.moe.routing import LayerRouting, RoutingTrace, capture_routing
@@ -481,6 +482,7 @@ class LocalClient:
         """The personalized model as a standard HF checkpoint in ``<state dir>/model``."""
         out = self.store.directory / "model"
         kept = self.held
+        release_free_memory()  # the evaluation's buffers: the export's peak comes on top
         counts = meta.get("expert_counts", {})
         # Per layer: selections of each expert the model holds, in the exported model's order
         # (what an edge cache pins by), and by original id (what analysis compares).

@@ -159,3 +159,31 @@ def test_unequal_counts_are_refused_and_exports_replace_atomically(tmp_path: Pat
     assert not (tmp_path / "out" / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert load_experts_info(tmp_path / "out")["kept"] == {i: list(range(8)) for i in range(3)}
+
+
+def test_files_are_cut_at_the_size_limit_and_load_the_same(tmp_path: Path):
+    # Prepare: an OLMoE pruned to 4 of 8 experts, about 30 KB per decoder layer
+    model = tiny_model("olmoe")
+    keep_experts(model, _kept(model))
+    limit = 10_000
+    # Execute
+    export_checkpoint(model, None, tmp_path / "whole")
+    export_checkpoint(model, None, tmp_path / "cut", max_shard_bytes=limit)
+    # Assert: more files, each under the limit unless it holds one larger tensor, no file
+    # mixing two decoder layers, and the same tensors under the same names
+    from safetensors.torch import load_file
+
+    cut = {f.name: load_file(f) for f in (tmp_path / "cut").glob("*.safetensors")}
+    whole = {}
+    for f in (tmp_path / "whole").glob("*.safetensors"):
+        whole |= load_file(f)
+    assert len(cut) > len(list((tmp_path / "whole").glob("*.safetensors")))
+    for name, tensors in cut.items():
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        assert size <= limit or len(tensors) == 1, (name, size)
+        groups = {k.split(".")[2] if k.startswith("model.layers.") else "rest" for k in tensors}
+        assert len(groups) == 1, (name, groups)
+    merged = {k: v for tensors in cut.values() for k, v in tensors.items()}
+    assert merged.keys() == whole.keys()
+    for key, value in whole.items():
+        assert torch.equal(merged[key], value), key
