@@ -51,7 +51,7 @@ COMMANDS: dict[str, Command] = {
                              "stream a generation with routed experts offloaded to disk"),
     "edge bench": Command("fedmoe.edge.cli:bench", "edge_bench",
                           "in-memory vs offloaded inference: tokens/s, hit rate, memory"),
-    "export gguf": Command("fedmoe.edge.cli:export_gguf", "export_gguf",
+    "export gguf": Command("fedmoe.llamacpp.cli:main", "export_gguf",
                            "write an export as a GGUF file for llama.cpp (f16, q8_0, q4_k_m)"),
     "analyze": Command("fedmoe.analysis.cli:main", "analyze",
                        "routing consistency, specialization, retrieval, attribution, cost"),

@@ -1,9 +1,7 @@
-"""`fedmoe edge generate|bench` and `fedmoe export gguf`: the model on a device, from the
-command line (fedmoe's offloading runtime, or a GGUF file for llama.cpp).
+"""`fedmoe edge generate` and `fedmoe edge bench`: the offloaded model from the command line.
 
     fedmoe edge generate model_dir=<checkpoint> 'prompt="def f(x):"' edge.budget=2x edge.policy=lru
     fedmoe edge bench model_dir=<checkpoint> budgets=[1x,2x] policies=[lru,consistency]
-    fedmoe export gguf model_dir=<checkpoint> quant=q8_0
 """
 
 from __future__ import annotations
@@ -93,72 +91,6 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     output.write_text(json.dumps(result, indent=2))
     print(f"wrote {output}")
     return result
-
-
-def export_gguf(cfg: DictConfig) -> dict[str, Any]:
-    """Write ``model_dir`` as a GGUF file; with llama-cpp-python installed, run it and compare
-    llama.cpp's greedy continuation of ``check_prompt`` with the HF model's.
-
-    Returns
-    -------
-    dict
-        ``path``, ``quant``, ``bytes``, ``architecture`` and, when checked, ``check``
-        (``hf`` and ``llama_cpp`` token ids, ``agree``: the leading tokens that are equal).
-    """
-    from hydra.core.hydra_config import HydraConfig
-
-    from fedmoe.config import ConfigError
-    from fedmoe.edge import gguf_export
-
-    if not cfg.model_dir:
-        raise ConfigError("model_dir is required: a fedmoe export (fedmoe prune, or a client's "
-                          "export of fedmoe simulate) or another HF MoE checkpoint directory")
-    if cfg.quant not in gguf_export.QUANTS:
-        raise ConfigError(f"quant={cfg.quant!r}: expected one of {list(gguf_export.QUANTS)}")
-    model_dir = resolve_model_dir(cfg.model_dir)
-    # fedmoe's exports are folders named `model` (clients/client_0003/model): the parent's name.
-    name = model_dir.resolve().name
-    name = model_dir.resolve().parent.name if name == "model" else name
-    out = Path(cfg.out or Path(HydraConfig.get().runtime.output_dir) / f"{name}-{cfg.quant}.gguf")
-    model, tokenizer = load_model(model_dir)
-    written = gguf_export.export_gguf(model_dir, out, cfg.quant, model=model,
-                                      threads=cfg.threads)
-    print(f"wrote {written.path} ({written.architecture}, {written.quant}, "
-          f"{written.bytes / 1e6:.1f} MB, {written.tensors} tensors, "
-          f"tokenizer pre-tokenizer {written.tokenizer_pre!r})")
-    result = {"path": str(written.path), "quant": written.quant, "bytes": written.bytes,
-              "architecture": written.architecture}
-    if cfg.check:
-        result["check"] = _check_gguf(cfg, model, tokenizer, written.path)
-    print(f"run it: llama-cli -m {written.path} -p {cfg.check_prompt!r} -n 64 --cpu-moe")
-    return result
-
-
-def _check_gguf(cfg: DictConfig, model, tokenizer, path: Path) -> dict[str, Any] | None:
-    """Greedy tokens of llama.cpp and of the HF model after ``check_prompt``, and how many
-    leading ones agree; ``None`` (with a hint) when llama-cpp-python is not installed."""
-    import importlib.util
-    from contextlib import closing
-
-    if importlib.util.find_spec("llama_cpp") is None:
-        print("not checked in llama.cpp: llama-cpp-python is not installed "
-              "(pip install 'fedmoe[gguf]')")
-        return None
-    from fedmoe.edge import llamacpp
-
-    prompt = tokenizer(cfg.check_prompt).input_ids
-    hf = _generate(model, torch.tensor([prompt]), int(cfg.check_tokens), streamer=None)
-    hf = hf[0, len(prompt):].tolist()
-    with closing(llamacpp.load(path, threads=cfg.threads)) as llm:
-        ours = llamacpp.greedy(llm, prompt, int(cfg.check_tokens)).tokens
-        same_tokens = llamacpp.tokenize(llm, cfg.check_prompt) == prompt
-    agree = next((i for i, (a, b) in enumerate(zip(hf, ours, strict=False)) if a != b),
-                 min(len(hf), len(ours)))
-    print(f"llama.cpp check: {agree} of {len(hf)} greedy tokens after {cfg.check_prompt!r} "
-          f"equal the HF model's; its tokenizer gives {'the same' if same_tokens else 'OTHER'} "
-          f"prompt ids" + ("" if agree == len(hf) or cfg.quant in ("f32", "f16", "bf16")
-                           else " (a quantized file may drift from the HF model)"))
-    return {"hf": hf, "llama_cpp": ours, "agree": agree, "same_prompt_ids": same_tokens}
 
 
 @torch.inference_mode()

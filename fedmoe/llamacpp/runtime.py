@@ -1,14 +1,15 @@
 """llama.cpp through llama-cpp-python: load a GGUF, greedy-decode, tokenize, quantize.
 
 ``fedmoe export gguf`` uses it to check the file it wrote against the HF model and to quantize
-to k-quants; ``scripts/bench_gguf.py`` to time llama.cpp beside fedmoe's edge runtime.
-llama-cpp-python compiles llama.cpp on install (the ``gguf`` extra; ``scripts/setup.sh`` says
-how the wheel is built once and cached).
+to k-quants; ``scripts/bench_gguf.py`` to time llama.cpp beside fedmoe's edge runtime. No torch
+here. llama-cpp-python compiles llama.cpp on install (the ``gguf`` extra; ``scripts/setup.sh``
+says how the wheel is built once and cached).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import llama_cpp
 import numpy as np
 
 # quant -> llama.cpp's file type (include/llama.h: enum llama_ftype).
-# f32/f16/bf16/q8_0 are written directly (fedmoe.edge.gguf_export); k-quants need llama.cpp.
+# f32/f16/bf16/q8_0 are written directly (fedmoe.llamacpp.export); k-quants need llama.cpp.
 FILE_TYPES = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}
 
 
@@ -31,8 +32,15 @@ def quantize(source: str | Path, out: str | Path, quant: str, threads: int | Non
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FILE_TYPES[quant]
     params.nthread = threads or 0  # 0: all cores
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(),
-                                            ctypes.byref(params))
+    # llama.cpp logs a line per tensor (and per fallback) through llama-cpp-python's logger.
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(),
+                                                ctypes.byref(params))
+    finally:
+        logger.setLevel(level)
     if status != 0:
         raise RuntimeError(f"llama.cpp could not quantize {source} to {quant} (status {status})")
 

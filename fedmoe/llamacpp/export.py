@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,7 @@ class GGUFExport:
     quant: str
     architecture: str
     bytes: int
-    tensors: int
+    tensor_types: dict[str, int]  # GGML type -> tensors (k-quants fall back on short rows)
     tokenizer_pre: str
 
 
@@ -245,20 +246,22 @@ def _add_hparams(writer: gguf.GGUFWriter, config: PretrainedConfig, file_type: i
     writer.add_expert_count(getattr(config, family_spec(config.model_type).num_experts_key))
     writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_vocab_size(config.vocab_size)
+    # olmoe, mixtral: intermediate_size is the expert's; qwen: the dense MLP's.
+    writer.add_feed_forward_length(config.intermediate_size)
     if family in ("qwen2_moe", "qwen3_moe"):
-        writer.add_feed_forward_length(config.intermediate_size)
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
-    else:  # olmoe, mixtral: intermediate_size is the expert's
-        writer.add_feed_forward_length(config.intermediate_size)
     if family == "qwen2_moe":
         writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     writer.add_file_type(file_type)
 
 
 def _add_provenance(writer: gguf.GGUFWriter, model_dir: Path) -> None:
-    """general.name from the model card's name, and fedmoe's kept experts (original ids per
-    layer), so the file says which experts it holds."""
-    writer.add_name(model_dir.resolve().name)
+    """``general.name`` (the model card's name, else the folder's) and fedmoe's kept experts
+    (original ids per layer), so the file says which experts it holds."""
+    from fedmoe.prune.card import CARD_FILE, read_card
+
+    card = read_card(model_dir).data if (model_dir / CARD_FILE).is_file() else None
+    writer.add_name(getattr(card, "model_name", None) or model_dir.resolve().name)
     info = model_dir / "fedmoe_experts.json"
     if info.is_file():
         data = json.loads(info.read_text())
@@ -381,7 +384,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, quant: str = "f16",
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         if quant == "q4_k_m":
-            from fedmoe.edge.llamacpp import quantize
+            from fedmoe.llamacpp.runtime import quantize
 
             # llama.cpp quantizes from a file in the checkpoint's own precision.
             source = {"float32": "f32", "bfloat16": "bf16"}.get(_dtype(config), "f16")
@@ -394,8 +397,9 @@ def export_gguf(model_dir: str | Path, out: str | Path, quant: str = "f16",
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return GGUFExport(out, quant, stats["architecture"], out.stat().st_size, stats["tensors"],
-                      stats["tokenizer_pre"])
+    types = Counter(t.tensor_type.name for t in gguf.GGUFReader(out).tensors)
+    return GGUFExport(out, quant, stats["architecture"], out.stat().st_size,
+                      dict(types.most_common()), stats["tokenizer_pre"])
 
 
 def _config(model_dir: Path) -> PretrainedConfig:
@@ -448,5 +452,4 @@ def _write(model: torch.nn.Module, config: PretrainedConfig, model_dir: Path, pa
         for t in plan:
             writer.write_tensor_data(gguf.quants.quantize(t.load(), t.qtype))
     writer.close()
-    return {"architecture": gguf.MODEL_ARCH_NAMES[arch], "tensors": len(plan),
-            "tokenizer_pre": pre}
+    return {"architecture": gguf.MODEL_ARCH_NAMES[arch], "tokenizer_pre": pre}
