@@ -97,7 +97,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker.startswith("llama.cpp"):
         result = run_llama_cpp(args)
     else:
-        result = run_fedmoe(args, offloaded=args.worker == "fedmoe edge")
+        result = run_fedmoe(args, offloaded=args.worker.startswith("fedmoe edge"))
     print(json.dumps(result))
 
 
@@ -139,7 +139,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Path | None]:
 
     paths: dict[str, Path | None] = {"fedmoe in-memory": None}
     model, _ = load_model(args.model_dir, offloaded=True)
-    paths["fedmoe edge"] = ExpertStore.build_from_checkpoint(
+    paths[f"fedmoe edge {args.budget} {args.policy}"] = ExpertStore.build_from_checkpoint(
         model, Path(args.model_dir), work / "store").directory
     for quant in LLAMA_QUANTS:
         written = export_gguf(args.model_dir, work / f"model-{quant}.gguf", quant,
