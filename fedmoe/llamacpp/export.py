@@ -6,7 +6,9 @@ on no registry), and it refuses fedmoe's tokenizer, since it names a pre-tokeniz
 the token ids of a fixed text against a list of known hub models. Here the pre-tokenizer is read
 from ``tokenizer.json`` and named by the regex it splits with (:data:`PRE_TOKENIZERS`); the
 tensor names come from gguf's ``TensorNameMap`` and the metadata and type rules follow the
-converter (norms, biases and routers stay F32).
+converter (norms, biases and routers stay F32). Written: qwen2_moe, qwen3_moe, olmoe, mixtral
+(llama.cpp's llama) and deepseek_v3 (its deepseek2: latent attention with ``kv_b_proj`` split
+per head, grouped sigmoid routing with the correction bias); granitemoeshared is refused.
 
 What llama.cpp runs must compute what the HF model computes. Where one of its architectures
 hard-codes a choice the config can change (qwen3moe always renormalizes the top-k weights,
@@ -54,13 +56,11 @@ ARCHITECTURES: dict[str, str] = {
     "qwen3_moe": "QWEN3MOE",
     "olmoe": "OLMOE",
     "mixtral": "LLAMA",  # llama.cpp runs Mixtral as llama with experts
+    "deepseek_v3": "DEEPSEEK2",  # multi-head latent attention, grouped sigmoid routing
 }
 # Families fedmoe trains that llama.cpp has an architecture for, but this writer does not
 # convert: the reason, for the one-line refusal.
 NOT_WRITTEN: dict[str, str] = {
-    "deepseek_v3": "llama.cpp's deepseek2 needs its multi-head latent attention re-laid out "
-                   "(kv_b_proj split per head, interleaved rope) and grouped sigmoid routing "
-                   "metadata; this writer does not do that conversion",
     "granitemoeshared": "llama.cpp's granitemoe needs Granite's four scaling multipliers and "
                         "its shared_mlp layout; this writer does not do that conversion",
 }
@@ -135,6 +135,9 @@ def unsupported(config: PretrainedConfig) -> list[str]:
                        "spans the kv heads, llama.cpp's olmoe expects it over hidden_size")
     if family == "olmoe" and getattr(config, "clip_qkv", None) is not None:
         reasons.append("clip_qkv, which llama.cpp's olmoe does not apply")
+    if family == "deepseek_v3" and not getattr(config, "rope_interleave", True):
+        reasons.append("rope_interleave=false: llama.cpp's deepseek2 ropes the interleaved "
+                       "layout of DeepSeek's own checkpoints")
     return reasons
 
 
@@ -163,7 +166,11 @@ def _hf_tensors(model: torch.nn.Module, config: PretrainedConfig
     permute = ARCHITECTURES[config.model_type] == "LLAMA"
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     for name, tensor in model.state_dict().items():
-        if name.endswith("mlp.experts.gate_up_proj"):  # (E, 2I, H): gate rows, then up rows
+        if name.endswith("self_attn.kv_b_proj.weight"):
+            yield from _split_kv_b(name, tensor, config)
+        elif name.endswith("mlp.gate.e_score_correction_bias"):  # llama.cpp: exp_probs_b.bias
+            yield name.replace("_bias", ".bias"), tuple(tensor.shape), lambda t=tensor: t
+        elif name.endswith("mlp.experts.gate_up_proj"):  # (E, 2I, H): gate rows, then up rows
             base, inter = name.removesuffix(".gate_up_proj"), tensor.shape[1] // 2
             shape = (tensor.shape[0], inter, tensor.shape[2])
             yield f"{base}.gate_proj.weight", shape, lambda t=tensor, i=inter: t[:, :i]
@@ -175,6 +182,23 @@ def _hf_tensors(model: torch.nn.Module, config: PretrainedConfig
             yield name, tuple(tensor.shape), lambda t=tensor, n=n: _rope_permute(t, n)
         else:
             yield name, tuple(tensor.shape), lambda t=tensor: t
+
+
+def _split_kv_b(name: str, weight: torch.Tensor, config: PretrainedConfig
+                ) -> Iterator[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
+    """DeepSeek's ``kv_b_proj`` (heads * (nope + v), kv_lora_rank) as llama.cpp's absorbed
+    multi-head latent attention reads it: per head, ``k_b`` transposed (heads, lora, nope)
+    and ``v_b`` (heads, v, lora) (convert_hf_to_gguf's DeepseekV2Model)."""
+    heads, nope, v = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
+    lora = weight.shape[-1]
+
+    def part(which: int) -> torch.Tensor:
+        k_b, v_b = weight.view(heads, nope + v, lora).split([nope, v], dim=1)
+        return k_b.transpose(1, 2) if which == 0 else v_b
+
+    base = name.removesuffix("kv_b_proj.weight")
+    yield f"{base}k_b_proj.weight", (heads, lora, nope), lambda: part(0)
+    yield f"{base}v_b_proj.weight", (heads, v, lora), lambda: part(1)
 
 
 def _rope_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -231,28 +255,54 @@ def check_expert_counts(model_dir: Path) -> None:
 def _add_hparams(writer: gguf.GGUFWriter, config: PretrainedConfig, file_type: int) -> None:
     """The keys llama.cpp reads for these architectures (convert_hf_to_gguf's TextModel plus
     the family's own)."""
-    family = config.model_type
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float((config.rope_parameters or {}).get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_expert_count(getattr(config, family_spec(config.model_type).num_experts_key))
     writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_vocab_size(config.vocab_size)
-    # olmoe, mixtral: intermediate_size is the expert's; qwen: the dense MLP's.
+    # olmoe, mixtral: intermediate_size is the expert's; qwen, deepseek: the dense MLP's.
     writer.add_feed_forward_length(config.intermediate_size)
-    if family in ("qwen2_moe", "qwen3_moe"):
+    if config.model_type == "deepseek_v3":
+        _add_deepseek(writer, config)
+    else:
+        head_dim = getattr(config, "head_dim", None) \
+            or config.hidden_size // config.num_attention_heads
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(head_dim)
+    if config.model_type in ("qwen2_moe", "qwen3_moe"):
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
-    if family == "qwen2_moe":
+    if config.model_type == "qwen2_moe":
         writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     writer.add_file_type(file_type)
+
+
+def _add_deepseek(writer: gguf.GGUFWriter, config: PretrainedConfig) -> None:
+    """DeepSeek-V3's latent attention (written as MQA over the compressed kv, as llama.cpp
+    runs it absorbed) and its routing: sigmoid scores, grouped top-k, bias for selection,
+    optional renormalization and a scale."""
+    rope, nope = config.qk_rope_head_dim, config.qk_nope_head_dim
+    writer.add_head_count_kv(1)
+    writer.add_key_length(config.kv_lora_rank + rope)
+    writer.add_value_length(config.kv_lora_rank)
+    writer.add_key_length_mla(nope + rope)
+    writer.add_value_length_mla(config.v_head_dim)
+    writer.add_rope_dimension_count(rope)
+    writer.add_kv_lora_rank(config.kv_lora_rank)
+    writer.add_q_lora_rank(config.q_lora_rank or 0)  # 0: a full q_proj (DeepSeek-V2-Lite's)
+    writer.add_leading_dense_block_count(config.first_k_dense_replace)
+    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    writer.add_expert_shared_count(config.n_shared_experts)
+    writer.add_expert_weights_scale(float(config.routed_scaling_factor))
+    writer.add_expert_weights_norm(bool(config.norm_topk_prob))
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    writer.add_expert_group_count(config.n_group)
+    writer.add_expert_group_used_count(config.topk_group)
 
 
 def _add_provenance(writer: gguf.GGUFWriter, model_dir: Path) -> None:

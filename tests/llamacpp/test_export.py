@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from fedmoe.data import train_tokenizer
 from fedmoe.edge.runtime import load_model
@@ -22,7 +22,8 @@ from fedmoe.llamacpp.export import QWEN2_REGEX, GGUFExportError, export_gguf
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.routing import capture_routing
 from fedmoe.prune import export_checkpoint, keep_experts
-from tests.helpers.models import TINY_FAMILIES
+from tests.edge.conftest import one_thread  # noqa: F401  (torch on one thread, as llama.cpp)
+from tests.helpers.models import tiny_model
 from tests.helpers.runs import fedmoe
 
 pytestmark = pytest.mark.slow
@@ -164,6 +165,8 @@ FAMILY_OVERRIDES = {
     "olmoe": dict(num_key_value_heads=4),  # llama.cpp's olmoe: k_norm over hidden_size
     "qwen3_moe": dict(norm_topk_prob=True),  # llama.cpp's qwen3moe always renormalizes
     "mixtral": {},
+    # a dense first layer, grouped sigmoid routing (2 groups, 1 picked), q_lora
+    "deepseek_v3": {},
 }
 
 
@@ -173,11 +176,10 @@ def tokenizer(smoke_base):
 
 
 def _pruned_export(family: str, tokenizer, out: Path, **overrides) -> Path:
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(family, **(TINY_FAMILIES[family] | dict(
-        vocab_size=len(tokenizer), eos_token_id=0, bos_token_id=0, pad_token_id=1)
-        | overrides))
-    model = AutoModelForCausalLM.from_config(config).eval()
+    """A tiny random ``family`` model (DeepSeek's correction bias non-zero) on ``tokenizer``'s
+    vocabulary, pruned to 6 of 8 experts per MoE layer, exported by fedmoe."""
+    model = tiny_model(family, vocab_size=len(tokenizer), eos_token_id=0, bos_token_id=0,
+                       pad_token_id=1, **overrides)
     keep_experts(model, {layer.index: [0, 2, 3, 5, 6, 7]
                          for layer in MoEAdapter(model).moe_layers()})
     return export_checkpoint(model, tokenizer, out)
@@ -189,7 +191,8 @@ def test_other_families_run_in_llama_cpp_as_in_fedmoe(family, tokenizer, tmp_pat
 
     written = export_gguf(export, tmp_path / f"{family}.gguf", "f32")
 
-    assert written.architecture == {"mixtral": "llama"}.get(family, family.replace("_", ""))
+    assert written.architecture == {"mixtral": "llama", "deepseek_v3": "deepseek2"}.get(
+        family, family.replace("_", ""))
     _assert_same(_compare(export, written.path), atol=1e-3)
 
 
@@ -242,7 +245,8 @@ def _use_qwen2_split(path: Path) -> None:
                                               "always renormalizes"),
     ("olmoe", {}, "num_key_value_heads=2 < num_attention_heads=4"),
     ("qwen2_moe", {}, "dense layers (mlp_only_layers"),
-    ("deepseek_v3", {}, "multi-head latent attention"),
+    ("deepseek_v3", dict(rope_interleave=False), "rope_interleave=false"),
+    ("granitemoeshared", {}, "granitemoe needs Granite's four scaling multipliers"),
 ])
 def test_what_llama_cpp_would_compute_otherwise_is_refused(family, overrides, reason, tokenizer,
                                                             tmp_path):
