@@ -66,7 +66,7 @@ EXAMPLES = """examples:
   fedmoe simulate -m strategy=fedmoe,fedavg,local seed=0,1,2 logger=wandb
   fedmoe report multirun/simulate/<date>_<time>   # the sweep's directory
   fedmoe inspect model=tiny_olmoe
-  fedmoe export gguf model_dir=<export> quant=q8_0   # for llama.cpp (llama-cli -m ...)
+  fedmoe export gguf model_dir=<export> quant=q8_0   # one GGUF file for llama.cpp
   fedmoe <command> --help                  # its config groups and options"""
 
 HELP_FLAGS = {"-h", "--help"}

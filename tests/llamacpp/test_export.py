@@ -5,6 +5,7 @@ gives fedmoe's token ids, and what llama.cpp cannot run is refused in one line."
 from __future__ import annotations
 
 import json
+import sys
 import sysconfig
 from contextlib import closing
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from fedmoe.cli import main
 from fedmoe.data import train_tokenizer
 from fedmoe.edge.runtime import load_model
 from fedmoe.llamacpp import runtime
@@ -299,3 +301,16 @@ def test_bad_input_is_one_line(args, line, smoke_base, fedmoe_cache, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(line.format(**fill)), proc.stderr
+
+
+def test_without_the_gguf_extra_the_command_names_it(monkeypatch, tmp_path):
+    # Prepare: the device install, without the gguf package
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    for module in ("fedmoe.llamacpp.cli", "fedmoe.llamacpp.export"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+
+    # Execute / Assert
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "gguf", "model_dir=x", f"hydra.run.dir={tmp_path}"])
+    assert str(exit_.value.code) == ("fedmoe export gguf needs the GGUF (llama.cpp) extra "
+                                     "(gguf is not installed): pip install 'fedmoe[gguf]'")
