@@ -51,6 +51,8 @@ COMMANDS: dict[str, Command] = {
                              "stream a generation with routed experts offloaded to disk"),
     "edge bench": Command("fedmoe.edge.cli:bench", "edge_bench",
                           "in-memory vs offloaded inference: tokens/s, hit rate, memory"),
+    "export gguf": Command("fedmoe.llamacpp.cli:main", "export_gguf",
+                           "write an export as a GGUF file for llama.cpp (f16, q8_0, q4_k_m)"),
     "analyze": Command("fedmoe.analysis.cli:main", "analyze",
                        "routing consistency, specialization, retrieval, attribution, cost"),
     "report": Command("fedmoe.report:main", "report",
@@ -64,6 +66,7 @@ EXAMPLES = """examples:
   fedmoe simulate -m strategy=fedmoe,fedavg,local seed=0,1,2 logger=wandb
   fedmoe report multirun/simulate/<date>_<time>   # the sweep's directory
   fedmoe inspect model=tiny_olmoe
+  fedmoe export gguf model_dir=<export> quant=q8_0   # one GGUF file for llama.cpp
   fedmoe <command> --help                  # its config groups and options"""
 
 HELP_FLAGS = {"-h", "--help"}

@@ -20,9 +20,11 @@ EXTRA_OF: dict[str, str] = {
     "pandas": "sim",
     "wandb": "track",
     "matplotlib": "track",
+    "gguf": "gguf",
+    "llama_cpp": "gguf",
 }
 EXTRA_NAMES: dict[str, str] = {"sim": "simulation", "track": "tracking", "scale": "scale-out",
-                               "dev": "development"}
+                               "gguf": "GGUF (llama.cpp)", "dev": "development"}
 
 
 class MissingExtra(ModuleNotFoundError):

@@ -16,7 +16,17 @@ pipq install --upgrade pip
 # The CPU build of torch first: a bare `torch` requirement may pull a multi-GB CUDA build.
 # pyproject.toml keeps a range, so elsewhere any compatible build will do.
 pipq install "torch==2.13.0" || pipq install "torch>=2.4,<3"
+# llama.cpp (the gguf extra) is compiled from the sdist: about 10 CPU-minutes (5 minutes on two
+# free cores). Only the library Python loads is built (no multimodal library, tools, examples,
+# tests or server). pip keeps the wheel it builds in its cache (`pip cache dir`, wheels/), so a
+# machine compiles once: keep that directory between CI runs. The cache is keyed by version,
+# not by CMAKE_ARGS, and the build targets this CPU (-march=native): do not share it between
+# machines of different CPUs (`pip cache remove llama_cpp_python` forces a rebuild).
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF \
+-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF}"
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+pipq install "llama-cpp-python==0.3.36"
 pipq install -e ".[dev]"
-.venv/bin/python -c "import fedmoe, flwr, torch, transformers, peft, hydra, wandb"
+.venv/bin/python -c "import fedmoe, flwr, torch, transformers, peft, hydra, wandb, gguf, llama_cpp"
 echo "$want" > "$stamp"
 echo "fedmoe installed in .venv (torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'))"

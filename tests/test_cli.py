@@ -74,7 +74,7 @@ def test_edge_alone_lists_its_subcommands(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["edge", "genrate"], "unknown command 'edge genrate'"),
     (["frobnicate"], "unknown command 'frobnicate'; one of: pretrain, inspect, simulate, prune, "
-                     "edge generate, edge bench, analyze, report"),
+                     "edge generate, edge bench, export gguf, analyze, report"),
 ])
 def test_unknown_commands_name_the_real_ones(argv, message):
     with pytest.raises(SystemExit) as exit_:

@@ -6,10 +6,10 @@ Each example is extracted from the README (code blocks and inline code), its pla
 - parsed: the command exists and Hydra composes its config from exactly the example's
   overrides (every combination of a ``-m`` sweep), so a quoting or key error fails here;
 - run, where that takes seconds: ``inspect``, ``edge generate``, ``edge bench``, ``prune``,
-  ``analyze`` and ``report`` run as subprocesses, with smoke sizes appended after the
-  example's own overrides (model, data and sweep sizes only). ``simulate`` and ``pretrain``
-  examples are parsed only (minutes each at their sizes); ``experiment=smoke`` itself is the
-  session's ``smoke_run``.
+  ``export gguf``, ``analyze`` and ``report`` run as subprocesses, with smoke sizes appended
+  after the example's own overrides (model, data and sweep sizes only). ``simulate`` and
+  ``pretrain`` examples are parsed only (minutes each at their sizes); ``experiment=smoke``
+  itself is the session's ``smoke_run``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ SMOKE_SIZES = {
     "analyze": ["pretraining=smoke", "data.max_mb_per_domain=0.5", "data.block_size=64",
                 "analysis=smoke", "analysis.sections=[consistency,specialization]"],
     "report": [],
+    "export gguf": ["threads=1"],
 }
 NEEDS_USER_FILES = ("/models/", "/data/")  # examples naming the user's own files
 
@@ -146,5 +147,6 @@ def test_readme_example_runs(example, places, fedmoe_cache, tmp_path):
     assert not (Path(places["<dir>"]) / "expert_store").exists()
     expected = {"inspect": "parameters", "edge generate": "[edge] policy=consistency budget=2x",
                 "edge bench": "wrote", "prune": "held-out perplexity", "analyze": "tables:",
-                "report": "| runs |"}[name]
+                "report": "| runs |",
+                "export gguf": "equal the HF model's; its tokenizer gives the same"}[name]
     assert expected in proc.stdout

@@ -1,8 +1,9 @@
 """Data for fedmoe: the embedded corpus, user datasets, client partitions, LM blocks.
 
 The main path: `load_data` (config) -> `client_datasets` (partition across clients) ->
-`tokenize_blocks` (LM batches), with `train_tokenizer` for a corpus-fitted vocabulary and
-`unigram_perplexity` as the baseline to beat. A device reads its own file with
+`tokenize_blocks` (LM batches), or `client_partitions` (config -> clients; a hub dataset
+through flwr-datasets' `FederatedDataset`), with `train_tokenizer` for a corpus-fitted
+vocabulary and `unigram_perplexity` as the baseline to beat. A device reads its own file with
 `read_text_rows` and `split_rows` instead (no ``datasets``).
 
 Names are imported on first use: the corpus, partitions and the ``hf`` loader need
@@ -25,6 +26,7 @@ _MODULE_OF = {
     "load_data": "load", "split_by_hash": "load",
     "SCHEMES": "partition", "ClientData": "partition", "client_datasets": "partition",
     "partition_dataset": "partition",
+    "client_partitions": "federated", "federated_client_datasets": "federated",
     "train_tokenizer": "tokenizer",
 }
 __all__ = sorted(_MODULE_OF)

@@ -88,7 +88,15 @@ def load_text_dataset(
     ValueError
         Naming the file and the missing field when no text or domain column is found.
     """
-    raw = _load_raw(path, split, data_files)
+    return text_dataset(_load_raw(path, split, data_files), path, text_field, domain_field,
+                        default_domain)
+
+
+def text_dataset(raw: datasets.Dataset, path: str, text_field: str | None = None,
+                 domain_field: str | None = None,
+                 default_domain: str = DEFAULT_DOMAIN) -> datasets.Dataset:
+    """``raw`` rows (loaded from ``path``) reduced as :func:`load_text_dataset` describes:
+    ``text`` and ``domain`` columns, empty texts dropped."""
     check_domain_field(raw.column_names, path, domain_field)
     domains = ([str(d) for d in raw[domain_field]] if domain_field is not None
                else [default_domain] * len(raw))

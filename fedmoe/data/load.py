@@ -28,6 +28,23 @@ def split_by_hash(ds: datasets.Dataset, validation: float = 0.1,
         for split in SPLITS})
 
 
+def split_rows_by_hash(ds: datasets.Dataset, where: Any) -> datasets.DatasetDict:
+    """:func:`split_by_hash`, or an error naming ``data.path`` (``where``) when a split is
+    left empty."""
+    splits = split_by_hash(ds)
+    for split in SPLITS:
+        if len(splits[split]) == 0:
+            raise ValueError(f"data.path={where!r}: its {len(ds)} row(s) leave the {split} "
+                             "split empty (rows split 80/10/10 by a hash of their text); add "
+                             "rows")
+    return splits
+
+
+def first_rows(ds: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    """The first ``limit`` rows (``data.max_rows_per_source``; ``None``: all)."""
+    return ds.select(range(min(limit, len(ds)))) if limit else ds
+
+
 def load_data(cfg: Mapping[str, Any]) -> datasets.DatasetDict:
     """The train/validation/test text of a run, chosen by ``cfg.name`` (``data.name``).
 
@@ -56,14 +73,7 @@ def load_data(cfg: Mapping[str, Any]) -> datasets.DatasetDict:
         parts = [_load_source(cfg, path, domain) for domain, path in sources.items()] \
             or [_load_source(cfg, cfg["path"], None)]
         ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-        splits = split_by_hash(ds)
-        for split in SPLITS:
-            if len(splits[split]) == 0:
-                where = cfg.get("path") or sorted(sources.values())
-                raise ValueError(f"data.path={where!r}: its {len(ds)} row(s) leave the "
-                                 f"{split} split empty (rows split 80/10/10 by a hash of their "
-                                 "text); add rows")
-        return splits
+        return split_rows_by_hash(ds, cfg.get("path") or sorted(sources.values()))
     raise ValueError(f"Unknown data.name {name!r}; expected one of {list(DATA_NAMES)}")
 
 
@@ -74,5 +84,4 @@ def _load_source(cfg: Mapping[str, Any], path: str, domain: str | None) -> datas
                            domain_field=None if domain else cfg.get("domain_field"),
                            data_files=None if domain else cfg.get("data_files"),
                            default_domain=domain or DEFAULT_DOMAIN)
-    limit = cfg.get("max_rows_per_source")
-    return ds.select(range(min(limit, len(ds)))) if limit else ds
+    return first_rows(ds, cfg.get("max_rows_per_source"))

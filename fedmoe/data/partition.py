@@ -15,6 +15,7 @@ This module is task code: it uses flwr-datasets (a data library), never flwr its
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import datasets
@@ -23,6 +24,7 @@ from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
     NaturalIdPartitioner,
+    Partitioner,
 )
 
 SCHEMES: tuple[str, ...] = ("natural", "dirichlet", "iid")
@@ -49,7 +51,9 @@ def _shares(labels: list[str]) -> dict[str, float]:
     return {str(n): float(c) / max(len(labels), 1) for n, c in zip(names, counts, strict=True)}
 
 
-def _check_args(ds: datasets.Dataset, num_clients: int, scheme: str, by: str) -> None:
+def check_partition(ds: datasets.Dataset, num_clients: int, scheme: str,
+                    by: str = "domain") -> None:
+    """``ds`` can be split among ``num_clients`` by ``scheme``; else an error naming the key."""
     if scheme not in SCHEMES:
         raise ValueError(f"Unknown data.partition {scheme!r}; expected one of {list(SCHEMES)}")
     if num_clients < 1:
@@ -87,45 +91,61 @@ def natural_client_ids(ds: datasets.Dataset, num_clients: int, seed: int = 0,
     return client_ids
 
 
-def _natural(ds: datasets.Dataset, num_clients: int, seed: int, by: str) -> list[datasets.Dataset]:
-    client_ids = natural_client_ids(ds, num_clients, seed, by)
-    # Rows of unused domains (num_clients < D) are left out before partitioning.
-    keep = np.flatnonzero(client_ids >= 0)
-    tagged = ds.select(keep).add_column(_CLIENT_COLUMN, client_ids[keep].tolist())
-    partitioner = NaturalIdPartitioner(partition_by=_CLIENT_COLUMN)
-    partitioner.dataset = tagged
+def prepared(ds: datasets.Dataset, scheme: str, num_clients: int, seed: int = 0,
+             by: str = "domain") -> datasets.Dataset:
+    """The rows as the scheme's partitioner reads them: ``natural`` adds each row's client
+    (:func:`natural_client_ids`; rows of unused domains dropped), ``iid`` shuffles with
+    ``seed`` (``IidPartitioner`` takes contiguous shards, which would follow the row order),
+    ``dirichlet`` takes them as they are."""
+    if scheme == "natural":
+        client_ids = natural_client_ids(ds, num_clients, seed, by)
+        keep = np.flatnonzero(client_ids >= 0)
+        return ds.select(keep).add_column(_CLIENT_COLUMN, client_ids[keep].tolist())
+    if scheme == "iid":
+        return ds.shuffle(seed=seed).flatten_indices()
+    return ds
+
+
+def partitioner(scheme: str, num_clients: int, alpha: float = 0.5, seed: int = 0,
+                by: str = "domain", rows: int | None = None) -> Partitioner:
+    """The flwr-datasets partitioner of ``scheme`` (``data.partition``), before it has data.
+
+    ``rows``: the rows it will get, known or not (``None``: a hub dataset not yet loaded).
+    ``dirichlet`` then asks every client for 2% of a fair share, at most flwr's default of
+    10 rows: for small alpha that floor fails often (a client draws ~0 of every domain), and
+    flwr gives up after 10 draws.
+    """
+    if scheme == "natural":
+        return NaturalIdPartitioner(partition_by=_CLIENT_COLUMN)
+    if scheme == "iid":
+        return IidPartitioner(num_partitions=num_clients)
+    min_size = 10 if rows is None else max(1, min(10, rows // (50 * num_clients)))
+    return DirichletPartitioner(num_partitions=num_clients, partition_by=by, alpha=alpha,
+                                min_partition_size=min_size, seed=seed)
+
+
+def partitions(part: Partitioner, load: Callable[[int], datasets.Dataset], scheme: str,
+               num_clients: int, alpha: float = 0.5) -> list[datasets.Dataset]:
+    """Client ``i``'s rows at index ``i``: ``load(partition_id)`` of ``part`` (directly, or
+    through a ``FederatedDataset``), natural partitions in client order."""
+    if scheme == "dirichlet":
+        try:
+            with warnings.catch_warnings():
+                # flwr warns at every resampling; the failure, if any, is raised below.
+                warnings.simplefilter("ignore", UserWarning)
+                return [load(i) for i in range(num_clients)]
+        except ValueError as err:
+            raise ValueError(f"Dirichlet partition failed for data.alpha={alpha}, "
+                             f"data.num_clients={num_clients}: no draw gave every client its "
+                             "minimum of rows; raise data.alpha or lower data.num_clients") \
+                from err
+    if scheme == "iid":
+        return [load(i) for i in range(num_clients)]
+    load(0)  # gives the partitioner its data
     # num_partitions builds the partition id -> natural id map (the property alone does not).
-    assert partitioner.num_partitions == num_clients
-    by_client = {cid: pid for pid, cid in partitioner.partition_id_to_natural_id.items()}
-    return [partitioner.load_partition(by_client[c]).remove_columns(_CLIENT_COLUMN)
-            for c in range(num_clients)]
-
-
-def _dirichlet(ds: datasets.Dataset, num_clients: int, alpha: float, seed: int,
-               by: str) -> list[datasets.Dataset]:
-    # flwr's default floor of 10 rows per client fails often for small alpha (a client draws
-    # ~0 of every domain), and flwr gives up after 10 draws: ask for 2% of a fair share.
-    min_size = max(1, min(10, len(ds) // (50 * num_clients)))
-    partitioner = DirichletPartitioner(num_partitions=num_clients, partition_by=by, alpha=alpha,
-                                       min_partition_size=min_size, seed=seed)
-    partitioner.dataset = ds
-    try:
-        with warnings.catch_warnings():
-            # flwr warns at every resampling; the failure, if any, is raised below.
-            warnings.simplefilter("ignore", UserWarning)
-            return [partitioner.load_partition(i) for i in range(num_clients)]
-    except ValueError as err:
-        raise ValueError(f"Dirichlet partition failed for data.alpha={alpha}, "
-                         f"data.num_clients={num_clients} ({len(ds)} rows): no draw gave every "
-                         f"client >= {min_size} rows; raise data.alpha or lower "
-                         f"data.num_clients") from err
-
-
-def _iid(ds: datasets.Dataset, num_clients: int, seed: int) -> list[datasets.Dataset]:
-    # IidPartitioner takes contiguous shards: shuffle first, or shards follow the row order.
-    partitioner = IidPartitioner(num_partitions=num_clients)
-    partitioner.dataset = ds.shuffle(seed=seed).flatten_indices()
-    return [partitioner.load_partition(i) for i in range(num_clients)]
+    assert part.num_partitions == num_clients
+    by_client = {cid: pid for pid, cid in part.partition_id_to_natural_id.items()}
+    return [load(by_client[c]).remove_columns(_CLIENT_COLUMN) for c in range(num_clients)]
 
 
 def partition_dataset(
@@ -159,12 +179,10 @@ def partition_dataset(
         Client ``i``'s rows at index ``i``. The sizes sum to ``len(ds)``, except under
         ``natural`` with fewer clients than domains (unused domains are dropped).
     """
-    _check_args(ds, num_clients, scheme, by)
-    if scheme == "natural":
-        return _natural(ds, num_clients, seed, by)
-    if scheme == "dirichlet":
-        return _dirichlet(ds, num_clients, alpha, seed, by)
-    return _iid(ds, num_clients, seed)
+    check_partition(ds, num_clients, scheme, by)
+    part = partitioner(scheme, num_clients, alpha, seed, by, rows=len(ds))
+    part.dataset = prepared(ds, scheme, num_clients, seed, by)
+    return partitions(part, part.load_partition, scheme, num_clients, alpha)
 
 
 def _matched_validation(pool: datasets.Dataset, train: datasets.Dataset, size: int,
@@ -196,12 +214,25 @@ def client_datasets(
     """
     train_parts = partition_dataset(dd["train"], num_clients, scheme, alpha, seed)
     if scheme == "dirichlet":
-        pool, total = dd["validation"], len(dd["train"])
-        val_parts = [_matched_validation(pool, part, max(1, len(pool) * len(part) // total),
-                                         np.random.default_rng([seed, client]))
-                     for client, part in enumerate(train_parts)]
+        val_parts = matched_validation(dd["validation"], train_parts, seed)
     else:
         val_parts = partition_dataset(dd["validation"], num_clients, scheme, alpha, seed)
+    return clients_of(train_parts, val_parts)
+
+
+def matched_validation(pool: datasets.Dataset, train_parts: list[datasets.Dataset],
+                       seed: int = 0) -> list[datasets.Dataset]:
+    """Per client, a sample of ``pool`` (seeded, without replacement) of its share of the
+    train rows, with the domain proportions of its train partition."""
+    total = sum(len(part) for part in train_parts)
+    return [_matched_validation(pool, part, max(1, len(pool) * len(part) // total),
+                                np.random.default_rng([seed, client]))
+            for client, part in enumerate(train_parts)]
+
+
+def clients_of(train_parts: list[datasets.Dataset],
+               val_parts: list[datasets.Dataset]) -> list[ClientData]:
+    """Client ``i``'s :class:`ClientData` from the ``i``-th train and validation parts."""
     return [ClientData(client_id=i, train=train, validation=val,
                        domains=sorted(set(train["domain"])))
             for i, (train, val) in enumerate(zip(train_parts, val_parts, strict=True))]

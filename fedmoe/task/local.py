@@ -163,10 +163,9 @@ def _tokenizer(checkpoint: str) -> PreTrainedTokenizerBase:
 
 @lru_cache(maxsize=1)
 def _partitions(data_yaml: str, num_clients: int):
-    from fedmoe.data import client_datasets, load_data
+    from fedmoe.data import client_partitions
 
-    data = OmegaConf.create(data_yaml)
-    return client_datasets(load_data(data), num_clients, data.partition, data.alpha, data.seed)
+    return client_partitions(OmegaConf.create(data_yaml), num_clients)
 
 
 @lru_cache(maxsize=256)
