@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from fedmoe.config import ConfigError
 from fedmoe.moe.families import family_spec
 from fedmoe.moe.models import DTYPES, build_config, plain, validate_config
 
@@ -50,8 +51,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 # --- devices -------------------------------------------------------------------------------
 
 
-def resolve_device(spec: str | None = "auto") -> torch.device:
-    """``train.device`` as a torch device.
+def resolve_device(spec: str | None = "auto", key: str = "train.device") -> torch.device:
+    """``train.device`` (or the config ``key`` given) as a torch device.
 
     ``auto``: the GPU this process may use (Ray and Flower's Simulation Engine set
     ``CUDA_VISIBLE_DEVICES`` to the GPUs assigned to a client actor, so ``cuda`` is that GPU),
@@ -67,14 +68,22 @@ def resolve_device(spec: str | None = "auto") -> torch.device:
         return torch.device("cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={spec!r}: no CUDA device is visible to this process "
-                         "(use train.device=auto or cpu, or give clients GPUs with "
-                         "fl.client_resources.num_gpus)")
+        raise ConfigError(f"{key}={spec!r}: no CUDA device is visible to this process "
+                          f"(use {key}=auto or cpu, or give clients GPUs with "
+                          "fl.client_resources.num_gpus)")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"train.device={spec!r}: MPS is not available on this machine")
+        raise ConfigError(f"{key}={spec!r}: MPS is not available on this machine")
     if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"train.device={spec!r}: expected one of {list(DEVICES)}")
+        raise ConfigError(f"{key}={spec!r}: expected one of {list(DEVICES)}")
     return device
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's (first real) weights are: where its inputs must go."""
+    for p in model.parameters():
+        if not p.is_meta:
+            return p.device
+    return torch.device("cpu")
 
 
 # --- where the base model is ---------------------------------------------------------------

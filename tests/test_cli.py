@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedmoe import __version__
 from fedmoe.cli import COMMANDS, command_help, main, parse_command
@@ -107,6 +108,18 @@ def test_missing_local_model_path_is_one_line(tmp_path):
     proc = fedmoe("inspect", f"model.path={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path}",
                   cwd=tmp_path)
     _one_line_error(proc, f"fedmoe inspect: model.path='{tmp_path / 'nope'}' does not exist")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("command", ["prune", "analyze"])
+def test_prune_and_analyze_run_on_the_configured_device(tmp_path, command):
+    # Both load through the one loader on `device`; a device that is not there is refused
+    # before any work (no pretraining, nothing written).
+    proc = fedmoe(command, "device=cuda", f"cache_dir={tmp_path / 'cache'}",
+                  f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    line = _one_line_error(proc, f"fedmoe {command}: device='cuda': no CUDA device")
+    assert "device=auto or cpu" in line
+    assert not (tmp_path / "cache").exists()
 
 
 def _run_dir(path: Path, ppl: float, seed: int = 0) -> Path:

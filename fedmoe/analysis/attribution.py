@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fedmoe.analysis.retrieval import restrict_experts
+from fedmoe.checkpoints import model_device
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.task.train import evaluate_lm
 
@@ -107,7 +108,8 @@ def output_shares(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8,
     try:
         model.eval()
         for start in range(0, blocks.shape[0], batch_size):
-            model(input_ids=blocks[start : start + batch_size], use_cache=False)
+            model(input_ids=blocks[start : start + batch_size].to(model_device(model)),
+                  use_cache=False)
     finally:
         for h in handles:
             h.remove()

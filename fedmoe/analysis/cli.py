@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedmoe.analysis.pipeline import run_analysis
 from fedmoe.analysis.report import print_tables, write_report
+from fedmoe.checkpoints import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,13 @@ def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    device = resolve_device(cfg.get("device"), key="device")
     model_dir = resolve_model_dir(cfg)
     report = run_analysis(OmegaConf.to_container(cfg.analysis, resolve=True),
                           OmegaConf.to_container(cfg.data, resolve=True), model_dir, out_dir,
                           run_dir=cfg.run_dir, edge_bench=cfg.edge_bench,
-                          experts_implementation=cfg.model.get("experts_implementation"))
+                          experts_implementation=cfg.model.get("experts_implementation"),
+                          device=device)
     json_path, md_path = write_report(report, out_dir)
     print_tables(report)
     if "skipped" in report.get("cost", {}):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from fedmoe.checkpoints import model_device
 from fedmoe.data import tokenize_blocks
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.routing import capture_routing
@@ -83,7 +84,8 @@ def collect_routing(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8,
     n, t = blocks.shape
     with capture_routing(model, adapter, router_probs=False) as trace:
         for start in range(0, n, batch_size):
-            model(input_ids=blocks[start : start + batch_size], use_cache=False)
+            model(input_ids=blocks[start : start + batch_size].to(model_device(model)),
+                  use_cache=False)
     routing = Routing(top_k=adapter.top_k)
     for rec in trace:  # tokens were flattened batch-major: (B * T) rows per call
         routing.top_k_index[rec.layer] = rec.top_k_index.reshape(n, t, -1).numpy()

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from fedmoe.analysis import plots
 from fedmoe.analysis.attribution import blocking_effects, most_used_experts, output_shares
@@ -40,12 +40,15 @@ log = logging.getLogger(__name__)
 SECTIONS = ("consistency", "specialization", "retrieval", "attribution", "cost")
 
 
-def load_analysis_model(model_dir: str | Path, experts_implementation: str | None = None
-                        ) -> tuple[PreTrainedModel, Any]:
-    """A saved checkpoint (``save_pretrained`` layout) and its tokenizer, in eval mode."""
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    if experts_implementation:
-        model.set_experts_implementation(experts_implementation)
+def load_analysis_model(model_dir: str | Path, experts_implementation: str | None = None,
+                        device: str | torch.device = "cpu") -> tuple[PreTrainedModel, Any]:
+    """A saved checkpoint (``save_pretrained`` layout) in float32 on ``device``, through the
+    one loader (:mod:`fedmoe.checkpoints`), and its tokenizer; eval mode."""
+    from fedmoe.checkpoints import load_model
+
+    family = AutoConfig.from_pretrained(str(model_dir)).model_type
+    model = load_model({"family": family, "path": str(model_dir), "dtype": "float32",
+                        "experts_implementation": experts_implementation}, device=device)
     return model.eval(), AutoTokenizer.from_pretrained(str(model_dir))
 
 
@@ -238,7 +241,8 @@ def cost_section(cost_cfg: Mapping, run_dir: Path | None, bench: Path | None,
 
 def run_analysis(a: Mapping, data: Mapping, model_dir: str | Path, out_dir: str | Path,
                  run_dir: str | Path | None = None, edge_bench: str | Path | None = None,
-                 corpus=None, experts_implementation: str | None = None) -> dict:
+                 corpus=None, experts_implementation: str | None = None,
+                 device: str | torch.device = "cpu") -> dict:
     """Run the configured sections on one model; write ``routing.npz`` and the plots.
 
     Parameters
@@ -251,6 +255,8 @@ def run_analysis(a: Mapping, data: Mapping, model_dir: str | Path, out_dir: str 
         Reuse an already loaded corpus.
     experts_implementation : str, optional
         transformers experts forward (``eager``, ``grouped_mm``, ...); speed only.
+    device : str or torch.device
+        Where the model runs (``fedmoe analyze``'s ``device`` key); results come back to the CPU.
 
     Returns
     -------
@@ -266,7 +272,7 @@ def run_analysis(a: Mapping, data: Mapping, model_dir: str | Path, out_dir: str 
     torch.manual_seed(int(a.get("seed", 0)))
     if a.get("threads"):
         torch.set_num_threads(int(a["threads"]))
-    model, tokenizer = load_analysis_model(model_dir, experts_implementation)
+    model, tokenizer = load_analysis_model(model_dir, experts_implementation, device)
     _check_length(model, int(a["seq_len"]))
     corpus = corpus if corpus is not None else load_data(data)
     seq_len, per_domain, bs = int(a["seq_len"]), int(a["samples_per_domain"]), int(a["batch_size"])

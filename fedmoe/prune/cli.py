@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer
 
-from fedmoe.checkpoints import load_model
+from fedmoe.checkpoints import load_model, resolve_device
 from fedmoe.data import load_data, tokenize_blocks
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.prune.budget import expert_mb
@@ -141,8 +141,9 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    device = resolve_device(cfg.get("device"), key="device")
     checkpoint = ensure_base_model(cfg)  # model.path when set, else the (cached) base model
-    model = load_model(cfg.model, checkpoint=checkpoint).eval()
+    model = load_model(cfg.model, checkpoint=checkpoint, device=device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     calibration, held_out = prune_data(cfg, tokenizer)
     adapter = MoEAdapter(model)

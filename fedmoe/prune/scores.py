@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedmoe.checkpoints import model_device
 from fedmoe.moe.adapter import MoEAdapter, MoELayer
 from fedmoe.moe.routing import RoutingTrace, capture_routing
 from fedmoe.prune.masked import masked_routing
@@ -221,7 +222,8 @@ def _forward(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> None:
     was_training = model.training
     model.eval()
     for start in range(0, blocks.shape[0], batch_size):
-        model(input_ids=blocks[start : start + batch_size], use_cache=False)
+        model(input_ids=blocks[start : start + batch_size].to(model_device(model)),
+              use_cache=False)
     model.train(was_training)
 
 

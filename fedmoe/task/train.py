@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+from fedmoe.checkpoints import model_device
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
 from fedmoe.prune.masked import KEEP_ATTR
@@ -83,14 +84,6 @@ class _RouterLogits:
             for z, layer in zip(self.logits, self.layers, strict=True)
         ]
         return torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in losses]).mean()
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where the model's (first real) weights are."""
-    for p in model.parameters():
-        if not p.is_meta:
-            return p.device
-    return torch.device("cpu")
 
 
 def weight_dtype(model: nn.Module) -> torch.dtype:
