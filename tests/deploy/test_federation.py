@@ -124,11 +124,12 @@ def secure(tmp_path_factory, base_model, app_dir, fedmoe_cache):
     try:
         fed.start_superlink()
         # Each device keeps its own audit log (a server's fl.audit_dir does not steer it)
+        # In warm workers (the launchers' default): they outlive the SuperLink's crash.
         nodes = [fed.start_node("node0", {"partition-id": 0, "state-dir": str(root / "s0"),
-                                          "audit-dir": str(audit)}),
+                                          "audit-dir": str(audit), "warm-worker": True}),
                  fed.start_node("node1", {"partition-id": 1, "data-path": str(data),
                                           "state-dir": str(root / "s1"),
-                                          "audit-dir": str(audit)})]
+                                          "audit-dir": str(audit), "warm-worker": True})]
         intruder = fed.start_node("intruder", {"partition-id": 9, "state-dir": str(root / "s9")},
                                   register=False)
         fed.wait_for_nodes(2)
