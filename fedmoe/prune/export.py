@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -214,12 +215,11 @@ def _write_shards(model: nn.Module, base: nn.Module, adapter: MoEAdapter,
 
     for group in sorted(groups):
         for name in groups[group]:
-            value = _export_tensor(name, tensors[name], merges, adapter, select)
-            for key, part in revert_weight_conversion(base, {name: value}).items():
+            for key, part in _exported(name, tensors[name], merges, adapter, select, base,
+                                       max_bytes):
                 if pending and sum(map(_nbytes, pending.values())) + _nbytes(part) > max_bytes:
                     flush()
                 pending[key] = part.contiguous()
-            del value
         flush()
     weight_map: dict = {"__bytes__": {}}
     for n, (path, keys, size) in enumerate(files, 1):
@@ -232,6 +232,62 @@ def _write_shards(model: nn.Module, base: nn.Module, adapter: MoEAdapter,
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+class _Chunk(NamedTuple):
+    select: dict[int, list[int]]  # the experts exported in this piece
+    offset: int | None  # position of its first expert in the export (None: the whole tensor)
+
+
+_EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
+
+
+def _expert_chunks(name: str, tensor: torch.Tensor, adapter: MoEAdapter,
+                   select: dict[int, list[int]], max_bytes: int) -> list[_Chunk]:
+    """A fused routed-expert tensor larger than ``max_bytes`` in pieces of experts, each at
+    most ``max_bytes``: transformers' reversion to the per-expert checkpoint layout copies
+    what it splits, so a whole tensor would be held twice (2 x 0.27 GB for an OLMoE-1B-7B
+    layer's gate/up at 32 experts). Anything else is one piece."""
+    layer = adapter.layer_of(name)
+    whole = [_Chunk(select, None)]
+    if layer is None or layer not in select or name.endswith(adapter.spec.router_buffers) \
+            or adapter.role_of(name) != Role.ROUTED_EXPERTS \
+            or tensor.shape[:1] != (adapter.layer(layer).num_experts,):
+        return whole
+    rows = select[layer]
+    per_expert = _nbytes(tensor) // tensor.shape[0]
+    step = max(max_bytes // max(per_expert, 1), 1)
+    if per_expert * len(rows) <= max_bytes:
+        return whole
+    return [_Chunk(select | {layer: rows[a:a + step]}, a) for a in range(0, len(rows), step)]
+
+
+def _exported(name: str, tensor: torch.Tensor, merges: dict[str, _Merge], adapter: MoEAdapter,
+              select: dict[int, list[int]], base: nn.Module, max_bytes: int
+              ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint key, tensor) pairs of one model tensor as exported, a large fused expert
+    tensor a piece of experts at a time (:func:`_expert_chunks`), numbered as in the whole."""
+    for chunk in _expert_chunks(name, tensor, adapter, select, max_bytes):
+        parts = revert_weight_conversion(
+            base, {name: _export_tensor(name, tensor, merges, adapter, chunk.select)})
+        if chunk.offset is not None:
+            parts = _renumbered(parts, chunk.offset)
+            if parts is None:  # a checkpoint layout with the experts fused: export it whole
+                yield from _exported(name, tensor, merges, adapter, select, base, 2**62)
+                return
+        yield from parts.items()
+
+
+def _renumbered(parts: dict[str, torch.Tensor], offset: int) -> dict[str, torch.Tensor] | None:
+    """Per-expert checkpoint keys of a piece starting at ``offset``, numbered as in the whole
+    export; ``None`` when the keys are not per expert."""
+    out = {}
+    for key, part in parts.items():
+        m = _EXPERT_KEY.search(key)
+        if m is None:
+            return None
+        out[f"{key[:m.start()]}.experts.{int(m[1]) + offset}.{key[m.end():]}"] = part
+    return out
 
 
 def _base_tensors(model: nn.Module, base: nn.Module) -> dict[str, torch.Tensor]:
