@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import threading
 from pathlib import Path
@@ -115,7 +116,9 @@ def release_free_memory() -> None:
         trim(0)
 
 
+@functools.cache
 def _libc():
+    """The C library, found once (``find_library`` runs ``ldconfig``: not per message)."""
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name) if name else None

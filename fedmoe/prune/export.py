@@ -205,21 +205,25 @@ def _write_shards(model: nn.Module, base: nn.Module, adapter: MoEAdapter,
     merges = _lora_merges(model)
     files: list[tuple[Path, list[str], int]] = []
     pending: dict[str, torch.Tensor] = {}
+    size = 0
 
     def flush() -> None:
+        nonlocal size
         if pending:
             path = tmp / f"part-{len(files):05d}.safetensors"
             save_file(pending, str(path), metadata={"format": "pt"})
-            files.append((path, list(pending), sum(_nbytes(t) for t in pending.values())))
+            files.append((path, list(pending), size))
             pending.clear()
+            size = 0
 
     for group in sorted(groups):
         for name in groups[group]:
             for key, part in _exported(name, tensors[name], merges, adapter, select, base,
                                        max_bytes):
-                if pending and sum(map(_nbytes, pending.values())) + _nbytes(part) > max_bytes:
+                if pending and size + _nbytes(part) > max_bytes:
                     flush()
                 pending[key] = part.contiguous()
+                size += _nbytes(part)
         flush()
     weight_map: dict = {"__bytes__": {}}
     for n, (path, keys, size) in enumerate(files, 1):
