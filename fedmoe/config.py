@@ -100,6 +100,7 @@ class DataConfig:
 class EmbeddedDataConfig(DataConfig):
     max_mb_per_domain: float = 2.0
     chunk_chars: int = 2000
+    domains: list[str] | None = None  # null: the default four (fedmoe/data/corpus.py)
 
 
 @dataclass
@@ -318,6 +319,16 @@ def _fraction(v) -> bool:
     return 0 < v <= 1
 
 
+def _known_domains(v) -> bool:
+    from fedmoe.data.corpus import check_domains
+
+    try:
+        check_domains(v)
+    except ValueError:
+        return False
+    return True
+
+
 # key -> (allowed, what is allowed); a None value is skipped (the schema says if None is ok).
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.num_clients": (_at_least(1), "an integer >= 1"),
@@ -325,6 +336,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.block_size": (_at_least(2), "an integer >= 2 (tokens per block)"),
     "data.max_mb_per_domain": (_positive, "> 0"),
     "data.chunk_chars": (_at_least(1), "an integer >= 1"),
+    "data.domains": (_known_domains, "null or distinct embedded-corpus domains: python_code, "
+                     "c_headers, reference, docstrings, unicode_names, decimal_tests, "
+                     "codec_tables, bytecode"),
     "data.max_train_blocks_per_client": (_at_least(1), "an integer >= 1, or null (all)"),
     "data.max_eval_blocks_per_client": (_at_least(1), "an integer >= 1, or null (all)"),
     "data.max_rows_per_source": (_at_least(1), "an integer >= 1, or null (all rows)"),

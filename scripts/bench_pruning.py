@@ -131,12 +131,12 @@ def fine_tune(cfg: DictConfig, model: nn.Module, data: ClientBlocks, steps: int,
 
 # ---- scores and pruning -------------------------------------------------------------------
 def score_clients(clients: list[Client], cfg: DictConfig, random_seeds: int,
-                  calibration_tokens: int) -> None:
-    """Every score of every client's model on the first ``calibration_tokens`` of its own
-    train blocks (``prune.tcess_k``, ``prune.seed``)."""
+                  calibration_tokens: int, scores: tuple[str, ...] = SCORES) -> None:
+    """Each of ``scores`` of every client's model on the first ``calibration_tokens`` of its
+    own train blocks (``prune.tcess_k``, ``prune.seed``)."""
     p = cfg.prune
     for c in clients:
-        for score in SCORES:
+        for score in scores:
             draws = random_seeds if score == "random" else 1
             c.scores[score] = [
                 compute_scores(c.model, c.data.train, score, tcess_k=p.tcess_k,
@@ -190,12 +190,13 @@ def plans_of(clients: list[Client], score: str, mode: str, keep: float) -> list[
     return [[plan(c.model, s, keep) for s in pooled_draws] for c in clients]
 
 
-def run_grid(clients: list[Client], batch_size: int) -> list[dict]:
+def run_grid(clients: list[Client], batch_size: int,
+             keeps: tuple[float, ...] = KEEPS) -> list[dict]:
     """One row per client x score x mode x keep: perplexity, routed MB, routing coverage."""
     modes = MODES if same_experts(clients) else ("personalized",)
     rows = []
-    for score in SCORES:
-        for keep in KEEPS:
+    for score in clients[0].scores:
+        for keep in (1.0, *(k for k in keeps if k != 1.0)):
             for mode in modes:
                 for c, plans in zip(clients, plans_of(clients, score, mode, keep), strict=True):
                     if keep == 1.0:  # every expert kept: the unpruned model itself
@@ -204,8 +205,9 @@ def run_grid(clients: list[Client], batch_size: int) -> list[dict]:
                         models = [pruned_copy(c.model, p) for p in plans]
                         ppls = [evaluate_lm(m, c.data.validation, batch_size)["ppl"]
                                 for m in models]
-                        mb, cov = routed_mb(models[0]), coverage(c.scores["frequency"][0],
-                                                                 plans[0])
+                        mb = routed_mb(models[0])
+                        cov = (coverage(c.scores["frequency"][0], plans[0])
+                               if "frequency" in c.scores else float("nan"))
                     rows.append({"client": c.id, "score": score, "mode": mode, "keep": keep,
                                  "ppl": float(np.mean(ppls)), "ppl_draws": ppls, "mb": mb,
                                  "coverage": cov, "ppl_unpruned": c.ppl, "mb_unpruned": c.mb})
@@ -280,34 +282,36 @@ def goals(rows: list[dict], keep: float = GOAL_KEEP) -> dict:
 
 def print_tables(clients: list[Client], rows: list[dict], summary: dict[str, dict]) -> None:
     console = Console(width=160)
+    keeps = sorted({r["keep"] for r in rows}, reverse=True)
+    scores = list(clients[0].scores)
     table = Table(title="one-shot pruning: held-out perplexity / unpruned personalized model "
                         "(mean over clients, worst in brackets); routing coverage at 0.5")
     table.add_column("pruning", justify="left")
-    for keep in KEEPS[1:]:
+    for keep in keeps[1:]:
         table.add_column(f"keep {keep:g}", justify="right")
     table.add_column("coverage 0.5", justify="right")
     for mode in MODES:
-        for score in SCORES:
-            cells = [summary.get(f"{mode}/{score}/{keep}") for keep in KEEPS[1:]]
+        for score in scores:
+            cells = [summary.get(f"{mode}/{score}/{keep}") for keep in keeps[1:]]
             if any(c is None for c in cells):
                 continue
             table.add_row(f"{mode} {score}", *[
                 f"{c['ppl_ratio_mean']:.3f} ({c['ppl_ratio_worst']:.3f})" for c in cells],
                 f"{summary[f'{mode}/{score}/{GOAL_KEEP}']['coverage_mean']:.3f}")
-    mb = [np.mean([r["mb"] for r in rows if r["keep"] == k]) for k in KEEPS]
+    mb = [np.mean([r["mb"] for r in rows if r["keep"] == k]) for k in keeps]
     table.add_row("routed-expert MB (ratio)", *[f"{m:.2f} ({m / mb[0]:.3f})" for m in mb[1:]],
                   "", style="bold")
     console.print(table)
     at = {(r["client"], r["mode"], r["score"]): r["ppl"] for r in rows
           if r["keep"] == GOAL_KEEP}
     per = Table(title=f"per client, one-shot at keep {GOAL_KEEP:g}: held-out perplexity")
-    columns = ["base", "unpruned", *(f"pers {s}" for s in SCORES), "global tcess",
+    columns = ["base", "unpruned", *(f"pers {s}" for s in scores), "global tcess",
                "global frequency"]
     per.add_column("client", justify="left")
     for col in columns:
         per.add_column(col, justify="right")
     for c in clients:
-        values = [c.base_ppl, c.ppl, *(at[c.id, "personalized", s] for s in SCORES),
+        values = [c.base_ppl, c.ppl, *(at[c.id, "personalized", s] for s in scores),
                   at.get((c.id, "global", "tcess")), at.get((c.id, "global", "frequency"))]
         per.add_row(f"{c.id} {'+'.join(c.data.domains)}",
                     *["-" if v is None else f"{v:.2f}" for v in values])
@@ -359,6 +363,10 @@ def main() -> None:
                         help="train tokens each client scores on (a federated client's "
                              "TCESS sees its round-1 training tokens: 20 x 8 x 128 = 20480)")
     parser.add_argument("--random-seeds", type=int, default=3, help="draws of random scores")
+    parser.add_argument("--scores", default=",".join(SCORES),
+                        help="scores to compare (tcess is required: the goals are about it)")
+    parser.add_argument("--keeps", default=",".join(map(str, KEEPS[1:])),
+                        help="kept fractions besides 1.0 (0.5 is required)")
     parser.add_argument("--recover", default=RECOVER,
                         help="mode/score pairs trained after pruning at keep 0.5 ('' = none)")
     parser.add_argument("--recover-steps", type=int, default=None,
@@ -385,9 +393,14 @@ def main() -> None:
     checkpoint = ensure_base_model(cfg)
     clients = load_clients(cfg, checkpoint, steps, args.run_dir)
     lap("clients")
-    score_clients(clients, cfg, args.random_seeds, args.calibration_tokens)
+    scores = tuple(args.scores.split(","))
+    keeps = tuple(float(k) for k in args.keeps.split(","))
+    if "tcess" not in scores or GOAL_KEEP not in keeps or not set(scores) <= set(SCORES):
+        parser.error(f"--scores must be among {list(SCORES)} and include tcess; --keeps must "
+                     f"include {GOAL_KEEP}")
+    score_clients(clients, cfg, args.random_seeds, args.calibration_tokens, scores)
     lap("scores")
-    rows = run_grid(clients, int(cfg.train.batch_size))
+    rows = run_grid(clients, int(cfg.train.batch_size), keeps)
     lap("one_shot")
     if not same_experts(clients):
         pairs = [p for p in pairs if p[0] != "global"]

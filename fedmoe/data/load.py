@@ -52,7 +52,7 @@ def load_data(cfg: Mapping[str, Any]) -> datasets.DatasetDict:
     ----------
     cfg : Mapping
         The ``data`` config: ``embedded`` uses ``max_mb_per_domain``, ``chunk_chars`` and
-        optional ``seed``/``cache_dir``; ``hf`` uses ``path``, ``split``, ``text_field``,
+        optional ``seed``/``cache_dir``/``domains``; ``hf`` uses ``path``, ``split``, ``text_field``,
         ``domain_field`` and optional ``data_files``, or ``sources`` (domain -> hub id or
         file, each source one domain) and ``max_rows_per_source``.
 
@@ -65,7 +65,7 @@ def load_data(cfg: Mapping[str, Any]) -> datasets.DatasetDict:
     if name == "embedded":
         return build_corpus(max_mb_per_domain=cfg.get("max_mb_per_domain", 2.0),
                             chunk_chars=cfg.get("chunk_chars", 2000), seed=cfg.get("seed", 0),
-                            cache_dir=cfg.get("cache_dir"))
+                            cache_dir=cfg.get("cache_dir"), domains=cfg.get("domains"))
     if name == "hf":
         sources = cfg.get("sources") or {}
         # One domain per source (a FlowerTune-style mix): with partition=natural each group

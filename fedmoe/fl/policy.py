@@ -49,7 +49,7 @@ ALLOWED_KEYS = (
     "seed", "verbose",
     "train.*",
     "data.num_clients", "data.partition", "data.alpha", "data.block_size", "data.seed",
-    "data.max_mb_per_domain", "data.chunk_chars", "data.split",
+    "data.max_mb_per_domain", "data.chunk_chars", "data.domains", "data.split",
     "data.max_train_blocks_per_client", "data.max_eval_blocks_per_client",
     "fl.num_rounds", "fl.fraction_train", "fl.fraction_evaluate", "fl.min_train_nodes",
     "fl.min_evaluate_nodes", "fl.min_available_nodes", "fl.round_timeout", "fl.min_replies",

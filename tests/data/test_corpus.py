@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,69 @@ def test_module_docstrings_reads_without_importing():
     # Assert
     assert text == ("Module doc that is long enough to keep here.\n\n"
                     "Function doc, long enough to pass the filter.")
+
+
+# --- the eight domains of the research benchmark (data.domains) -------------------------------
+
+
+@pytest.fixture(scope="module")
+def eight_domains(corpus_cache):
+    from fedmoe.data.corpus import ALL_DOMAINS
+
+    return build_corpus(max_mb_per_domain=0.2, cache_dir=corpus_cache, domains=ALL_DOMAINS)
+
+
+def test_eight_domains_each_have_every_split_and_their_own_kind_of_text(eight_domains):
+    # Prepare
+    from fedmoe.data.corpus import ALL_DOMAINS
+
+    stats = corpus_stats(eight_domains)
+    train = eight_domains["train"]
+    first = {d: train[train["domain"].index(d)]["text"] for d in ALL_DOMAINS}
+
+    # Assert: eight domains, each in every split, each recognisable by its own text
+    assert len(ALL_DOMAINS) == 8
+    for split in ("train", "validation", "test"):
+        assert set(stats[split]) == set(ALL_DOMAINS), split
+    assert all(re.fullmatch(r"[0-9A-F]{4,6} [A-Z0-9 ()-]+ [A-Z][a-z]", line)
+               for line in first["unicode_names"].splitlines()), first["unicode_names"][:200]
+    assert any(op in first["decimal_tests"] for op in ("->", "precision:", "rounding:"))
+    assert "decoding_table" in "".join(t for t, d in zip(train["text"], train["domain"],
+                                                         strict=True) if d == "codec_tables")
+    assert any(op in first["bytecode"] for op in ("LOAD_", "RESUME", "STORE_"))
+
+
+def test_eight_domains_leak_no_source_and_keep_codecs_out_of_python_code(eight_domains):
+    # Prepare: (domain, source) per split; the stdlib files of each domain
+    keys = {split: set(zip(ds["domain"], ds["source"], strict=True))
+            for split, ds in eight_domains.items()}
+    sources = {d: {s for split in keys.values() for dd, s in split if dd == d}
+               for d in ("python_code", "docstrings", "bytecode", "codec_tables")}
+    split_of = {(d, s): split for split, k in keys.items() for d, s in k}
+
+    # Assert: no source in two splits; encodings/ only in codec_tables; a module's code,
+    # docstrings and bytecode share a split
+    assert not keys["train"] & keys["validation"] and not keys["train"] & keys["test"]
+    for domain in ("python_code", "docstrings", "bytecode"):
+        assert not any(s.startswith("encodings/") for s in sources[domain]), domain
+    shared = sources["python_code"] & sources["bytecode"]
+    assert all(split_of["python_code", s] == split_of["bytecode", s] for s in shared)
+
+
+def test_default_domains_keep_the_default_corpus_and_its_cache_key():
+    # Prepare
+    from fedmoe.data.corpus import _cache_key, check_domains
+
+    # Assert: null is the four default domains, so existing corpora and base models stay valid
+    assert check_domains(None) == DOMAINS
+    assert _cache_key(2.0, 2000, 0) == _cache_key(2.0, 2000, 0, check_domains(None))
+
+
+@pytest.mark.parametrize("domains", [["python_code", "poetry"], [], ["email", "email"]])
+def test_unknown_or_repeated_domains_are_one_line_config_errors(domains):
+    # Prepare
+    from fedmoe.data.corpus import check_domains
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"data\.domains"):
+        check_domains(domains)

@@ -1,0 +1,380 @@
+"""The research benchmark: fedmoe against the closest published methods, with 95% CIs.
+
+The setting is ``experiment=research`` (fixed before any result was looked at): the
+fine-grained base model ``fine_moe`` (64 routed experts of width 32, top-4, one shared expert,
+6 layers) pretrained once on the eight-domain embedded corpus, then 16 clients, two per domain
+(``natural``) or Dirichlet(0.5) mixtures of domains (``dirichlet``), 4 rounds of 16 local
+steps. Every strategy runs on the same data, seeds and local compute, as one
+``fedmoe simulate`` run per (variant, strategy, seed):
+
+- ``fedmoe``: router and shared expert aggregated, routed experts personal (this package);
+- ``fedavg``: every parameter aggregated (McMahan et al., arXiv 1602.05629);
+- ``fedavg_lora``: FedAvg of LoRA adapters on a frozen base (FlowerTune's recipe);
+- ``local``: each client trains alone;
+- ``flex``: FLEx (arXiv 2506.00965), non-expert modules federated, one grafted personal
+  expert per layer behind an adaptive gate;
+- ``fedmoe_sub``: FedMoE (arXiv 2408.11304), a sub-MoE per client chosen by its expert
+  activations, modular aggregation of every expert over the clients that hold it;
+- ``fedmoe_pruned``: fedmoe whose clients prune to half their routed experts (TCESS,
+  PreMoe arXiv 2505.17639) after round 2 and recover in rounds 3-4.
+
+Then, from the finished runs:
+
+1. per strategy: mean and worst per-client held-out perplexity, and against fedmoe the paired
+   per-client difference (%) with a 95% bootstrap CI and the share of clients fedmoe beats
+   (clients x seeds matched; resampling in :mod:`fedmoe.stats`); upload MB per client per
+   round;
+2. pruning in federation: ``fedmoe_pruned`` against ``fedmoe`` trained the same rounds (cost at
+   50% kept after recovery, goal <= 3%), and personalized against global pruning after the same
+   recovery steps per client (``scripts/bench_pruning.py --run-dir`` on each fedmoe run,
+   goal: personalized better for >= 80% of clients);
+3. routing consistency of each personalized model on its own domain against the base model's:
+   SRP (arXiv 2505.16056, segment 16), and LRU and SCH (lookahead 16) hit rates of a cache of
+   a quarter of each layer's experts — does personalization make edge caching easier?
+
+Every step is skipped when its output exists, so the command resumes where it stopped (a
+``fedmoe simulate`` run that was cut short resumes from its last round checkpoint).
+
+    python scripts/bench_research.py                        # everything (hours on 2 cores)
+    python scripts/bench_research.py --variants natural     # the natural split only
+    python scripts/bench_research.py --report-only          # tables from what is done
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SETTING = ["experiment=research"]
+STRATEGIES: dict[str, list[str]] = {
+    "fedmoe": ["strategy=fedmoe"],
+    "fedavg": ["strategy=fedavg"],
+    "fedavg_lora": ["strategy=fedavg_lora", "train=lora"],
+    "local": ["strategy=local"],
+    "flex": ["strategy=flex"],
+    "fedmoe_sub": ["strategy=fedmoe_sub"],
+    "fedmoe_pruned": ["strategy=fedmoe", "prune=default", "prune.keep=0.5",
+                      "prune.at_round=2"],
+}
+VARIANTS: dict[str, list[str]] = {
+    "natural": [],
+    "dirichlet": ["data.partition=dirichlet", "data.alpha=0.5"],
+}
+SEEDS = (0, 1, 2)
+REFERENCE = "fedmoe"
+PRUNE_GOAL, PRUNE_WIN_GOAL = 0.03, 0.8
+SEGMENT, CACHE_SHARE = 16, 0.25
+
+
+# ---- runs ---------------------------------------------------------------------------------
+def run_dir(out: Path, variant: str, strategy: str, seed: int) -> Path:
+    return out / variant / strategy / f"seed{seed}"
+
+
+def simulate(out: Path, variant: str, strategy: str, seed: int, extra: list[str]) -> bool:
+    """One ``fedmoe simulate`` run in its own process, unless its results.json exists."""
+    path = run_dir(out, variant, strategy, seed)
+    if (path / "results.json").is_file():
+        return True
+    path.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "fedmoe.cli", "simulate", *SETTING, *VARIANTS[variant],
+           *STRATEGIES[strategy], *extra, f"seed={seed}", f"hydra.run.dir={path}",
+           f"logger.group=research-{variant}"]
+    print(f"[{time.strftime('%H:%M:%S')}] {variant}/{strategy}/seed{seed}", flush=True)
+    with open(path.parent / f"seed{seed}.log", "a") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                              env=os.environ | {"WANDB_MODE": "offline"}).returncode
+    if code != 0:
+        print(f"  failed (exit {code}); see {path.parent / f'seed{seed}.log'}", flush=True)
+    return code == 0
+
+
+def prune_bench(out: Path, variant: str, seed: int, recover_steps: int) -> bool:
+    """Personalized vs global TCESS at 50% on the clients of one fedmoe run, after recovery."""
+    target = out / variant / "pruning" / f"seed{seed}"
+    if (target / "bench_pruning.json").is_file():
+        return True
+    target.mkdir(parents=True, exist_ok=True)
+    script = Path(__file__).with_name("bench_pruning.py")
+    cmd = [sys.executable, str(script), "--run-dir", str(run_dir(out, variant, REFERENCE, seed)),
+           "--scores", "tcess,frequency", "--keeps", "0.5", "--random-seeds", "1",
+           "--recover", "personalized/tcess,global/tcess", "--recover-steps",
+           str(recover_steps), "--out", str(target)]
+    print(f"[{time.strftime('%H:%M:%S')}] {variant}/pruning/seed{seed}", flush=True)
+    with open(target / "log.txt", "a") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    return code == 0
+
+
+def consistency(out: Path, variant: str, seed: int) -> bool:
+    """Per client: routing consistency of its personalized model vs the base, on its own
+    held-out blocks (``consistency.json`` next to the run)."""
+    target = out / variant / "consistency" / f"seed{seed}.json"
+    if target.is_file():
+        return True
+    import yaml
+    from omegaconf import OmegaConf
+
+    from fedmoe.analysis.collect import collect_routing
+    from fedmoe.checkpoints import load_model
+    from fedmoe.fl.bridge import compose
+    from fedmoe.task.local import client_blocks
+    from fedmoe.task.pretrain import ensure_base_model
+
+    run = run_dir(out, variant, REFERENCE, seed)
+    cfg = compose(yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()))
+    checkpoint = ensure_base_model(cfg, progress=False)
+    data_yaml = OmegaConf.to_yaml(cfg.data, resolve=True)
+    base = load_model(cfg.model, checkpoint=checkpoint).eval()
+    rows = []
+    for cid in range(int(cfg.data.num_clients)):
+        export = run / "clients" / f"client_{cid:04d}" / "model"
+        blocks = client_blocks(data_yaml, str(checkpoint), cid).validation
+        personal = load_model(cfg.model, checkpoint=export).eval()
+        rows.append({"client": cid, "base": routing_figures(collect_routing(base, blocks)),
+                     "personalized": routing_figures(collect_routing(personal, blocks))})
+        print(f"  consistency client {cid}: {rows[-1]}", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(rows, indent=2))
+    return True
+
+
+def routing_figures(routing) -> dict[str, float]:
+    """Model-wide SRP at segment 16; LRU and SCH(16) hit rate at a quarter of each layer's
+    experts, mean over layers (moe-lrc's conventions, :mod:`fedmoe.analysis.consistency`)."""
+    from fedmoe.analysis.consistency import cache_curve, routing_mask, srp
+
+    masks = {layer: routing_mask(idx, routing.num_experts[layer])
+             for layer, idx in routing.top_k_index.items()}
+    model_srp = srp(masks, SEGMENT, num_bootstrap=1)["model"].srp
+    hits: dict[str, list[float]] = {"lru": [], "sch": []}
+    for layer, idx in routing.top_k_index.items():
+        e = routing.num_experts[layer]
+        capacity = max(routing.top_k, round(CACHE_SHARE * e))
+        hits["lru"].append(cache_curve(idx, e, "lru", num_bootstrap=1).at(capacity))
+        hits["sch"].append(cache_curve(idx, e, "sch", SEGMENT, num_bootstrap=1).at(capacity))
+    return {"srp": float(model_srp), "lru_hit": float(np.mean(hits["lru"])),
+            "sch_hit": float(np.mean(hits["sch"]))}
+
+
+# ---- statistics ---------------------------------------------------------------------------
+def load_runs(out: Path, variant: str) -> dict[str, dict[int, dict]]:
+    """strategy -> seed -> results.json, for the runs that finished."""
+    runs: dict[str, dict[int, dict]] = {}
+    for strategy in STRATEGIES:
+        for seed in SEEDS:
+            path = run_dir(out, variant, strategy, seed) / "results.json"
+            if path.is_file():
+                runs.setdefault(strategy, {})[seed] = json.loads(path.read_text())
+    return runs
+
+
+def per_client(results: dict, key: str = "final_ppl") -> dict[str, float]:
+    return {c: v[key] for c, v in results["clients"].items() if v.get(key) is not None}
+
+
+def paired(runs: dict[int, dict], reference: dict[int, dict]) -> tuple[np.ndarray, ...]:
+    """Matched (seed, client) units: the strategy's and the reference's final perplexity,
+    and the seed of each unit (the bootstrap's cluster)."""
+    ours, theirs, seeds = [], [], []
+    for seed in sorted(set(runs) & set(reference)):
+        a, b = per_client(reference[seed]), per_client(runs[seed])
+        for client in sorted(set(a) & set(b), key=int):
+            ours.append(a[client])
+            theirs.append(b[client])
+            seeds.append(seed)
+    return np.array(ours), np.array(theirs), np.array(seeds)
+
+
+def upload_mb(results: dict) -> float:
+    """Bytes uploaded per accepted client per round, in MB (2**20), mean over rounds."""
+    rounds = results["rounds"]
+    return float(np.mean([r["bytes_up"] / max(len(r["accepted"]), 1) for r in rounds]) / 2**20)
+
+
+def strategy_table(runs: dict[str, dict[int, dict]]) -> list[dict]:
+    from fedmoe.stats import bootstrap_ci, paired_relative_difference, win_rate
+
+    rows = []
+    reference = runs.get(REFERENCE, {})
+    for strategy, by_seed in runs.items():
+        if strategy == "fedmoe_pruned":
+            continue
+        ppl = [per_client(r) for r in by_seed.values()]
+        means = [float(np.mean(list(p.values()))) for p in ppl]
+        worst = [float(np.max(list(p.values()))) for p in ppl]
+        row = {"strategy": strategy, "seeds": sorted(by_seed),
+               "ppl_mean": float(np.mean(means)), "ppl_worst": float(np.mean(worst)),
+               "ppl_mean_ci": list(bootstrap_ci(means)[1:]) if len(means) > 1 else None,
+               "upload_mb_per_client_round": float(np.mean([upload_mb(r)
+                                                            for r in by_seed.values()]))}
+        if strategy != REFERENCE and reference:
+            ours, theirs, seeds = paired(by_seed, reference)
+            if len(ours):
+                diff = paired_relative_difference(ours, theirs, clusters=seeds)
+                wins = win_rate(ours < theirs, clusters=seeds)
+                row |= {"units": int(len(ours)), "fedmoe_vs_pct": diff.mean,
+                        "fedmoe_vs_pct_ci": [diff.low, diff.high],
+                        "fedmoe_wins": wins.mean, "fedmoe_wins_ci": [wins.low, wins.high]}
+        rows.append(row)
+    return rows
+
+
+def pruning_summary(out: Path, variant: str, runs: dict[str, dict[int, dict]]) -> dict:
+    from fedmoe.stats import paired_relative_difference, win_rate
+
+    summary: dict = {}
+    if "fedmoe_pruned" in runs and REFERENCE in runs:
+        unpruned, pruned, seeds = paired(runs["fedmoe_pruned"], runs[REFERENCE])
+        cost = paired_relative_difference(pruned, unpruned, clusters=seeds)
+        summary["federated_cost_pct"] = {"mean": cost.mean, "ci": [cost.low, cost.high],
+                                         "units": int(len(seeds)),
+                                         "goal_met": cost.mean <= 100 * PRUNE_GOAL}
+    better, clusters, cost_pct = [], [], []
+    for seed in SEEDS:
+        path = out / variant / "pruning" / f"seed{seed}" / "bench_pruning.json"
+        if not path.is_file():
+            continue
+        recovered = json.loads(path.read_text())["recovered"]
+        by = {(r["client"], r["mode"]): r for r in recovered}
+        for client in sorted({r["client"] for r in recovered}):
+            pers, glob = by.get((client, "personalized")), by.get((client, "global"))
+            if pers is None or glob is None:
+                continue
+            better.append(pers["ppl"] < glob["ppl"])
+            cost_pct.append(100 * (pers["ppl"] / pers["ppl_unpruned"] - 1))
+            clusters.append(seed)
+    if better:
+        wins = win_rate(np.array(better), clusters=np.array(clusters))
+        summary["personalized_beats_global"] = {"share": wins.mean, "ci": [wins.low, wins.high],
+                                                "units": len(better),
+                                                "goal_met": wins.mean >= PRUNE_WIN_GOAL}
+        summary["recovered_cost_pct_vs_unpruned_same_steps"] = float(np.mean(cost_pct))
+    return summary
+
+
+def consistency_summary(out: Path, variant: str) -> dict:
+    from fedmoe.stats import paired_difference
+
+    rows, clusters = [], []
+    for seed in SEEDS:
+        path = out / variant / "consistency" / f"seed{seed}.json"
+        if path.is_file():
+            for row in json.loads(path.read_text()):
+                rows.append(row)
+                clusters.append(seed)
+    if not rows:
+        return {}
+    summary = {}
+    for key in ("srp", "lru_hit", "sch_hit"):
+        base = np.array([r["base"][key] for r in rows])
+        personal = np.array([r["personalized"][key] for r in rows])
+        diff = paired_difference(personal, base, clusters=np.array(clusters))
+        summary[key] = {"base": float(base.mean()), "personalized": float(personal.mean()),
+                        "difference": diff.mean, "ci": [diff.low, diff.high],
+                        "personalized_higher": float(np.mean(personal > base)),
+                        "units": len(rows)}
+    return summary
+
+
+# ---- report -------------------------------------------------------------------------------
+def fmt_ci(mean: float, ci: list[float] | None, digits: int = 2) -> str:
+    if ci is None:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def markdown(variant: str, table: list[dict], pruning: dict, routing: dict) -> str:
+    lines = [f"### {variant} split", "",
+             "| strategy | seeds | mean ppl | worst client ppl | fedmoe vs it, % [95% CI] "
+             "| fedmoe better, share of clients [95% CI] | MB up / client / round |",
+             "|---|---|---|---|---|---|---|"]
+    for r in table:
+        vs = fmt_ci(r["fedmoe_vs_pct"], r["fedmoe_vs_pct_ci"]) if "fedmoe_vs_pct" in r else "-"
+        wins = fmt_ci(r["fedmoe_wins"], r["fedmoe_wins_ci"]) if "fedmoe_wins" in r else "-"
+        lines.append(f"| {r['strategy']} | {len(r['seeds'])} | "
+                     f"{fmt_ci(r['ppl_mean'], r['ppl_mean_ci'])} | {r['ppl_worst']:.2f} | {vs} "
+                     f"| {wins} | {r['upload_mb_per_client_round']:.3f} |")
+    if pruning:
+        lines += ["", "| pruning at 50% kept | value [95% CI] | goal |", "|---|---|---|"]
+        if "federated_cost_pct" in pruning:
+            c = pruning["federated_cost_pct"]
+            lines.append(f"| fedmoe pruned after round 2 vs unpruned, same rounds, ppl % "
+                         f"| {fmt_ci(c['mean'], c['ci'])} | <= +3% "
+                         f"({'met' if c['goal_met'] else 'missed'}) |")
+        if "personalized_beats_global" in pruning:
+            c = pruning["personalized_beats_global"]
+            lines.append(f"| personalized beats global TCESS after recovery, share of clients "
+                         f"| {fmt_ci(c['share'], c['ci'])} | >= 0.8 "
+                         f"({'met' if c['goal_met'] else 'missed'}) |")
+    if routing:
+        lines += ["", "| routing on the client's own domain | base | personalized | "
+                  "difference [95% CI] |", "|---|---|---|---|"]
+        for key, label in (("srp", f"SRP (segment {SEGMENT})"),
+                           ("lru_hit", "LRU hit rate, cache of 1/4 of the experts"),
+                           ("sch_hit", f"SCH({SEGMENT}) hit rate, cache of 1/4")):
+            c = routing[key]
+            lines.append(f"| {label} | {c['base']:.4f} | {c['personalized']:.4f} | "
+                         f"{fmt_ci(c['difference'], c['ci'], 4)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*",
+                        help="Hydra overrides after experiment=research, for every run (a "
+                             "changed setting is a different benchmark: use another --out)")
+    parser.add_argument("--out", type=Path, default=Path("results/research"))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--recover-steps", type=int, default=32,
+                        help="local steps after pruning in the personalized-vs-global pairs "
+                             "(the federated clients recover for 2 rounds x 16 steps)")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    variants, strategies = args.variants.split(","), args.strategies.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    failed = []
+    if not args.report_only:
+        for variant in variants:
+            for seed in seeds:  # every strategy of a seed before the next seed: CIs grow
+                for strategy in strategies:
+                    if not simulate(out, variant, strategy, seed, args.overrides):
+                        failed.append(f"{variant}/{strategy}/seed{seed}")
+        for variant in variants:
+            for seed in seeds:
+                if (run_dir(out, variant, REFERENCE, seed) / "results.json").is_file():
+                    consistency(out, variant, seed)
+                    if not prune_bench(out, variant, seed, args.recover_steps):
+                        failed.append(f"{variant}/pruning/seed{seed}")
+    report: dict = {}
+    text = []
+    for variant in variants:
+        runs = load_runs(out, variant)
+        if not runs:
+            continue
+        table = strategy_table(runs)
+        pruning = pruning_summary(out, variant, runs)
+        routing = consistency_summary(out, variant)
+        report[variant] = {"strategies": table, "pruning": pruning, "routing": routing}
+        text.append(markdown(variant, table, pruning, routing))
+    print("\n".join(text))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "research.md").write_text("\n".join(text))
+    (out / "research.json").write_text(json.dumps(report, indent=2))
+    print(f"saved {out / 'research.json'} and {out / 'research.md'}")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
