@@ -4,7 +4,8 @@ A run's figures (:func:`write_run_plots`, called by the ServerApp after the last
 ``<run_dir>/plots/``: training loss and held-out perplexity per round, per-client perplexity
 (shared start vs personalized), communication per round, and expert usage per client and
 layer. ``fedmoe report`` draws the sweep figures
-(:func:`plot_perplexity_by_setting`, :func:`plot_communication_by_setting`). Every function
+(:func:`plot_perplexity_by_setting`, :func:`plot_communication_by_setting`,
+:func:`plot_gains_by_setting`). Every function
 takes plain dicts (``results.json``, ``meta.json``), writes ``path`` and returns it.
 """
 
@@ -243,4 +244,35 @@ def plot_communication_by_setting(cumulative_mb: Mapping[str, Sequence[Sequence[
     ax.set_title("communication per round by setting", fontsize=10)
     ax.set_xticks(range(n + 1))
     _legend_below(ax, ncol=1)
+    return _save(fig, path)
+
+
+def plot_gains_by_setting(gains: Mapping[str, Mapping[tuple[str, str], float]],
+                          intervals: Mapping[str, tuple[float, float, float]],
+                          path: str | Path, baseline: str = "the baseline") -> Path:
+    """Per setting, the perplexity gain (%) over the baseline of each client in each seed (one
+    point, coloured by seed) and their mean with its confidence interval (black bar).
+
+    ``gains`` maps setting label -> (seed, client id) -> gain %; ``intervals`` maps setting
+    label -> (mean, low, high).
+    """
+    labels = list(gains)
+    seeds = sorted({s for g in gains.values() for s, _ in g}, key=str)
+    fig, ax = _figure(figsize=(max(4.5, 1.4 * len(labels) + 2), 4.0 + 0.2 * len(labels)))
+    jitter = np.random.default_rng(0)  # spreads the points sideways, the same on every call
+    for i, label in enumerate(labels):
+        for j, seed in enumerate(seeds):
+            y = [g for (s, _), g in gains[label].items() if s == seed]
+            x = i - 0.25 + jitter.uniform(-0.08, 0.08, len(y))
+            ax.plot(x, y, "o", ms=4, alpha=0.6, color=f"C{j % 10}",
+                    label=f"seed {seed}" if i == 0 else None)
+        mean, low, high = intervals[label]
+        ax.errorbar([i + 0.1], [mean], yerr=[[mean - low], [high - mean]], fmt="D", color="k",
+                    capsize=4, label="mean, CI" if i == 0 else None)
+    ax.axhline(0, color="0.5", lw=0.8, ls="--")
+    ax.set_xticks(range(len(labels)), labels, rotation=15 if len(labels) > 3 else 0)
+    ax.set(ylabel=f"perplexity gain over {baseline} (%)")
+    ax.set_title(f"per-client gain vs {baseline}\n(one point per client and seed; above 0: "
+                 "better)", fontsize=10)
+    _legend_below(ax, ncol=min(4, len(seeds) + 1))
     return _save(fig, path)

@@ -5,6 +5,12 @@ Hydra overrides (``.hydra/overrides.yaml``) other than the seed; the table has o
 setting and one column per override that differs between settings, and each metric is the
 mean ± sample std over the setting's seeds. Written into the sweep dir: ``report.md``,
 ``report.csv``, ``report_client_ppl.png`` and ``report_communication.png``.
+
+With a baseline setting (``baseline=fedavg``), a second table compares every other setting
+with it client by client: the units are (seed, client) pairs that both settings ran, and the
+per-client perplexity gain, the win rate and their 95 % intervals come from a bootstrap that
+resamples seeds and clients (:mod:`fedmoe.stats`). Also written: ``report_paired.csv``,
+``report_paired.json`` and ``report_client_gains.png``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,17 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig
+
+from fedmoe.config import ConfigError
+from fedmoe.stats import (
+    Estimate,
+    Unit,
+    UnmatchedUnits,
+    bootstrap_ci,
+    crossed,
+    paired_differences,
+    win_rate,
+)
 
 MB = 2**20
 # Config keys that differ between runs without being a setting (fallback without overrides).
@@ -250,24 +267,167 @@ def write_csv(report: Report, path: str | Path) -> Path:
     return path
 
 
+# --- the paired table --------------------------------------------------------------------------
+
+
+@dataclass
+class Paired:
+    """One setting against the baseline over their matched units (seed, client).
+
+    ``gains`` is the per-unit perplexity gain in percent of the baseline's perplexity,
+    ``100 * (ppl_baseline - ppl) / ppl_baseline``: above 0, the setting is better.
+    """
+
+    label: str
+    overrides: dict[str, str]
+    gains: dict[Unit, float]
+    gain: Estimate
+    win_rate: Estimate
+    ppl_worst: float | None  # mean over seeds of the worst client's perplexity
+    seeds: int
+    clients: int
+
+
+def find_baseline(report: Report, baseline: str) -> Setting:
+    """The one setting that ``baseline`` names: its label (``strategy=fedavg, lr=0.1``), one
+    of its ``key=value`` overrides, or one of their values (``fedavg``)."""
+    def names(s: Setting) -> set[str]:
+        parts = {f"{k}={s.overrides[k]}" for k in report.keys if k in s.overrides}
+        return {s.label(report.keys), *parts, *(p.partition("=")[2] for p in parts)}
+
+    found = [s for s in report.settings if baseline in names(s)]
+    if len(found) != 1:
+        labels = "; ".join(s.label(report.keys) for s in report.settings)
+        raise ConfigError(f"baseline={baseline} names {len(found)} settings, not one; "
+                          f"the settings: {labels}")
+    return found[0]
+
+
+def paired_report(report: Report, baseline: Setting, *, confidence: float = 0.95,
+                  n_resamples: int = 10_000, seed: int = 0) -> list[Paired]:
+    """Every setting but ``baseline`` against it, unit by unit (see :class:`Paired`)."""
+    base = _units(baseline)
+    paired = []
+    for s in report.settings:
+        if s is baseline:
+            continue
+        units = _units(s)
+        try:
+            # paired_differences is (ppl - base) / base: a gain is its opposite
+            gains = {u: -d for u, d in paired_differences(units, base, relative=True).items()}
+        except UnmatchedUnits as error:
+            raise _unmatched(error, (s, baseline), report.keys) from None
+        bootstrap = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
+        paired.append(Paired(
+            s.label(report.keys), s.overrides, gains,
+            bootstrap_ci(list(gains.values()), clusters=crossed(gains), **bootstrap),
+            win_rate(units, base, **bootstrap), s.mean["ppl_worst"],
+            seeds=len({u[0] for u in gains}), clients=len({u[1] for u in gains})))
+    return paired
+
+
+def _units(s: Setting) -> dict[Unit, float]:
+    """(seed, client id) -> final perplexity of every evaluated client of every run."""
+    units, runs = {}, {}
+    for seed, run in zip(s.seeds, s.runs, strict=True):
+        if seed in runs:  # a unit would stand for two runs
+            raise ConfigError(f"baseline: runs {runs[seed].path} and {run.path} both have seed "
+                              f"{seed}; paired statistics need one run per seed and setting")
+        runs[seed] = run
+        for cid, c in run.results.get("clients", {}).items():
+            if c.get("final_ppl") is not None:
+                units[seed, cid] = c["final_ppl"]
+    return units
+
+
+def _unmatched(error: UnmatchedUnits, pair: tuple[Setting, Setting], keys: list[str]):
+    """One line: the first unit one setting of ``pair`` has and the other lacks, its run."""
+    has, lacks = pair if error.only_a else pair[::-1]
+    seed, cid = (error.only_a or error.only_b)[0]
+    run = dict(zip(has.seeds, has.runs, strict=True))[seed].path
+    other = dict(zip(lacks.seeds, lacks.runs, strict=True)).get(seed)
+    missing = (f"not in {lacks.label(keys)} (run {other.path}: no final_ppl)" if other
+               else f"{lacks.label(keys)} has no run of seed {seed}")
+    return ConfigError(f"baseline: client {cid} of seed {seed} is in {has.label(keys)} (run "
+                       f"{run}) but {missing}; paired statistics need the same seeds and "
+                       "clients in both settings")
+
+
+def paired_markdown(paired: list[Paired], baseline: Setting, keys: list[str],
+                    confidence: float = 0.95) -> str:
+    """The paired table: gain (%) and win rate with their intervals, worst clients, units."""
+    level = f"{confidence:.0%} CI"
+    lines = [f"paired vs baseline {baseline.label(keys)} (worst-client ppl "
+             f"{_cell(baseline.mean['ppl_worst'], None, 2)}); gain = perplexity below the "
+             "baseline's, % of it, per client and seed", "",
+             f"| setting | ppl gain % [{level}] | win rate [{level}] | ppl (worst) "
+             "| units (clients × seeds) |", "|---|---:|---:|---:|---:|"]
+    for p in paired:
+        lines.append(f"| {p.label} | {_interval(p.gain, 2)} | {_interval(p.win_rate, 2)} "
+                     f"| {_cell(p.ppl_worst, None, 2)} | {p.gain.n} ({p.clients} × {p.seeds}) |")
+    return "\n".join(lines) + "\n"
+
+
+def _interval(e: Estimate, decimals: int) -> str:
+    return f"{e.mean:.{decimals}f} [{e.low:.{decimals}f}, {e.high:.{decimals}f}]"
+
+
+def write_paired(paired: list[Paired], baseline: Setting, keys: list[str], out: Path,
+                 bootstrap: Mapping[str, Any]) -> dict[str, Path]:
+    """``report_paired.csv`` (one row per setting) and ``report_paired.json`` (also every
+    unit's gain), for a benchmark script to read."""
+    rows = [{"setting": p.label, **{k: p.overrides.get(k, "") for k in keys},
+             "units": p.gain.n, "clients": p.clients, "seeds": p.seeds,
+             **{f"gain_pct_{k}": getattr(p.gain, k) for k in ("mean", "low", "high")},
+             **{f"win_rate_{k}": getattr(p.win_rate, k) for k in ("mean", "low", "high")},
+             "ppl_worst": p.ppl_worst, "baseline_ppl_worst": baseline.mean["ppl_worst"]}
+            for p in paired]
+    with (out / "report_paired.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["setting"])
+        writer.writeheader()
+        writer.writerows(rows)
+    document = {
+        "baseline": baseline.label(keys), "baseline_overrides": baseline.overrides,
+        "bootstrap": {**bootstrap, "interval": "percentile",
+                      "resampling": "seeds and clients independently (pigeonhole)"},
+        "settings": [{**row, "gains_pct": [{"seed": s, "client": c, "gain_pct": g}
+                                           for (s, c), g in p.gains.items()]}
+                     for row, p in zip(rows, paired, strict=True)],
+    }
+    (out / "report_paired.json").write_text(json.dumps(document, indent=2))
+    return {"paired_csv": out / "report_paired.csv", "paired_json": out / "report_paired.json"}
+
+
 # --- the command -------------------------------------------------------------------------------
 
 
 def write_report(sweep_dir: str | Path, seed_key: str = "seed",
-                 out_dir: str | Path | None = None) -> tuple[str, dict[str, Path]]:
+                 out_dir: str | Path | None = None, baseline: str | None = None,
+                 bootstrap: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Path]]:
     """Gather the sweep, write ``report.md``, ``report.csv`` and the figures.
+
+    Parameters
+    ----------
+    baseline : str, optional
+        A setting (see :func:`find_baseline`): adds the paired table and its files.
+    bootstrap : Mapping, optional
+        ``confidence``, ``n_resamples`` and ``seed`` of the paired table's intervals.
 
     Returns
     -------
     tuple[str, dict[str, Path]]
-        The markdown table and name -> path of every file written.
+        The markdown table(s) and name -> path of every file written.
     """
     from fedmoe.plots import plot_communication_by_setting, plot_perplexity_by_setting
 
     report = summarize(collect_runs(sweep_dir), seed_key)
     out = Path(out_dir or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
-    markdown = to_markdown(report)
+    markdown, files = to_markdown(report), {}
+    if baseline is not None:
+        bootstrap = {"confidence": 0.95, "n_resamples": 10_000, "seed": 0, **(bootstrap or {})}
+        paired_md, files = _write_paired_section(report, baseline, bootstrap, out)
+        markdown += "\n" + paired_md
     (out / "report.md").write_text(f"# Sweep report: {Path(sweep_dir).resolve()}\n\n{markdown}")
     per_client, cumulative = {}, {}
     for s in report.settings:
@@ -279,12 +439,30 @@ def write_report(sweep_dir: str | Path, seed_key: str = "seed",
                     per_client[label].setdefault(cid, []).append(c["final_ppl"])
         cumulative[label] = [_cumulative_mb(run.results) for run in s.runs]
     return markdown, {
+        **files,
         "markdown": out / "report.md",
         "csv": write_csv(report, out / "report.csv"),
         "client_ppl": plot_perplexity_by_setting(per_client, out / "report_client_ppl.png"),
         "communication": plot_communication_by_setting(cumulative,
                                                        out / "report_communication.png"),
     }
+
+
+def _write_paired_section(report: Report, baseline: str, bootstrap: dict[str, Any],
+                          out: Path) -> tuple[str, dict[str, Path]]:
+    """The paired table's markdown, and its CSV, JSON and figure written into ``out``."""
+    from fedmoe.plots import plot_gains_by_setting
+
+    base = find_baseline(report, baseline)
+    if len(report.settings) == 1:
+        raise ConfigError(f"baseline={baseline}: the sweep has no other setting to compare")
+    paired = paired_report(report, base, **bootstrap)
+    files = write_paired(paired, base, report.keys, out, bootstrap)
+    files["client_gains"] = plot_gains_by_setting(
+        {p.label: p.gains for p in paired},
+        {p.label: (p.gain.mean, p.gain.low, p.gain.high) for p in paired},
+        out / "report_client_gains.png", baseline=base.label(report.keys))
+    return paired_markdown(paired, base, report.keys, bootstrap["confidence"]), files
 
 
 def _cumulative_mb(results: dict) -> list[float]:
@@ -297,7 +475,8 @@ def _cumulative_mb(results: dict) -> list[float]:
 
 def main(cfg: DictConfig) -> str:
     """Hydra task of ``fedmoe report <sweep dir>``: print the table, name the files."""
-    markdown, files = write_report(cfg.sweep_dir, cfg.seed_key, cfg.out_dir)
+    markdown, files = write_report(cfg.sweep_dir, cfg.seed_key, cfg.out_dir, cfg.baseline,
+                                   cfg.bootstrap)
     print(markdown)
     for path in files.values():
         print(f"wrote {path}")

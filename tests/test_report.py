@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedmoe.report import collect_runs, parse_overrides, summarize, to_markdown, write_report
+from fedmoe.config import ConfigError
+from fedmoe.report import (
+    collect_runs,
+    find_baseline,
+    paired_report,
+    parse_overrides,
+    summarize,
+    to_markdown,
+    write_report,
+)
 from fedmoe.tracking import offline_runs, read_offline_run
 from tests.helpers.runs import FAST, TWO_CLIENTS, fedmoe
 
@@ -121,6 +130,132 @@ def test_cli_takes_the_sweep_dir_as_positional_argument(tmp_path):
     assert "| fedavg | 2 (seed 0,1) | 165.00 ± 7.07 |" in proc.stdout
     assert {p.name for p in sweep.iterdir() if p.is_file()} == {
         "report.md", "report.csv", "report_client_ppl.png", "report_communication.png"}
+
+
+# --- paired statistics against a baseline -------------------------------------------------------
+
+# SWEEP's per-unit gains of fedmoe over fedavg, 100 * (1 - ppl / ppl_fedavg), (seed, client):
+GAINS = {("0", "0"): 100 / 3, ("0", "1"): 100 * 50 / 170, ("1", "0"): 31.25,
+         ("1", "1"): 100 * 50 / 180}
+
+
+def test_paired_gains_and_win_rate_against_the_baseline(tmp_path):
+    # Prepare
+    report = summarize(collect_runs(_fake_sweep(tmp_path, SWEEP)))
+    # Execute
+    fedmoe, local = paired_report(report, find_baseline(report, "fedavg"))
+    # Assert: the gain of each (seed, client), their mean; with 2 seeds x 2 clients a
+    # resample is all of one unit with probability 1/4 * 1/4 > 2.5 %, so the 95 % interval
+    # runs from the smallest unit's gain to the largest's
+    assert fedmoe.gains == pytest.approx(GAINS)
+    assert fedmoe.gain.mean == pytest.approx(statistics.fmean(GAINS.values()))
+    assert (fedmoe.gain.low, fedmoe.gain.high) == pytest.approx((100 * 50 / 180, 100 / 3))
+    assert (fedmoe.win_rate.mean, fedmoe.win_rate.low, fedmoe.win_rate.high) == (1, 1, 1)
+    assert local.win_rate.mean == 0 and local.gain.high < 0
+    assert (fedmoe.gain.n, fedmoe.clients, fedmoe.seeds) == (4, 2, 2)
+    assert (fedmoe.ppl_worst, local.ppl_worst) == (125.0, 215.0)
+
+
+def test_a_mixed_win_rate(tmp_path):
+    # fedmoe beats fedavg on client 0 of both seeds, loses on client 1, ties client 2
+    sweep = {"fedmoe": [[100.0, 200.0, 150.0]] * 2, "fedavg": [[150.0, 150.0, 150.0]] * 2}
+    report = summarize(collect_runs(_fake_sweep(tmp_path, sweep)))
+    (paired,) = paired_report(report, find_baseline(report, "strategy=fedavg"))
+    assert paired.win_rate.mean == pytest.approx(0.5)  # (1 + 0 + 0.5) / 3 per seed
+    assert paired.gain.mean == pytest.approx((100 / 3 - 100 / 3 + 0) / 3)
+    assert paired.win_rate.low < 0.5 < paired.win_rate.high
+
+
+def test_report_with_a_baseline_writes_the_paired_table(tmp_path):
+    # Execute
+    markdown, files = write_report(_fake_sweep(tmp_path, SWEEP), baseline="fedavg",
+                                   bootstrap={"n_resamples": 4000})
+    # Assert: the table after the first one, its CSV and JSON, the figure
+    assert "paired vs baseline strategy=fedavg (worst-client ppl 175.00)" in markdown
+    assert ("| strategy=fedmoe | 30.44 [27.78, 33.33] | 1.00 [1.00, 1.00] | 125.00 "
+            "| 4 (2 × 2) |") in markdown
+    assert (tmp_path / "report.md").read_text().endswith(markdown)
+    with files["paired_csv"].open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["strategy"] for r in rows] == ["fedmoe", "local"]
+    assert float(rows[0]["gain_pct_mean"]) == pytest.approx(30.4432, abs=1e-4)
+    assert float(rows[1]["baseline_ppl_worst"]) == 175.0
+    document = json.loads(files["paired_json"].read_text())
+    assert document["baseline"] == "strategy=fedavg"
+    assert document["bootstrap"]["n_resamples"] == 4000
+    units = {(u["seed"], u["client"]): u["gain_pct"] for u in document["settings"][0]["gains_pct"]}
+    assert units == pytest.approx(GAINS)
+    assert files["client_gains"].name == "report_client_gains.png"
+    assert files["client_gains"].stat().st_size > 1000
+
+
+def test_a_missing_client_is_a_one_line_error_naming_run_and_client(tmp_path):
+    # Prepare: fedavg's seed-1 run never evaluated client 1
+    sweep = _fake_sweep(tmp_path, SWEEP)
+    run = next(sweep.glob("*_seed=1,strategy=fedavg"))
+    results = json.loads((run / "results.json").read_text())
+    results["clients"]["1"]["final_ppl"] = None
+    (run / "results.json").write_text(json.dumps(results))
+    report = summarize(collect_runs(sweep))
+    # Execute / Assert
+    with pytest.raises(ConfigError) as error:
+        paired_report(report, find_baseline(report, "fedavg"))
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("baseline: client 1 of seed 1 is in strategy=fedmoe (run ")
+    assert f"but not in strategy=fedavg (run {run}: no final_ppl)" in message
+
+
+def test_a_missing_seed_is_an_error_naming_it(tmp_path):
+    sweep = {"fedmoe": SWEEP["fedmoe"], "fedavg": SWEEP["fedavg"][:1]}
+    report = summarize(collect_runs(_fake_sweep(tmp_path, sweep)))
+    with pytest.raises(ConfigError, match="client 0 of seed 1 is in strategy=fedmoe .* "
+                                          "strategy=fedavg has no run of seed 1"):
+        paired_report(report, find_baseline(report, "fedavg"))
+
+
+def test_two_runs_of_one_seed_are_an_error(tmp_path):
+    sweep = _fake_sweep(tmp_path, SWEEP)
+    run = next(sweep.glob("*_seed=1,strategy=fedavg"))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
+        ["experiment=smoke", "strategy=fedavg", "seed=0"]))
+    report = summarize(collect_runs(sweep))
+    with pytest.raises(ConfigError, match=f"and {run} both have seed 0"):
+        paired_report(report, find_baseline(report, "fedavg"))
+
+
+def test_a_baseline_names_exactly_one_setting(tmp_path):
+    report = summarize(collect_runs(_fake_sweep(tmp_path, SWEEP)))
+    assert find_baseline(report, "strategy=local") is report.settings[2]
+    with pytest.raises(ConfigError, match="baseline=scaffold names 0 settings, not one; the "
+                                          "settings: strategy=fedmoe; strategy=fedavg"):
+        find_baseline(report, "scaffold")
+
+
+def test_cli_baseline_prints_the_paired_table(tmp_path):
+    # Prepare
+    sweep = _fake_sweep(tmp_path / "sweep", SWEEP)
+    # Execute
+    proc = subprocess.run([sys.executable, "-m", "fedmoe.cli", "report", str(sweep),
+                           "baseline=fedavg", "bootstrap.n_resamples=2000"],
+                          capture_output=True, text=True, timeout=120)
+    # Assert
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| strategy=fedmoe | 30.44 [27.78, 33.33] | 1.00 [1.00, 1.00] |" in proc.stdout
+    assert {"report_paired.csv", "report_paired.json", "report_client_gains.png"} <= {
+        p.name for p in sweep.iterdir()}
+
+
+def test_cli_unmatched_clients_end_in_one_line(tmp_path):
+    sweep = {"fedmoe": SWEEP["fedmoe"], "fedavg": SWEEP["fedavg"][:1]}
+    sweep = _fake_sweep(tmp_path / "sweep", sweep)
+    proc = subprocess.run([sys.executable, "-m", "fedmoe.cli", "report", str(sweep),
+                           "baseline=fedavg"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"fedmoe report: baseline: client 0 of seed 1 is in strategy=fedmoe (run "
+        f"{sweep / '1_seed=1,strategy=fedmoe'}) but strategy=fedavg has no run of seed 1; "
+        "paired statistics need the same seeds and clients in both settings"]
 
 
 # --- a real sweep -------------------------------------------------------------------------------
