@@ -85,8 +85,7 @@ def simulate(out: Path, variant: str, strategy: str, seed: int, extra: list[str]
         return True
     path.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "fedmoe.cli", "simulate", *SETTING, *VARIANTS[variant],
-           *STRATEGIES[strategy], *extra, f"seed={seed}", f"hydra.run.dir={path}",
-           f"logger.group=research-{variant}"]
+           *STRATEGIES[strategy], *extra, f"seed={seed}", f"hydra.run.dir={path}"]
     print(f"[{time.strftime('%H:%M:%S')}] {variant}/{strategy}/seed{seed}", flush=True)
     with open(path.parent / f"seed{seed}.log", "a") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
@@ -180,17 +179,25 @@ def per_client(results: dict, key: str = "final_ppl") -> dict[str, float]:
     return {c: v[key] for c, v in results["clients"].items() if v.get(key) is not None}
 
 
-def paired(runs: dict[int, dict], reference: dict[int, dict]) -> tuple[np.ndarray, ...]:
-    """Matched (seed, client) units: the strategy's and the reference's final perplexity,
-    and the seed of each unit (the bootstrap's cluster)."""
-    ours, theirs, seeds = [], [], []
-    for seed in sorted(set(runs) & set(reference)):
-        a, b = per_client(reference[seed]), per_client(runs[seed])
-        for client in sorted(set(a) & set(b), key=int):
-            ours.append(a[client])
-            theirs.append(b[client])
-            seeds.append(seed)
-    return np.array(ours), np.array(theirs), np.array(seeds)
+def units(by_seed: dict[int, dict], key: str = "final_ppl") -> dict[tuple[str, str], float]:
+    """(seed, client) -> the client's final held-out perplexity in that seed's run."""
+    return {(str(seed), client): value for seed, results in by_seed.items()
+            for client, value in per_client(results, key).items()}
+
+
+def matched(a: dict, b: dict) -> tuple[dict, dict]:
+    """Both settings restricted to the units they share (a run still missing is left out)."""
+    common = a.keys() & b.keys()
+    return {u: a[u] for u in common}, {u: b[u] for u in common}
+
+
+def relative_difference(a: dict, b: dict):
+    """Mean of 100 (a - b) / b over matched units, with its crossed seeds x clients
+    bootstrap CI (:mod:`fedmoe.stats`)."""
+    from fedmoe.stats import bootstrap_ci, crossed, paired_differences
+
+    diff = paired_differences(a, b, relative=True)
+    return bootstrap_ci(list(diff.values()), clusters=crossed(diff))
 
 
 def upload_mb(results: dict) -> float:
@@ -200,27 +207,26 @@ def upload_mb(results: dict) -> float:
 
 
 def strategy_table(runs: dict[str, dict[int, dict]]) -> list[dict]:
-    from fedmoe.stats import bootstrap_ci, paired_relative_difference, win_rate
+    from fedmoe.stats import bootstrap_ci, crossed, win_rate
 
     rows = []
-    reference = runs.get(REFERENCE, {})
+    reference = units(runs.get(REFERENCE, {}))
     for strategy, by_seed in runs.items():
         if strategy == "fedmoe_pruned":
             continue
-        ppl = [per_client(r) for r in by_seed.values()]
-        means = [float(np.mean(list(p.values()))) for p in ppl]
-        worst = [float(np.max(list(p.values()))) for p in ppl]
+        ppl = units(by_seed)
+        mean = bootstrap_ci(list(ppl.values()), clusters=crossed(ppl))
+        worst = [max(per_client(r).values()) for r in by_seed.values()]
         row = {"strategy": strategy, "seeds": sorted(by_seed),
-               "ppl_mean": float(np.mean(means)), "ppl_worst": float(np.mean(worst)),
-               "ppl_mean_ci": list(bootstrap_ci(means)[1:]) if len(means) > 1 else None,
+               "ppl_mean": mean.mean, "ppl_mean_ci": [mean.low, mean.high],
+               "ppl_worst": float(np.mean(worst)),
                "upload_mb_per_client_round": float(np.mean([upload_mb(r)
                                                             for r in by_seed.values()]))}
         if strategy != REFERENCE and reference:
-            ours, theirs, seeds = paired(by_seed, reference)
-            if len(ours):
-                diff = paired_relative_difference(ours, theirs, clusters=seeds)
-                wins = win_rate(ours < theirs, clusters=seeds)
-                row |= {"units": int(len(ours)), "fedmoe_vs_pct": diff.mean,
+            ours, theirs = matched(reference, units(by_seed))
+            if ours:
+                diff, wins = relative_difference(ours, theirs), win_rate(ours, theirs)
+                row |= {"units": len(ours), "fedmoe_vs_pct": diff.mean,
                         "fedmoe_vs_pct_ci": [diff.low, diff.high],
                         "fedmoe_wins": wins.mean, "fedmoe_wins_ci": [wins.low, wins.high]}
         rows.append(row)
@@ -228,59 +234,55 @@ def strategy_table(runs: dict[str, dict[int, dict]]) -> list[dict]:
 
 
 def pruning_summary(out: Path, variant: str, runs: dict[str, dict[int, dict]]) -> dict:
-    from fedmoe.stats import paired_relative_difference, win_rate
+    from fedmoe.stats import win_rate
 
     summary: dict = {}
     if "fedmoe_pruned" in runs and REFERENCE in runs:
-        unpruned, pruned, seeds = paired(runs["fedmoe_pruned"], runs[REFERENCE])
-        cost = paired_relative_difference(pruned, unpruned, clusters=seeds)
-        summary["federated_cost_pct"] = {"mean": cost.mean, "ci": [cost.low, cost.high],
-                                         "units": int(len(seeds)),
-                                         "goal_met": cost.mean <= 100 * PRUNE_GOAL}
-    better, clusters, cost_pct = [], [], []
+        pruned, unpruned = matched(units(runs["fedmoe_pruned"]), units(runs[REFERENCE]))
+        if pruned:
+            cost = relative_difference(pruned, unpruned)
+            summary["federated_cost_pct"] = {"mean": cost.mean, "ci": [cost.low, cost.high],
+                                             "units": cost.n,
+                                             "goal_met": cost.mean <= 100 * PRUNE_GOAL}
+    personal, pooled, cost_pct = {}, {}, []
     for seed in SEEDS:
         path = out / variant / "pruning" / f"seed{seed}" / "bench_pruning.json"
         if not path.is_file():
             continue
-        recovered = json.loads(path.read_text())["recovered"]
-        by = {(r["client"], r["mode"]): r for r in recovered}
-        for client in sorted({r["client"] for r in recovered}):
-            pers, glob = by.get((client, "personalized")), by.get((client, "global"))
-            if pers is None or glob is None:
-                continue
-            better.append(pers["ppl"] < glob["ppl"])
-            cost_pct.append(100 * (pers["ppl"] / pers["ppl_unpruned"] - 1))
-            clusters.append(seed)
-    if better:
-        wins = win_rate(np.array(better), clusters=np.array(clusters))
+        for r in json.loads(path.read_text())["recovered"]:
+            unit = (str(seed), str(r["client"]))
+            (personal if r["mode"] == "personalized" else pooled)[unit] = r["ppl"]
+            if r["mode"] == "personalized":
+                cost_pct.append(100 * (r["ppl"] / r["ppl_unpruned"] - 1))
+    personal, pooled = matched(personal, pooled)
+    if personal:
+        wins = win_rate(personal, pooled)
         summary["personalized_beats_global"] = {"share": wins.mean, "ci": [wins.low, wins.high],
-                                                "units": len(better),
+                                                "units": wins.n,
                                                 "goal_met": wins.mean >= PRUNE_WIN_GOAL}
         summary["recovered_cost_pct_vs_unpruned_same_steps"] = float(np.mean(cost_pct))
     return summary
 
 
 def consistency_summary(out: Path, variant: str) -> dict:
-    from fedmoe.stats import paired_difference
+    from fedmoe.stats import bootstrap_ci, crossed
 
-    rows, clusters = [], []
+    rows = {}
     for seed in SEEDS:
         path = out / variant / "consistency" / f"seed{seed}.json"
         if path.is_file():
-            for row in json.loads(path.read_text()):
-                rows.append(row)
-                clusters.append(seed)
+            rows |= {(str(seed), str(r["client"])): r for r in json.loads(path.read_text())}
     if not rows:
         return {}
     summary = {}
     for key in ("srp", "lru_hit", "sch_hit"):
-        base = np.array([r["base"][key] for r in rows])
-        personal = np.array([r["personalized"][key] for r in rows])
-        diff = paired_difference(personal, base, clusters=np.array(clusters))
+        base = np.array([r["base"][key] for r in rows.values()])
+        personal = np.array([r["personalized"][key] for r in rows.values()])
+        diff = bootstrap_ci(personal - base, clusters=crossed(list(rows)))
         summary[key] = {"base": float(base.mean()), "personalized": float(personal.mean()),
                         "difference": diff.mean, "ci": [diff.low, diff.high],
                         "personalized_higher": float(np.mean(personal > base)),
-                        "units": len(rows)}
+                        "units": diff.n}
     return summary
 
 
@@ -293,8 +295,9 @@ def fmt_ci(mean: float, ci: list[float] | None, digits: int = 2) -> str:
 
 def markdown(variant: str, table: list[dict], pruning: dict, routing: dict) -> str:
     lines = [f"### {variant} split", "",
-             "| strategy | seeds | mean ppl | worst client ppl | fedmoe vs it, % [95% CI] "
-             "| fedmoe better, share of clients [95% CI] | MB up / client / round |",
+             "| strategy | seeds | mean client ppl [95% CI] | worst client ppl (mean over "
+             "seeds) | fedmoe vs it, % [95% CI] | fedmoe better, share of clients [95% CI] "
+             "| MB up / client / round |",
              "|---|---|---|---|---|---|---|"]
     for r in table:
         vs = fmt_ci(r["fedmoe_vs_pct"], r["fedmoe_vs_pct_ci"]) if "fedmoe_vs_pct" in r else "-"
