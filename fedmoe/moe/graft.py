@@ -25,6 +25,12 @@ do; ``expert_gate``: ``Linear(H, 1)``), so its parameters have their own role
 (:class:`fedmoe.moe.families.Role.GRAFT`) and the MoE block keeps every name it had. A forward
 hook on the block adds the gated graft output to the block's output.
 
+A client's export (``LocalClient.export``) is the base model's standard checkpoint with the
+graft tensors (``*.graft.*``) beside it. transformers, and fedmoe's loader today, read it as
+the plain pretrained MoE (the graft tensors are not in the model they build, so they are left
+out); a grafted model is rebuilt with :func:`add_grafts` on the loaded model and the graft
+tensors loaded into it. Evaluation in federation always uses the grafted model.
+
 Usage::
 
     add_grafts(model)                        # zero grafts: the model computes as before
