@@ -30,7 +30,8 @@ from fedmoe.moe.families import FAMILIES, ROLES
 # tests/test_config.py checks that they agree with fedmoe.data.
 PARTITIONS = ("natural", "dirichlet", "iid")
 DATA_NAMES = ("embedded", "hf")
-STRATEGY_NAMES = ("fedmoe", "fedavg", "local")  # conf/strategy/*.yaml
+STRATEGY_NAMES = ("fedmoe", "fedavg", "local", "fedmoe_sub", "flex",  # conf/strategy/*.yaml
+                  "fedavg_lora")
 SERVER_OPTS = ("adam", "yogi")
 TRAIN_METHODS = ("full", "lora")
 TRAIN_DEVICES = ("auto", "cpu", "cuda", "mps")  # fedmoe.checkpoints.DEVICES
@@ -532,6 +533,12 @@ def _cross_group_errors(cfg: DictConfig, simulated: bool = True) -> list[str]:
         errors += _top_k_errors(cfg.model)
     if "train" in cfg and not cfg.train.trainable:
         errors.append(f"train.trainable is empty: name at least one of {list(ROLES)}")
+    if "fl" in cfg and "graft" in cfg.fl.aggregate:
+        errors.append("fl.aggregate names 'graft': a grafted expert is personal and never "
+                      "leaves its client (strategy=flex)")
+    if "train" in cfg and "graft" in cfg.train.trainable and cfg.train.method != "full":
+        errors.append(f"train.trainable names 'graft' with train.method={cfg.train.method}: "
+                      "grafted experts train in full (train.method=full)")
     if simulated and "fl" in cfg and "data" in cfg:
         # The Simulation Engine starts data.num_clients nodes; the server would wait forever.
         for key in ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes"):

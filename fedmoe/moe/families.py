@@ -21,6 +21,9 @@ class Role(str, Enum):
     SHARED_EXPERT = "shared_expert"
     ROUTED_EXPERTS = "routed_experts"
     BACKBONE = "backbone"
+    # A personal expert grafted beside a MoE block (fedmoe/moe/graft.py, FLEx arXiv
+    # 2506.00965): present only in a grafted model, never aggregated.
+    GRAFT = "graft"
 
 
 ROLES: tuple[str, ...] = tuple(r.value for r in Role)
@@ -90,6 +93,7 @@ def _mlp_family(model_type: str, num_experts_key: str, shared: tuple[str, ...] =
             Role.ROUTED_EXPERTS: ("model.layers.{L}.mlp.experts.*",),
             Role.SHARED_EXPERT: tuple(f"model.layers.{{L}}.{s}.*" for s in shared),
             Role.BACKBONE: _BACKBONE_COMMON + _DENSE_MLP,
+            Role.GRAFT: ("model.layers.{L}.mlp.graft.*",),
         },
     )
 
@@ -120,6 +124,7 @@ FAMILIES: dict[str, FamilySpec] = {
             Role.ROUTED_EXPERTS: ("model.layers.{L}.block_sparse_moe.experts.*",),
             Role.SHARED_EXPERT: ("model.layers.{L}.shared_mlp.*",),
             Role.BACKBONE: _BACKBONE_COMMON,
+            Role.GRAFT: ("model.layers.{L}.block_sparse_moe.graft.*",),
         },
     ),
 }

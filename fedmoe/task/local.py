@@ -27,12 +27,14 @@ from fedmoe.fl.state import PersonalStore
 from fedmoe.memory import release_free_memory
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
+from fedmoe.moe.graft import add_grafts, grafts, init_grafts, most_activated
 from fedmoe.moe.routing import LayerRouting, RoutingTrace, capture_routing
 from fedmoe.prune import RoutingStats, budget_for_round, export_checkpoint, pruning_enabled
 from fedmoe.prune.budget import expert_mb
 from fedmoe.prune.card import client_card
 from fedmoe.prune.masked import RoutingRestriction
 from fedmoe.prune.pipeline import plan_pruning
+from fedmoe.prune.scores import compute_scores
 from fedmoe.task.guards import check_global, check_trained, kept_personal
 from fedmoe.task.lora import apply_lora
 from fedmoe.task.train import autocast_for, evaluate_lm, set_trainable, train_lm, weight_dtype
@@ -60,6 +62,8 @@ def prepare_model(model_cfg, checkpoint: str | Path, train_cfg, seed: int = 0,
     the model this way, loading only what it aggregates).
     """
     model = load_model(model_cfg, checkpoint=checkpoint, device=device, skip=skip)
+    if Role.GRAFT in {Role(r) for r in train_cfg.trainable}:
+        add_grafts(model)  # FLEx: a personal expert beside each MoE block (zero until grafted)
     if train_cfg.get("gradient_checkpointing"):
         # Recompute each decoder layer in backward: activations of one layer, not all.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -383,6 +387,8 @@ class LocalClient:
             # it does on this client's held-out data, to report what personalization gained.
             meta["base_ppl"] = self._held_out()["ppl"]
             meta["routed_mb_before"] = self._routed_mb()
+        if grafts(self.adapter) and "graft_source" not in meta:
+            meta["graft_source"] = self._graft()
         start = time.perf_counter()
         with capture_routing(self.model, self.adapter, router_probs=False) as trace:
             result = self._train(server_round)
@@ -411,6 +417,19 @@ class LocalClient:
             out["evaluation"] = self._evaluation(meta)
             out["evaluation"]["eval_seconds"] = time.perf_counter() - trained
         return out
+
+    def _graft(self) -> dict[str, int]:
+        """Graft onto each MoE layer a copy of the expert this client's data selects most
+        often (FLEx, arXiv 2506.00965; fedmoe/moe/graft.py); the layer -> expert chosen."""
+        prune = self.cfg.get("prune")
+        tokens = int(prune.calibration_tokens) if prune else 512
+        with autocast_for(self.model):
+            frequency = compute_scores(self.model, self.data.train, "frequency",
+                                       calibration_tokens=tokens, adapter=self.adapter,
+                                       batch_size=self.cfg.train.batch_size)
+        sources = most_activated(frequency, self.held)
+        init_grafts(self.adapter, sources)
+        return {str(layer): e for layer, e in sources.items()}
 
     def _train(self, server_round: int):
         t = self.cfg.train
