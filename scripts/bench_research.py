@@ -33,7 +33,8 @@ Then, from the finished runs:
    a quarter of each layer's experts — does personalization make edge caching easier?
 
 Every step is skipped when its output exists, so the command resumes where it stopped (a
-``fedmoe simulate`` run that was cut short resumes from its last round checkpoint).
+``fedmoe simulate`` run that was cut short resumes from its last round checkpoint; one that
+exited non-zero is run again and does not count until it succeeds).
 
     python scripts/bench_research.py                        # everything (hours on 2 cores)
     python scripts/bench_research.py --variants natural     # the natural split only
@@ -53,15 +54,16 @@ from pathlib import Path
 import numpy as np
 
 SETTING = ["experiment=research"]
+# Only fedmoe's clients export their models (the pruning and routing steps read them).
 STRATEGIES: dict[str, list[str]] = {
     "fedmoe": ["strategy=fedmoe"],
-    "fedavg": ["strategy=fedavg"],
-    "fedavg_lora": ["strategy=fedavg_lora", "train=lora"],
-    "local": ["strategy=local"],
-    "flex": ["strategy=flex"],
-    "fedmoe_sub": ["strategy=fedmoe_sub"],
+    "local": ["strategy=local", "fl.export=false"],
+    "fedavg": ["strategy=fedavg", "fl.export=false"],
+    "fedavg_lora": ["strategy=fedavg_lora", "fl.export=false"],
+    "flex": ["strategy=flex", "fl.export=false"],
+    "fedmoe_sub": ["strategy=fedmoe_sub", "fl.export=false"],
     "fedmoe_pruned": ["strategy=fedmoe", "prune=default", "prune.keep=0.5",
-                      "prune.at_round=2"],
+                      "prune.at_round=2", "fl.export=false"],
 }
 VARIANTS: dict[str, list[str]] = {
     "natural": [],
@@ -71,6 +73,7 @@ SEEDS = (0, 1, 2)
 REFERENCE = "fedmoe"
 PRUNE_GOAL, PRUNE_WIN_GOAL = 0.03, 0.8
 SEGMENT, CACHE_SHARE = 16, 0.25
+DONE = ".bench_done"  # written once `fedmoe simulate` exited 0
 
 
 # ---- runs ---------------------------------------------------------------------------------
@@ -81,7 +84,7 @@ def run_dir(out: Path, variant: str, strategy: str, seed: int) -> Path:
 def simulate(out: Path, variant: str, strategy: str, seed: int, extra: list[str]) -> bool:
     """One ``fedmoe simulate`` run in its own process, unless its results.json exists."""
     path = run_dir(out, variant, strategy, seed)
-    if (path / "results.json").is_file():
+    if (path / DONE).is_file():
         return True
     path.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "fedmoe.cli", "simulate", *SETTING, *VARIANTS[variant],
@@ -90,9 +93,11 @@ def simulate(out: Path, variant: str, strategy: str, seed: int, extra: list[str]
     with open(path.parent / f"seed{seed}.log", "a") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
                               env=os.environ | {"WANDB_MODE": "offline"}).returncode
-    if code != 0:
+    if code != 0:  # a failed run may still have written results.json: it does not count
         print(f"  failed (exit {code}); see {path.parent / f'seed{seed}.log'}", flush=True)
-    return code == 0
+        return False
+    (path / DONE).touch()
+    return True
 
 
 def prune_bench(out: Path, variant: str, seed: int, recover_steps: int) -> bool:
@@ -169,9 +174,10 @@ def load_runs(out: Path, variant: str) -> dict[str, dict[int, dict]]:
     runs: dict[str, dict[int, dict]] = {}
     for strategy in STRATEGIES:
         for seed in SEEDS:
-            path = run_dir(out, variant, strategy, seed) / "results.json"
-            if path.is_file():
-                runs.setdefault(strategy, {})[seed] = json.loads(path.read_text())
+            path = run_dir(out, variant, strategy, seed)
+            if (path / DONE).is_file():
+                runs.setdefault(strategy, {})[seed] = json.loads(
+                    (path / "results.json").read_text())
     return runs
 
 
@@ -349,13 +355,11 @@ def main() -> None:
     failed = []
     if not args.report_only:
         for variant in variants:
-            for seed in seeds:  # every strategy of a seed before the next seed: CIs grow
+            for seed in seeds:  # a seed's every run and analysis before the next seed
                 for strategy in strategies:
                     if not simulate(out, variant, strategy, seed, args.overrides):
                         failed.append(f"{variant}/{strategy}/seed{seed}")
-        for variant in variants:
-            for seed in seeds:
-                if (run_dir(out, variant, REFERENCE, seed) / "results.json").is_file():
+                if (run_dir(out, variant, REFERENCE, seed) / DONE).is_file():
                     consistency(out, variant, seed)
                     if not prune_bench(out, variant, seed, args.recover_steps):
                         failed.append(f"{variant}/pruning/seed{seed}")
