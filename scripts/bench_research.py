@@ -239,6 +239,27 @@ def strategy_table(runs: dict[str, dict[int, dict]]) -> list[dict]:
     return rows
 
 
+def plot_gains(runs: dict[str, dict[int, dict]], path: Path) -> Path | None:
+    """fedmoe's per-client perplexity gain (%) over each other strategy, one point per client
+    and seed, the mean and its 95% CI marked (``fedmoe/plots.py``)."""
+    from fedmoe.plots import plot_gains_by_setting
+
+    reference = units(runs.get(REFERENCE, {}))
+    gains, intervals = {}, {}
+    for strategy, by_seed in runs.items():
+        if strategy in (REFERENCE, "fedmoe_pruned"):
+            continue
+        theirs, ours = matched(units(by_seed), reference)
+        if ours:
+            # gain over a baseline: 100 (baseline - fedmoe) / baseline
+            gains[strategy] = {u: 100 * (theirs[u] - ours[u]) / theirs[u] for u in ours}
+            diff = relative_difference(ours, theirs)
+            intervals[strategy] = (-diff.mean, -diff.high, -diff.low)
+    if not gains:
+        return None
+    return plot_gains_by_setting(gains, intervals, path, baseline="the strategy named below")
+
+
 def pruning_summary(out: Path, variant: str, runs: dict[str, dict[int, dict]]) -> dict:
     from fedmoe.stats import win_rate
 
@@ -373,6 +394,7 @@ def main() -> None:
         pruning = pruning_summary(out, variant, runs)
         routing = consistency_summary(out, variant)
         report[variant] = {"strategies": table, "pruning": pruning, "routing": routing}
+        plot_gains(runs, out / f"research_{variant}_client_gains.png")
         text.append(markdown(variant, table, pruning, routing))
     print("\n".join(text))
     out.mkdir(parents=True, exist_ok=True)
