@@ -356,7 +356,7 @@ def markdown(variant: str, table: list[dict], pruning: dict, routing: dict) -> s
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*",
                         help="Hydra overrides after experiment=research, for every run (a "
@@ -369,7 +369,7 @@ def main() -> None:
                         help="local steps after pruning in the personalized-vs-global pairs "
                              "(the federated clients recover for 2 rounds x 16 steps)")
     parser.add_argument("--report-only", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = args.out.resolve()
     variants, strategies = args.variants.split(","), args.strategies.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]

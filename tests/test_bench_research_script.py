@@ -1,0 +1,78 @@
+"""scripts/bench_research.py's statistics on runs whose answers are known: paired per-client
+differences, win rates, upload, pruning and routing summaries, and which runs count."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_research.py"
+MB = 2**20
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_research", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(out: Path, strategy: str, seed: int, ppl: list[float], up_mb: float,
+              done: bool = True) -> None:
+    run = out / "natural" / strategy / f"seed{seed}"
+    run.mkdir(parents=True)
+    results = {"clients": {str(c): {"final_ppl": p} for c, p in enumerate(ppl)},
+               "rounds": [{"bytes_up": up_mb * MB * len(ppl), "accepted": list(range(len(ppl)))}
+                          for _ in range(2)]}
+    (run / "results.json").write_text(json.dumps(results))
+    if done:
+        (run / ".bench_done").touch()
+
+
+def test_report_pairs_clients_across_seeds_and_skips_failed_runs(bench, tmp_path):
+    # Prepare: local is 10% worse than fedmoe on every client of both seeds; fedavg's one
+    # run failed (results.json without the done marker); a personalized-vs-global pruning
+    # file where personalized wins on 3 of 4 clients; routing where personalization adds 0.1
+    for seed in (0, 1):
+        write_run(tmp_path, "fedmoe", seed, [10.0, 20.0], up_mb=1.5)
+        write_run(tmp_path, "local", seed, [11.0, 22.0], up_mb=0.0)
+    write_run(tmp_path, "fedavg", 0, [1.0, 1.0], up_mb=9.0, done=False)
+    pruning = tmp_path / "natural" / "pruning" / "seed0"
+    pruning.mkdir(parents=True)
+    recovered = [{"client": c, "mode": m, "ppl": p, "ppl_unpruned": 10.0}
+                 for c, (pers, glob) in enumerate([(10.1, 10.5), (10.2, 10.4), (10.3, 10.9),
+                                                   (10.8, 10.6)])
+                 for m, p in (("personalized", pers), ("global", glob))]
+    (pruning / "bench_pruning.json").write_text(json.dumps({"recovered": recovered}))
+    routing = tmp_path / "natural" / "consistency"
+    routing.mkdir(parents=True)
+    (routing / "seed0.json").write_text(json.dumps([
+        {"client": c, "base": {"srp": 0.5, "lru_hit": 0.6, "sch_hit": 0.7},
+         "personalized": {"srp": 0.6, "lru_hit": 0.7, "sch_hit": 0.8}} for c in range(2)]))
+
+    # Execute
+    bench.main(["--out", str(tmp_path), "--variants", "natural", "--report-only"])
+
+    # Assert
+    report = json.loads((tmp_path / "research.json").read_text())["natural"]
+    rows = {r["strategy"]: r for r in report["strategies"]}
+    assert set(rows) == {"fedmoe", "local"}  # the failed fedavg run does not count
+    local = rows["local"]
+    assert local["units"] == 4
+    assert local["fedmoe_vs_pct"] == pytest.approx(100 * (10 / 11 - 1))
+    assert local["fedmoe_vs_pct_ci"] == pytest.approx([100 * (10 / 11 - 1)] * 2)
+    assert local["fedmoe_wins"] == 1.0
+    assert rows["fedmoe"]["ppl_mean"] == pytest.approx(15.0)
+    assert rows["fedmoe"]["ppl_worst"] == pytest.approx(20.0)
+    assert rows["fedmoe"]["upload_mb_per_client_round"] == pytest.approx(1.5)
+    assert rows["local"]["upload_mb_per_client_round"] == 0.0
+    beats = report["pruning"]["personalized_beats_global"]
+    assert beats["share"] == pytest.approx(0.75) and beats["units"] == 4
+    assert not beats["goal_met"]
+    assert report["routing"]["srp"]["difference"] == pytest.approx(0.1)
+    assert "| local | 2 |" in (tmp_path / "research.md").read_text()
+    assert (tmp_path / "research_natural_client_gains.png").stat().st_size > 0
