@@ -16,6 +16,11 @@ streams the weights itself instead of calling ``from_pretrained``:
 - ``map_embeddings`` leaves the input embedding in the file's memory mapping: a lookup pages
   in only the rows of the tokens seen (0.2 GB of an OLMoE-1B-7B stays on disk at the edge).
 
+A checkpoint holding grafted experts (a ``strategy=flex`` client's export,
+:mod:`fedmoe.moe.graft`) loads as the grafted model: the grafts are added to the model before
+its tensors are read, and their tensors are streamed like the rest. One whose tensors do not
+map onto the grafted model is refused, never loaded with its grafts dropped.
+
 Checkpoints written by transformers 5.x keep the original per-expert layout
 (``mlp.experts.<e>.gate_proj.weight``) while the model holds fused 3-D tensors
 (``mlp.experts.gate_up_proj``); :data:`KEY_RULES` maps one onto the other for the supported
@@ -40,7 +45,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from fedmoe.config import ConfigError
-from fedmoe.moe.families import family_spec
+from fedmoe.moe.adapter import role_of_name
+from fedmoe.moe.families import Role, family_spec
+from fedmoe.moe.graft import add_grafts
 from fedmoe.moe.models import DTYPES, build_config, plain, validate_config
 
 log = logging.getLogger(__name__)
@@ -137,6 +144,8 @@ RENAMES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\.block_sparse_moe\.output_linear\.weight$"),
      ".block_sparse_moe.experts.down_proj"),
     (re.compile(r"\.block_sparse_moe\.router\.layer\.weight$"), ".block_sparse_moe.router.weight"),
+    # A grafted Mixtral's graft, as transformers' reversion of ``mlp`` writes it.
+    (re.compile(r"\.block_sparse_moe\.graft\."), ".mlp.graft."),
 )
 
 
@@ -168,6 +177,24 @@ def safetensors_files(directory: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
+def _file_keys(file: Path) -> list[str]:
+    """The tensor names of one safetensors file (its header only is read)."""
+    with safe_open(str(file), framework="pt") as f:
+        return list(f.keys())
+
+
+def holds_grafts(directory: str | Path, family: str) -> bool:
+    """Whether a checkpoint directory holds grafted experts (:mod:`fedmoe.moe.graft`,
+    ``strategy=flex``): a tensor whose name, as the model spells it or as the checkpoint
+    layout does (:data:`RENAMES`), has the role ``graft``."""
+    for file in safetensors_files(Path(directory)):
+        for key in _file_keys(file):
+            names = (key, *(pattern.sub(new, key) for pattern, new in RENAMES))
+            if any(role_of_name(family, name) == Role.GRAFT for name in names):
+                return True
+    return False
+
+
 def checkpoint_plan(files: Iterable[Path], model_keys: Mapping[str, Any]
                     ) -> dict[Path, list[tuple[str, Target]]] | None:
     """Checkpoint key -> target, per file; ``None`` when a key maps nowhere or a model
@@ -175,10 +202,8 @@ def checkpoint_plan(files: Iterable[Path], model_keys: Mapping[str, Any]
     plan: dict[Path, list[tuple[str, Target]]] = {}
     filled: set[str] = set()
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            keys = list(f.keys())
         entries = []
-        for key in keys:
+        for key in _file_keys(file):
             target = checkpoint_target(key, model_keys)
             if target is None:
                 log.info("checkpoint key %s of %s matches no model tensor", key, file)
@@ -248,11 +273,17 @@ def _load_checkpoint(source: str, family: str, dtype: torch.dtype, device: torch
     validate_config(config, where=f"config.json of {source}")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    grafted = path.is_dir() and holds_grafts(path, family)
+    if grafted:  # a strategy=flex export: its grafts are read like any other tensor
+        add_grafts(model)
     wanted = {k for k in model.state_dict()
               if (names is None or k in names) and not (skip and skip(k))}
     try:
         plan = checkpoint_plan(safetensors_files(path), model.state_dict()) \
             if path.is_dir() else None
+        if plan is None and grafted:  # from_pretrained would drop the grafts
+            raise ValueError(f"checkpoint {source!r} holds grafted experts (strategy=flex) but "
+                             f"its tensors do not map onto the grafted {family} model")
         if plan is None:
             return _from_pretrained(source, dtype, device)
         embedding = _embedding_name(model) if map_embeddings and device.type == "cpu" else None

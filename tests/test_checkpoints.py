@@ -6,10 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fedmoe.checkpoints import load_model, resolve_device
-from fedmoe.moe.adapter import role_of_name
+from fedmoe.checkpoints import holds_grafts, load_model, resolve_device
+from fedmoe.moe.adapter import MoEAdapter, role_of_name
 from fedmoe.moe.families import Role
-from tests.helpers.models import tiny_model
+from fedmoe.moe.graft import grafts
+from fedmoe.prune import export_checkpoint
+from tests.helpers.models import grafted_model, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +100,65 @@ def test_mapped_input_embedding_stays_in_the_file(saved):
     # Without the option (and for the other weights) the tensors are read into memory.
     assert _backing_file(load_model(spec).get_input_embeddings().weight.data_ptr()) is None
     assert _backing_file(model.lm_head.weight.data_ptr()) is None
+
+
+# --- grafted checkpoints (strategy=flex) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grafted(tmp_path_factory):
+    """``grafted(family)``: (a grafted tiny model in memory, its export as a flex client
+    writes it: ``export_checkpoint``, the graft tensors beside the standard checkpoint)."""
+    made = {}
+
+    def _make(family: str):
+        if family not in made:
+            model = grafted_model(family)
+            made[family] = model, export_checkpoint(
+                model, None, tmp_path_factory.mktemp(f"grafted_{family}") / "model")
+        return made[family]
+
+    return _make
+
+
+def test_a_grafted_export_loads_as_the_grafted_model(grafted, family):
+    # Prepare
+    model, export = grafted(family)
+    base = tiny_model(family)  # the same pretrained weights, no graft
+    ids = torch.arange(14).reshape(2, 7) % 90
+    # Execute
+    reloaded = load_model({"family": family, "path": str(export), "dtype": "float32"})
+    # Assert: every tensor, the grafts' included, is back; the logits are the grafted
+    # model's, not the base model's
+    assert holds_grafts(export, family)
+    assert len(grafts(MoEAdapter(reloaded))) == len(MoEAdapter(model).moe_layers())
+    expected, got = model.state_dict(), reloaded.state_dict()
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+    with torch.no_grad():
+        logits = reloaded(ids).logits
+        torch.testing.assert_close(logits, model(ids).logits, atol=0, rtol=0)
+        assert (logits - base(ids).logits).abs().max() > 1e-2
+
+
+def test_a_grafted_export_honours_dtype_names_and_skip(grafted):
+    model, export = grafted("qwen2_moe")
+    spec = {"family": "qwen2_moe", "path": str(export), "dtype": "bfloat16"}
+    graft_names = set(MoEAdapter(model).names(Role.GRAFT))
+    # The preset's dtype holds for the grafts too
+    reloaded = load_model(spec)
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    assert set(MoEAdapter(reloaded).names(Role.GRAFT)) == graft_names
+    # skip / names leave the grafts on meta, or load them alone, like any other tensor
+    skipped = load_model(spec, skip=lambda n: n in graft_names).state_dict()
+    assert {n for n, t in skipped.items() if t.is_meta} == graft_names
+    alone = load_model(spec, names=graft_names).state_dict()
+    assert {n for n, t in alone.items() if not t.is_meta} == graft_names
+    for name in graft_names:
+        assert torch.equal(alone[name], model.state_dict()[name].to(torch.bfloat16)), name
+
+
+def test_a_plain_checkpoint_holds_no_grafts(saved, family):
+    assert not holds_grafts(saved / family, family)
+    assert not grafts(MoEAdapter(load_model({"family": family, "path": str(saved / family)})))

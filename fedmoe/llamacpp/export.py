@@ -233,6 +233,17 @@ def _tensor_type(name: str, shape: tuple[int, ...], qtype: Q) -> Q:
     return qtype if shape[-1] % block == 0 else Q.F16
 
 
+def check_grafts(model_dir: Path, family: str) -> None:
+    """No grafted experts (a ``strategy=flex`` client's export), or a refusal: llama.cpp's
+    architectures have no place for a graft, and a file without it would be another model."""
+    from fedmoe.checkpoints import holds_grafts
+
+    if holds_grafts(model_dir, family):
+        raise GGUFExportError(f"{model_dir}: a grafted model (strategy=flex, a personal "
+                              f"expert beside each MoE block) cannot be written: llama.cpp has "
+                              f"no graft, and without it the file would be the base model")
+
+
 def check_expert_counts(model_dir: Path) -> None:
     """One expert count in every MoE layer (``fedmoe_experts.json``), or a refusal naming the
     layers. fedmoe's HF export never writes a model whose layers differ; this keeps a
@@ -462,6 +473,7 @@ def _config(model_dir: Path) -> PretrainedConfig:
     if reasons:
         raise GGUFExportError(f"{model_dir / 'config.json'}: llama.cpp cannot run this "
                               f"{config.model_type} model as it is: {'; '.join(reasons)}")
+    check_grafts(model_dir, config.model_type)
     return config
 
 

@@ -26,10 +26,12 @@ do; ``expert_gate``: ``Linear(H, 1)``), so its parameters have their own role
 hook on the block adds the gated graft output to the block's output.
 
 A client's export (``LocalClient.export``) is the base model's standard checkpoint with the
-graft tensors (``*.graft.*``) beside it. transformers, and fedmoe's loader today, read it as
-the plain pretrained MoE (the graft tensors are not in the model they build, so they are left
-out); a grafted model is rebuilt with :func:`add_grafts` on the loaded model and the graft
-tensors loaded into it. Evaluation in federation always uses the grafted model.
+graft tensors (``*.graft.*``) beside it. fedmoe's loader (:func:`fedmoe.checkpoints.load_model`)
+sees them and returns the grafted model: :func:`add_grafts`, then the graft tensors read like
+the rest. Plain transformers still reads it as the pretrained MoE (it leaves the graft tensors
+out), and llama.cpp has no graft: ``fedmoe export gguf`` refuses such a checkpoint. The edge
+runtime keeps the graft in memory, as it does the shared expert, and offloads only the routed
+experts. Evaluation in federation always uses the grafted model.
 
 Usage::
 

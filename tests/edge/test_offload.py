@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from fedmoe.edge import IMPLEMENTATION, EdgeConfig, ExpertStore, offload
-from fedmoe.edge.runtime import routing_counts
+from fedmoe.edge.runtime import load_model, routing_counts
 from fedmoe.moe.adapter import MoEAdapter
+from fedmoe.moe.families import Role
+from fedmoe.prune import export_checkpoint
 from tests.helpers.edge import PROMPT, greedy
-from tests.helpers.models import tiny_model
+from tests.helpers.models import grafted_model, tiny_model
 
 BUDGETS = ("1x", "2x", "all")
 
@@ -237,3 +240,28 @@ def test_replayed_routing_and_predictions_drive_the_offloaded_layers(offloadable
     assert stats["prefetch"]["precision"] == 1.0
     assert own["precision"] < 1.0
     assert not any(hasattr(m, "_fedmoe_predictor") for m in model.modules())
+
+
+def test_a_grafted_export_is_served_with_its_graft_resident(tiny_checkpoint, tmp_path):
+    # Prepare: a strategy=flex client's export (graft tensors beside the checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    model = grafted_model("qwen2_moe", vocab_size=len(tokenizer))
+    model.set_experts_implementation("eager")
+    export = export_checkpoint(model, tokenizer, tmp_path / "model")
+    base = tiny_model("qwen2_moe", vocab_size=len(tokenizer))
+    # Execute: the edge path -- routed experts never loaded, the store written from the file
+    edge, _ = load_model(export, offloaded=True)
+    store = ExpertStore.build_from_checkpoint(edge, export, tmp_path / "store")
+    runtime = offload(edge, store, EdgeConfig(budget="1x", policy="lru"))
+    # Assert: the grafts are in memory (only routed experts offloaded) and the offloaded
+    # model computes the grafted model, not the base one
+    adapter = MoEAdapter(edge)
+    offloaded = {n for n, p in edge.named_parameters() if p.is_meta}
+    assert offloaded == set(adapter.names(Role.ROUTED_EXPERTS))
+    assert adapter.names(Role.GRAFT) and not offloaded & set(adapter.names(Role.GRAFT))
+    with torch.inference_mode():
+        logits = edge(PROMPT).logits
+        torch.testing.assert_close(logits, model(PROMPT).logits)
+        assert (logits - base(PROMPT).logits).abs().max() > 1e-2
+    assert torch.equal(greedy(edge), greedy(model))
+    runtime.close()

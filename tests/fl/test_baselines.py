@@ -140,14 +140,15 @@ def test_flex_trains_a_personal_graft_that_never_leaves_and_keeps_the_moe_frozen
             # (the gate starts at w = 0; two Adam steps of opposite sign can bring b back)
             assert personal[f"{prefix}.graft.expert_gate.weight"].abs().max() > 1e-3
         # The export holds the graft beside a standard checkpoint whose router and experts
-        # are the pretrained ones (fedmoe's loader reads it as a plain model, graft left out)
+        # are the pretrained ones; fedmoe's loader reads it back as the grafted model
         exported = {}
         for f in sorted((state / "model").glob("*.safetensors")):
             exported |= load_file(f)
-        for name, value in personal.items():
-            torch.testing.assert_close(exported[name], value.to(exported[name].dtype))
         cfg = run.results["config"]
         reloaded = load_model(cfg["model"], checkpoint=state / "model").state_dict()
+        for name, value in personal.items():
+            torch.testing.assert_close(exported[name], value.to(exported[name].dtype))
+            torch.testing.assert_close(reloaded[name], exported[name], rtol=0, atol=0)
         for name in roles[Role.ROUTER] | roles[Role.ROUTED_EXPERTS] | roles[Role.SHARED_EXPERT]:
             torch.testing.assert_close(reloaded[name], base_state[name], rtol=0, atol=0)
     assert [r["accepted"] for r in run.results["rounds"]] == [[0, 1], [0, 1]]

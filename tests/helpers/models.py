@@ -38,3 +38,21 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
         for layer in model.model.layers[1:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
     return model.eval()
+
+
+def grafted_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """:func:`tiny_model` with a FLEx graft (``strategy=flex``) on every MoE block: a copy of
+    pretrained expert 1, moved off it, with a gate off its start (so the graft matters)."""
+    from fedmoe.moe.adapter import MoEAdapter
+    from fedmoe.moe.graft import add_grafts, init_grafts
+
+    model = tiny_model(family, seed, **overrides)
+    grafts = add_grafts(model)
+    adapter = MoEAdapter(model)
+    init_grafts(adapter, {layer.index: 1 for layer in adapter.moe_layers()})
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for graft in grafts:
+            for p in graft.parameters():
+                p.add_(0.5 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return model

@@ -25,7 +25,7 @@ from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.routing import capture_routing
 from fedmoe.prune import export_checkpoint, keep_experts
 from tests.edge.conftest import one_thread  # noqa: F401  (torch on one thread, as llama.cpp)
-from tests.helpers.models import tiny_model
+from tests.helpers.models import grafted_model, tiny_model
 from tests.helpers.runs import fedmoe
 
 pytestmark = pytest.mark.slow
@@ -273,6 +273,25 @@ def test_layers_with_different_expert_counts_are_refused_naming_them(tokenizer, 
         export_gguf(export, tmp_path / "x.gguf", "f16")
 
 
+@pytest.fixture(scope="module")
+def grafted_export(tmp_path_factory) -> Path:
+    """A strategy=flex client's export: a grafted tiny Mixtral (a family llama.cpp runs as it
+    is) with a small byte-level tokenizer of its vocabulary."""
+    texts = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n"] * 20
+    small = train_tokenizer(texts, vocab_size=300)
+    model = grafted_model("mixtral", vocab_size=len(small))
+    return export_checkpoint(model, small, tmp_path_factory.mktemp("grafted") / "model")
+
+
+def test_a_grafted_model_is_refused_not_written_without_its_graft(grafted_export, tmp_path):
+    with pytest.raises(GGUFExportError) as error:
+        export_gguf(grafted_export, tmp_path / "x.gguf", "f16")
+
+    assert str(error.value).startswith(f"{grafted_export}: a grafted model (strategy=flex")
+    assert "llama.cpp has no graft" in str(error.value) and "\n" not in str(error.value)
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
+
+
 # --- the command ---------------------------------------------------------------------------------
 
 
@@ -301,6 +320,18 @@ def test_bad_input_is_one_line(args, line, smoke_base, fedmoe_cache, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(line.format(**fill)), proc.stderr
+
+
+def test_export_gguf_command_refuses_a_grafted_model_in_one_line(grafted_export, fedmoe_cache,
+                                                                 tmp_path):
+    proc = fedmoe(fedmoe_cache, "export", "gguf", f"model_dir={grafted_export}",
+                  f"hydra.run.dir={tmp_path}", check=False)
+
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"fedmoe export gguf: {grafted_export}: a grafted model")
+    assert not list(tmp_path.glob("*.gguf"))
 
 
 def test_without_the_gguf_extra_the_command_names_it(monkeypatch, tmp_path):

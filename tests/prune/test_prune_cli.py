@@ -7,13 +7,19 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedmoe.prune import keep_experts
+from fedmoe.checkpoints import load_model
+from fedmoe.moe.adapter import MoEAdapter
+from fedmoe.moe.families import Role
+from fedmoe.prune import export_checkpoint, keep_experts, prune_model
 from fedmoe.prune.cli import export, interleaved_blocks, select_domain
-from tests.helpers.models import tiny_model
+from tests.helpers.models import grafted_model, tiny_model
 from tests.helpers.runs import SMOKE_BASE, prune
 
+CONF = Path(__file__).resolve().parents[2] / "conf" / "prune"
 NUM_EXPERTS = 16  # conf/model/tiny.yaml
 NUM_LAYERS = 4
 
@@ -140,3 +146,30 @@ def test_export_declines_a_model_with_unequal_expert_counts(tmp_path):
     # Assert: no half-written checkpoint either
     assert out is None
     assert not (tmp_path / "model").exists()
+
+
+def test_pruning_a_grafted_model_keeps_its_graft_through_the_export(tmp_path):
+    # Prepare: a strategy=flex client's export, loaded as fedmoe prune loads model.path
+    grafted = grafted_model("olmoe")
+    source = export_checkpoint(grafted, None, tmp_path / "flex")
+    spec = {"family": "olmoe", "path": str(source), "dtype": "float32"}
+    model = load_model(spec)
+    blocks = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    prune_cfg = OmegaConf.merge(OmegaConf.load(CONF / "default.yaml"), {"score": "frequency"})
+    # Execute: prune (half the routed experts), export, reload
+    report = prune_model(model, blocks, prune_cfg)
+    out = export(model, None, tmp_path / "model", report)
+    reloaded = load_model(spec | {"path": str(out)})
+    # Assert: the routed experts were halved, the grafts are the client's, untouched, and
+    # the reloaded model computes the pruned grafted model
+    assert {layer.num_experts for layer in MoEAdapter(reloaded).moe_layers()} == {4}
+    graft_names = MoEAdapter(grafted).names(Role.GRAFT)
+    assert graft_names and graft_names == MoEAdapter(reloaded).names(Role.GRAFT)
+    for name in graft_names:
+        assert torch.equal(reloaded.state_dict()[name], grafted.state_dict()[name]), name
+    base = tiny_model("olmoe")  # the same pretrained model, pruned alike, without graft
+    keep_experts(base, report["kept"])
+    with torch.no_grad():
+        logits = reloaded(blocks).logits
+        torch.testing.assert_close(logits, model(blocks).logits)
+        assert (logits - base(blocks).logits).abs().max() > 1e-2
