@@ -273,12 +273,12 @@ def _load_checkpoint(source: str, family: str, dtype: torch.dtype, device: torch
     validate_config(config, where=f"config.json of {source}")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    grafted = path.is_dir() and holds_grafts(path, family)
-    if grafted:  # a strategy=flex export: its grafts are read like any other tensor
-        add_grafts(model)
-    wanted = {k for k in model.state_dict()
-              if (names is None or k in names) and not (skip and skip(k))}
     try:
+        grafted = path.is_dir() and holds_grafts(path, family)
+        if grafted:  # a strategy=flex export: its grafts are read like any other tensor
+            add_grafts(model)
+        wanted = {k for k in model.state_dict()
+                  if (names is None or k in names) and not (skip and skip(k))}
         plan = checkpoint_plan(safetensors_files(path), model.state_dict()) \
             if path.is_dir() else None
         if plan is None and grafted:  # from_pretrained would drop the grafts

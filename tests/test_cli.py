@@ -61,7 +61,7 @@ def test_every_command_has_help_naming_fedmoe_and_its_groups(name, capsys):
 def test_help_applies_overrides_to_the_shown_config():
     shown = command_help("simulate", ["experiment=smoke", "fl.num_rounds=7"])
     assert "num_rounds: 7" in shown
-    assert re.search(r"\n  experiment +smoke, demo\n", shown)  # the one in use first
+    assert re.search(r"\n  experiment +smoke, demo, research\n", shown)  # in use first
 
 
 def test_edge_alone_lists_its_subcommands(capsys):
