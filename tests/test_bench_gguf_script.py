@@ -3,21 +3,17 @@ the same export and reports speed, memory and its greedy tokens."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_gguf.py"
+from tests.helpers.scripts import load_script
 
 
 @pytest.mark.slow
 def test_bench_gguf_compares_llama_cpp_with_fedmoe_on_one_export(smoke_prune, tmp_path):
     # Prepare
-    spec = importlib.util.spec_from_file_location("bench_gguf", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_gguf")
     summary, _ = smoke_prune
     out = tmp_path / "bench_gguf.json"
 

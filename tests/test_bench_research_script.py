@@ -3,22 +3,19 @@ differences, win rates, upload, pruning and routing summaries, and which runs co
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_research.py"
+from tests.helpers.scripts import load_script
+
 MB = 2**20
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_research", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_research")
 
 
 def write_run(out: Path, strategy: str, seed: int, ppl: list[float], up_mb: float,

@@ -12,16 +12,15 @@ nothing. The full 16-layer model's whole-process ratio is measured by
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers.scripts import load_script
+
 LAYERS = 4
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_model_scale.py"
 
 CHILD = """
 import json, sys, time
@@ -61,9 +60,7 @@ def olmoe_shaped(tmp_path_factory, fedmoe_cache):
     """The 2-layer OLMoE-1B-7B-shaped bf16 checkpoint with the smoke tokenizer."""
     from fedmoe.fl.bridge import compose
     from fedmoe.task.pretrain import ensure_base_model
-    spec = importlib.util.spec_from_file_location("bench_model_scale", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_model_scale")
     root = tmp_path_factory.mktemp("olmoe_shaped")
     smoke = ensure_base_model(compose(["experiment=smoke", f"cache_dir={fedmoe_cache}"]),
                               progress=False)
