@@ -52,9 +52,9 @@ def load_data(cfg: Mapping[str, Any]) -> datasets.DatasetDict:
     ----------
     cfg : Mapping
         The ``data`` config: ``embedded`` uses ``max_mb_per_domain``, ``chunk_chars`` and
-        optional ``seed``/``cache_dir``/``domains``; ``hf`` uses ``path``, ``split``, ``text_field``,
-        ``domain_field`` and optional ``data_files``, or ``sources`` (domain -> hub id or
-        file, each source one domain) and ``max_rows_per_source``.
+        optional ``seed``/``cache_dir``/``domains``; ``hf`` uses ``path``, ``split``,
+        ``text_field``, ``domain_field`` and optional ``data_files``, or ``sources``
+        (domain -> hub id or file, each source one domain) and ``max_rows_per_source``.
 
     Returns
     -------

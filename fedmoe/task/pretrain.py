@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "pretrain.json"
 # `data` keys that change the corpus or its blocks (client partitioning keys do not).
 _CORPUS_KEYS = ("name", "path", "split", "text_field", "domain_field", "data_files",
-                "sources", "max_rows_per_source", "max_mb_per_domain", "chunk_chars", "domains", "seed",
-                "block_size")
+                "sources", "max_rows_per_source", "max_mb_per_domain", "chunk_chars", "domains",
+                "seed", "block_size")
 # Keys that change speed, not weights: left out of the hash.
 _RUNTIME_KEYS = {"model": ("experts_implementation",), "pretraining": ("threads",)}
 _EVAL_BATCH = 16
