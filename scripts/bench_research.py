@@ -169,11 +169,12 @@ def routing_figures(routing) -> dict[str, float]:
 
 
 # ---- statistics ---------------------------------------------------------------------------
-def load_runs(out: Path, variant: str) -> dict[str, dict[int, dict]]:
-    """strategy -> seed -> results.json, for the runs that finished."""
+def load_runs(out: Path, variant: str,
+              seeds: tuple[int, ...] = SEEDS) -> dict[str, dict[int, dict]]:
+    """strategy -> seed -> results.json, for the runs of ``seeds`` that finished."""
     runs: dict[str, dict[int, dict]] = {}
     for strategy in STRATEGIES:
-        for seed in SEEDS:
+        for seed in seeds:
             path = run_dir(out, variant, strategy, seed)
             if (path / DONE).is_file():
                 runs.setdefault(strategy, {})[seed] = json.loads(
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     report: dict = {}
     text = []
     for variant in variants:
-        runs = load_runs(out, variant)
+        runs = load_runs(out, variant, tuple(seeds))
         if not runs:
             continue
         table = strategy_table(runs)
