@@ -87,6 +87,9 @@ def test_mirrored_choices_agree_with_their_modules():
     assert config.PRUNE_SCORES == SCORES
     assert set(config.STRATEGY_NAMES) == set(_presets("strategy"))
     assert set(config.LOGGERS) == set(_presets("logger"))
+    from fedmoe.data.corpus import ALL_DOMAINS  # the names data.domains' error lists
+
+    assert ", ".join(ALL_DOMAINS) in config.RANGES["data.domains"][1]
 
 
 def test_schemas_are_registered_with_hydra():

@@ -57,3 +57,15 @@ def test_send_policy():
     with pytest.raises(Refused, match=r"asks for \['backbone', 'routed_experts'\]"):
         check_send_policy(fedavg, {})
     check_send_policy(fedavg, {"send-roles": "router,shared_expert,routed_experts,backbone"})
+
+
+def test_a_server_asking_for_a_flex_graft_is_refused_by_the_device_and_the_schema():
+    # A hostile run config asks a FLEx client for its personal graft: the device's send
+    # policy refuses it even where every other role may leave, and validation names the key.
+    from fedmoe.config import ConfigError, validate
+
+    every_other = {"send-roles": "router,shared_expert,routed_experts,backbone"}
+    with pytest.raises(Refused, match=r"asks for \['graft'\]"):
+        check_send_policy(["backbone", "graft"], every_other)
+    with pytest.raises(ConfigError, match="fl.aggregate names 'graft'"):
+        validate(compose(["strategy=flex", "fl.aggregate=[backbone,graft]"]))
