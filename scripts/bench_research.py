@@ -34,7 +34,9 @@ Then, from the finished runs:
 
 Every step is skipped when its output exists, so the command resumes where it stopped (a
 ``fedmoe simulate`` run that was cut short resumes from its last round checkpoint; one that
-exited non-zero is run again and does not count until it succeeds).
+exited non-zero is run again and does not count until it succeeds). The runs go to
+``benchmarks/research``, whose results, configs and reports git keeps: a fresh clone prints
+the tables of the runs done so far and continues the others (``--out <folder>`` starts over).
 
     python scripts/bench_research.py                        # everything (hours on 2 cores)
     python scripts/bench_research.py --variants natural     # the natural split only
@@ -74,11 +76,24 @@ REFERENCE = "fedmoe"
 PRUNE_GOAL, PRUNE_WIN_GOAL = 0.03, 0.8
 SEGMENT, CACHE_SHARE = 16, 0.25
 DONE = ".bench_done"  # written once `fedmoe simulate` exited 0
+# The default --out: git keeps its small files (benchmarks/research/.gitignore), so the tables
+# and the runs already done travel with the code and a fresh clone continues the rest.
+RECORD = Path(__file__).resolve().parent.parent / "benchmarks" / "research"
 
 
 # ---- runs ---------------------------------------------------------------------------------
 def run_dir(out: Path, variant: str, strategy: str, seed: int) -> Path:
     return out / variant / strategy / f"seed{seed}"
+
+
+def exports(out: Path, variant: str, seed: int) -> Path:
+    """The fedmoe run whose client exports the pruning and routing steps read; a run taken
+    from the record has none (git keeps only its results): it must run again."""
+    run = run_dir(out, variant, REFERENCE, seed)
+    if not (run / "clients" / "client_0000" / "model").is_dir():
+        sys.exit(f"{run}: the client exports are missing (a run from the record keeps only its "
+                 f"results): delete {run / DONE} to run it again")
+    return run
 
 
 def simulate(out: Path, variant: str, strategy: str, seed: int, extra: list[str]) -> bool:
@@ -107,7 +122,7 @@ def prune_bench(out: Path, variant: str, seed: int, recover_steps: int) -> bool:
         return True
     target.mkdir(parents=True, exist_ok=True)
     script = Path(__file__).with_name("bench_pruning.py")
-    cmd = [sys.executable, str(script), "--run-dir", str(run_dir(out, variant, REFERENCE, seed)),
+    cmd = [sys.executable, str(script), "--run-dir", str(exports(out, variant, seed)),
            "--scores", "tcess,frequency", "--keeps", "0.5", "--random-seeds", "1",
            "--recover", "personalized/tcess,global/tcess", "--recover-steps",
            str(recover_steps), "--out", str(target)]
@@ -132,7 +147,7 @@ def consistency(out: Path, variant: str, seed: int) -> bool:
     from fedmoe.task.local import client_blocks
     from fedmoe.task.pretrain import ensure_base_model
 
-    run = run_dir(out, variant, REFERENCE, seed)
+    run = exports(out, variant, seed)
     cfg = compose(yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()))
     checkpoint = ensure_base_model(cfg, progress=False)
     data_yaml = OmegaConf.to_yaml(cfg.data, resolve=True)
@@ -362,7 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*",
                         help="Hydra overrides after experiment=research, for every run (a "
                              "changed setting is a different benchmark: use another --out)")
-    parser.add_argument("--out", type=Path, default=Path("results/research"))
+    parser.add_argument("--out", type=Path, default=RECORD,
+                        help="where the runs go (default: the record kept in git, which the "
+                             "command continues; another folder reruns everything)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))

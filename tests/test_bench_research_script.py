@@ -4,6 +4,8 @@ differences, win rates, upload, pruning and routing summaries, and which runs co
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -30,26 +32,31 @@ def write_run(out: Path, strategy: str, seed: int, ppl: list[float], up_mb: floa
         (run / ".bench_done").touch()
 
 
-def test_report_pairs_clients_across_seeds_and_skips_failed_runs(bench, tmp_path):
-    # Prepare: local is 10% worse than fedmoe on every client of both seeds; fedavg's one
-    # run failed (results.json without the done marker); a personalized-vs-global pruning
-    # file where personalized wins on 3 of 4 clients; routing where personalization adds 0.1
+def write_record(out: Path) -> None:
+    """local is 10% worse than fedmoe on every client of both seeds; fedavg's one run failed
+    (results.json without the done marker); a personalized-vs-global pruning file where
+    personalized wins on 3 of 4 clients; routing where personalization adds 0.1."""
     for seed in (0, 1):
-        write_run(tmp_path, "fedmoe", seed, [10.0, 20.0], up_mb=1.5)
-        write_run(tmp_path, "local", seed, [11.0, 22.0], up_mb=0.0)
-    write_run(tmp_path, "fedavg", 0, [1.0, 1.0], up_mb=9.0, done=False)
-    pruning = tmp_path / "natural" / "pruning" / "seed0"
+        write_run(out, "fedmoe", seed, [10.0, 20.0], up_mb=1.5)
+        write_run(out, "local", seed, [11.0, 22.0], up_mb=0.0)
+    write_run(out, "fedavg", 0, [1.0, 1.0], up_mb=9.0, done=False)
+    pruning = out / "natural" / "pruning" / "seed0"
     pruning.mkdir(parents=True)
     recovered = [{"client": c, "mode": m, "ppl": p, "ppl_unpruned": 10.0}
                  for c, (pers, glob) in enumerate([(10.1, 10.5), (10.2, 10.4), (10.3, 10.9),
                                                    (10.8, 10.6)])
                  for m, p in (("personalized", pers), ("global", glob))]
     (pruning / "bench_pruning.json").write_text(json.dumps({"recovered": recovered}))
-    routing = tmp_path / "natural" / "consistency"
+    routing = out / "natural" / "consistency"
     routing.mkdir(parents=True)
     (routing / "seed0.json").write_text(json.dumps([
         {"client": c, "base": {"srp": 0.5, "lru_hit": 0.6, "sch_hit": 0.7},
          "personalized": {"srp": 0.6, "lru_hit": 0.7, "sch_hit": 0.8}} for c in range(2)]))
+
+
+def test_report_pairs_clients_across_seeds_and_skips_failed_runs(bench, tmp_path):
+    # Prepare
+    write_record(tmp_path)
 
     # Execute
     bench.main(["--out", str(tmp_path), "--variants", "natural", "--report-only"])
@@ -73,3 +80,68 @@ def test_report_pairs_clients_across_seeds_and_skips_failed_runs(bench, tmp_path
     assert report["routing"]["srp"]["difference"] == pytest.approx(0.1)
     assert "| local | 2 |" in (tmp_path / "research.md").read_text()
     assert (tmp_path / "research_natural_client_gains.png").stat().st_size > 0
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd,
+                          check=True, capture_output=True, text=True).stdout
+
+
+def test_the_record_in_git_keeps_what_the_report_reads_and_nothing_heavy(bench, tmp_path):
+    # Prepare: a record with what a real run also leaves there: checkpoints, exports, logs
+    out = tmp_path / "repo" / "benchmarks" / "research"
+    write_record(out)
+    shutil.copy(bench.RECORD / ".gitignore", out / ".gitignore")
+    run = out / "natural" / "fedmoe" / "seed0"
+    for heavy in ("server_state/round_1.safetensors", "server_state/round_1.json",
+                  "clients/client_0000/model/model.safetensors",
+                  "clients/client_0000/meta.json", "main.log"):
+        (run / heavy).parent.mkdir(parents=True, exist_ok=True)
+        (run / heavy).write_bytes(b"x")
+    (run / ".hydra").mkdir()
+    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+        (run / ".hydra" / name).write_text("seed: 0\n")
+    (out / "natural" / "seed0.log").write_text("log")
+    bench.main(["--out", str(out), "--variants", "natural", "--report-only"])
+    repo = tmp_path / "repo"
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "record")
+
+    # Execute: what a fresh clone holds, and the report it prints
+    kept = set(git(repo, "ls-files").split())
+    git(tmp_path, "clone", "-q", str(repo), "clone")
+    clone = tmp_path / "clone" / "benchmarks" / "research"
+    before = (out / "research.json").read_text()
+    (clone / "research.json").unlink()
+    bench.main(["--out", str(clone), "--variants", "natural", "--report-only"])
+
+    # Assert
+    prefix = "benchmarks/research/natural/"
+    assert {k for k in kept if k.startswith(prefix + "fedmoe/seed0/")} == {
+        prefix + "fedmoe/seed0/" + f for f in
+        ("results.json", ".bench_done", ".hydra/config.yaml", ".hydra/overrides.yaml")}
+    assert {prefix + "pruning/seed0/bench_pruning.json", prefix + "consistency/seed0.json",
+            "benchmarks/research/research.json", "benchmarks/research/research.md",
+            "benchmarks/research/research_natural_client_gains.png"} <= kept
+    assert prefix + "fedavg/seed0/results.json" in kept  # a failed run's results (not done)
+    assert not any(k.endswith((".safetensors", ".log")) or "/clients/" in k or
+                   "server_state" in k for k in kept)
+    assert json.loads((clone / "research.json").read_text()) == json.loads(before)
+
+
+def test_a_recorded_run_without_its_exports_is_named_before_the_analysis(bench, tmp_path):
+    # Prepare: fedmoe's runs come from the record (results only, no client exports); seed 1's
+    # routing analysis is still to do
+    write_record(tmp_path)
+
+    # Execute
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--out", str(tmp_path), "--variants", "natural", "--strategies", "fedmoe",
+                    "--seeds", "1"])
+
+    # Assert: one line naming the run and how to redo it; nothing was deleted
+    message = str(stop.value)
+    assert "\n" not in message and "client exports are missing" in message
+    assert str(tmp_path / "natural" / "fedmoe" / "seed1" / ".bench_done") in message
+    assert (tmp_path / "natural" / "fedmoe" / "seed1" / ".bench_done").is_file()
