@@ -4,7 +4,8 @@ The YAML files in ``conf/`` stay plain (experiment and strategy files are ``# @p
 _global_`` overrides); :func:`validate` merges the composed config onto these schemas, so a
 misspelt key, a wrong type or a value out of range fails at the start of every ``fedmoe``
 command, naming the key and what it allows, instead of after pretraining or inside a Ray
-actor. The schemas are registered with Hydra's ConfigStore as ``schema/<name>``.
+actor. A key's type, default and allowed range are declared once, on its schema field
+(:func:`ranged`). The schemas are registered with Hydra's ConfigStore as ``schema/<name>``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from functools import lru_cache
 from typing import Any, get_type_hints
@@ -69,6 +70,37 @@ class ConfigError(ValueError):
     """A composed config that cannot run; the message lists every problem, one per line."""
 
 
+# --- ranges -----------------------------------------------------------------------------------
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _at_least(n: int) -> Callable[[Any], bool]:
+    return lambda v: v >= n
+
+
+def _fraction(v) -> bool:
+    return 0 < v <= 1
+
+
+def _known_domains(v) -> bool:
+    from fedmoe.data.corpus import check_domains
+
+    try:
+        check_domains(v)
+    except ValueError:
+        return False
+    return True
+
+
+def ranged(default: Any, allowed: Callable[[Any], bool], expect: str) -> Any:
+    """A schema field whose value must satisfy ``allowed`` (``expect`` says what is allowed,
+    in the error); None is not checked here: the field's type says whether it may be None."""
+    return field(default=default, metadata={"range": (allowed, expect)})
+
+
 # --- schemas (one per group) -----------------------------------------------------------------
 
 
@@ -87,21 +119,25 @@ class DataConfig:
     """Keys shared by every ``data`` preset."""
 
     name: DataName = MISSING
-    num_clients: int = 8
+    num_clients: int = ranged(8, _at_least(1), "an integer >= 1")
     partition: Partition = Partition.natural
-    alpha: float = 0.5
-    block_size: int = 128
+    alpha: float = ranged(0.5, _positive, "> 0 (Dirichlet concentration)")
+    block_size: int = ranged(128, _at_least(2), "an integer >= 2 (tokens per block)")
     seed: int = 0
     cache_dir: str | None = None
-    max_train_blocks_per_client: int | None = None
-    max_eval_blocks_per_client: int | None = 64
+    max_train_blocks_per_client: int | None = ranged(None, _at_least(1),
+                                                     "an integer >= 1, or null (all)")
+    max_eval_blocks_per_client: int | None = ranged(64, _at_least(1),
+                                                    "an integer >= 1, or null (all)")
 
 
 @dataclass
 class EmbeddedDataConfig(DataConfig):
-    max_mb_per_domain: float = 2.0
-    chunk_chars: int = 2000
-    domains: list[str] | None = None  # null: the default four (fedmoe/data/corpus.py)
+    max_mb_per_domain: float = ranged(2.0, _positive, "> 0")
+    chunk_chars: int = ranged(2000, _at_least(1), "an integer >= 1")
+    domains: list[str] | None = ranged(  # null: the default four (fedmoe/data/corpus.py)
+        None, _known_domains, "null or distinct embedded-corpus domains: python_code, c_headers, "
+        "reference, docstrings, unicode_names, decimal_tests, codec_tables, bytecode")
 
 
 @dataclass
@@ -114,36 +150,37 @@ class HFDataConfig(DataConfig):
     template: PromptTemplate | None = None  # instruction records: alpaca | chat
     response_only: bool = True  # with a template: the loss covers the responses only
     sources: dict[str, str] | None = None  # domain -> hub id or file (one domain each)
-    max_rows_per_source: int | None = None
+    max_rows_per_source: int | None = ranged(None, _at_least(1),
+                                             "an integer >= 1, or null (all rows)")
 
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.0
+    r: int = ranged(8, _at_least(1), "an integer >= 1")
+    alpha: float = ranged(16, _positive, "> 0")
+    dropout: float = ranged(0.0, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 @dataclass
 class TrainConfig:
     method: TrainMethod = TrainMethod.full
     trainable: list[RoleName] = field(default_factory=list)
-    local_steps: int = 20
-    batch_size: int = 8
-    lr: float = 1e-3
-    aux_loss_coef: float = 0.01
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    local_steps: int = ranged(20, _at_least(1), "an integer >= 1")
+    batch_size: int = ranged(8, _at_least(1), "an integer >= 1")
+    lr: float = ranged(1e-3, _positive, "> 0")
+    aux_loss_coef: float = ranged(0.01, _at_least(0), ">= 0")
+    weight_decay: float = ranged(0.0, _at_least(0), ">= 0")
+    max_grad_norm: float | None = ranged(1.0, _positive, "> 0, or null (no clipping)")
     lora: LoraConfig = field(default_factory=LoraConfig)
     device: TrainDevice = TrainDevice.auto
     gradient_checkpointing: bool = False
-    grad_accumulation: int = 1
+    grad_accumulation: int = ranged(1, _at_least(1), "an integer >= 1 (batches per optimizer step)")
 
 
 @dataclass
 class ClientResources:
-    num_cpus: float = 1
-    num_gpus: float = 0.0
+    num_cpus: float = ranged(1, _positive, "> 0")
+    num_gpus: float = ranged(0.0, _at_least(0), ">= 0")
 
 
 @dataclass
@@ -153,47 +190,51 @@ class BackendConfig:
 
 @dataclass
 class FLConfig:
-    num_rounds: int = 5
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
+    num_rounds: int = ranged(5, _at_least(1), "an integer >= 1")
+    fraction_train: float = ranged(1.0, _fraction, "a fraction in (0, 1]")
+    fraction_evaluate: float = ranged(1.0, lambda v: 0 <= v <= 1,
+                                      "in [0, 1] (0: no federated evaluation)")
     evaluate_in_train: bool = True
-    min_train_nodes: int = 2
-    min_evaluate_nodes: int = 2
-    min_available_nodes: int = 2
-    round_timeout: float = 1800
-    min_replies: int = 1
+    min_train_nodes: int = ranged(2, _at_least(1), "an integer >= 1")
+    min_evaluate_nodes: int = ranged(2, _at_least(1), "an integer >= 1")
+    min_available_nodes: int = ranged(2, _at_least(1), "an integer >= 1")
+    round_timeout: float = ranged(1800, _positive, "> 0 seconds")
+    min_replies: int = ranged(1, _at_least(1), "an integer >= 1")
     aggregate: list[RoleName] = field(default_factory=list)
     state_dir: str | None = None
     base_model: str | None = None
     export: bool = True
     audit_dir: str | None = None
-    client_threads: int | None = 1
+    client_threads: int | None = ranged(1, _at_least(1),
+                                        "an integer >= 1, or null (torch's default)")
     client_resources: ClientResources = field(default_factory=ClientResources)
-    max_concurrent_clients: int | None = None
+    max_concurrent_clients: int | None = ranged(None, _at_least(1),
+                                                "an integer >= 1, or null (from memory)")
     backend: BackendConfig = field(default_factory=BackendConfig)
     resume: bool | None = None
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = ranged(2, _at_least(0), "an integer >= 0 (0 = keep all)")
 
 
 @dataclass
 class DPConfig:
     enabled: bool = False
-    noise_multiplier: float = 1.0
-    clipping_norm: float = 1.0
-    num_sampled_clients: int | None = None
+    noise_multiplier: float = ranged(1.0, _at_least(0), ">= 0")
+    clipping_norm: float = ranged(1.0, _positive, "> 0")
+    num_sampled_clients: int | None = ranged(None, _at_least(1), "an integer >= 1, or null")
 
 
 @dataclass
 class StrategyConfig:
     name: StrategyName = StrategyName.fedmoe
     rule: Rule = Rule.mean
-    trim_beta: float = 0.2
+    trim_beta: float = ranged(0.2, lambda v: 0 <= v < 0.5, "in [0, 0.5)")
     server_opt: ServerOpt | None = None
-    server_lr: float = 0.01
-    max_update_norm: float | None = 10.0
-    max_weight_share: float | None = 0.5
-    max_weight_median: float | None = 3.0
-    max_abs_value: float | None = 1.0e4
+    server_lr: float = ranged(0.01, _positive, "> 0")
+    max_update_norm: float | None = ranged(10.0, _positive, "> 0, or null (no norm check)")
+    max_weight_share: float | None = ranged(0.5, _fraction,
+                                            "a fraction in (0, 1], or null (no share cap)")
+    max_weight_median: float | None = ranged(3.0, _positive, "> 0, or null (no median cap)")
+    max_abs_value: float | None = ranged(1.0e4, _positive, "> 0, or null (finiteness check only)")
     dp: DPConfig = field(default_factory=DPConfig)
 
 
@@ -201,13 +242,13 @@ class StrategyConfig:
 class PruneConfig:
     enabled: bool = False
     score: PruneScore = PruneScore.tcess
-    tcess_k: int | None = None
-    keep: float | None = None
-    keep_per_layer: int | None = None
-    max_mb: float | None = None
-    at_round: int = 1
+    tcess_k: int | None = ranged(None, _at_least(1), "an integer >= 1, or null (the model's top-k)")
+    keep: float | None = ranged(None, _fraction, "a fraction in (0, 1], or null")
+    keep_per_layer: int | None = ranged(None, _at_least(1), "an integer >= 1, or null")
+    max_mb: float | None = ranged(None, _positive, "> 0 MB, or null")
+    at_round: int = ranged(1, _at_least(1), "a round number >= 1")
     schedule: list[Any] | None = None  # [[round, keep], ...]
-    calibration_tokens: int = 512
+    calibration_tokens: int = ranged(512, _at_least(1), "an integer >= 1")
     seed: int = 0
 
 
@@ -228,18 +269,18 @@ class LoggerConfig:
 
 @dataclass
 class PretrainingConfig:
-    vocab_size: int = 4096
-    tokenizer_mb: float = 4
-    steps: int = 600
-    batch_size: int = 16
-    lr: float = 3e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    aux_loss_coef: float = 0.01
-    max_grad_norm: float | None = 1.0
-    eval_blocks_per_domain: int = 64
+    vocab_size: int = ranged(4096, _at_least(260), "an integer >= 260 (256 bytes + special tokens)")
+    tokenizer_mb: float = ranged(4, _positive, "> 0")
+    steps: int = ranged(600, _at_least(1), "an integer >= 1")
+    batch_size: int = ranged(16, _at_least(1), "an integer >= 1")
+    lr: float = ranged(3e-3, _positive, "> 0")
+    warmup_steps: int = ranged(50, _at_least(0), ">= 0")
+    weight_decay: float = ranged(0.01, _at_least(0), ">= 0")
+    aux_loss_coef: float = ranged(0.01, _at_least(0), ">= 0")
+    max_grad_norm: float | None = ranged(1.0, _positive, "> 0, or null (no clipping)")
+    eval_blocks_per_domain: int = ranged(64, _at_least(1), "an integer >= 1")
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = ranged(None, _at_least(1), "an integer >= 1, or null (all cores)")
 
 
 @dataclass
@@ -248,13 +289,13 @@ class EdgeGroupConfig:
 
     budget: Any = "2x"  # experts per layer (4) | "2x" | "all" | "64MB"
     policy: EdgePolicy = EdgePolicy.consistency
-    window: int = 16
+    window: int = ranged(16, _at_least(1), "an integer >= 1 (steps of the recent window)")
     prefetch: bool = True
     routing_stats: str | None = None
     store_dir: str | None = None
     device: str = "cpu"
     dtype: DType = DType.float32
-    threads: int | None = None
+    threads: int | None = ranged(None, _at_least(1), "an integer >= 1, or null (torch's default)")
 
 
 @dataclass
@@ -263,7 +304,8 @@ class TopLevel:
 
     seed: int = 0
     verbose: bool = False
-    objective: str = "final/ppl_mean"
+    objective: str = ranged("final/ppl_mean", lambda v: v in OBJECTIVES,
+                            f"one of {list(OBJECTIVES)}")
 
 
 GROUPS: dict[str, type] = {
@@ -272,6 +314,27 @@ GROUPS: dict[str, type] = {
     "edge": EdgeGroupConfig,
 }
 DATA_SCHEMAS: dict[str, type] = {"embedded": EmbeddedDataConfig, "hf": HFDataConfig}
+
+
+def _ranges(schema: type, prefix: str = "") -> dict[str, tuple[Callable[[Any], bool], str]]:
+    """Dotted key -> (allowed, what is allowed) of every :func:`ranged` field of ``schema``
+    and of the dataclasses nested in it."""
+    out = {}
+    hints = get_type_hints(schema)
+    for f in fields(schema):
+        if "range" in f.metadata:
+            out[prefix + f.name] = f.metadata["range"]
+        elif is_dataclass(hints[f.name]):
+            out |= _ranges(hints[f.name], f"{prefix}{f.name}.")
+    return out
+
+
+# key -> (allowed, what is allowed), read off the schemas: a range lives on its field
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **_ranges(TopLevel),
+    **{k: v for schema in DATA_SCHEMAS.values() for k, v in _ranges(schema, "data.").items()},
+    **{k: v for group, schema in GROUPS.items() for k, v in _ranges(schema, f"{group}.").items()},
+}
 
 
 def register_configs() -> None:
@@ -305,97 +368,7 @@ def short_dirname(name: str) -> str:
 OmegaConf.register_new_resolver("fedmoe.dirname", short_dirname, replace=True)
 
 
-# --- ranges and cross-group rules ---------------------------------------------------------------
-
-
-def _positive(v) -> bool:
-    return v > 0
-
-
-def _at_least(n: int) -> Callable[[Any], bool]:
-    return lambda v: v >= n
-
-
-def _fraction(v) -> bool:
-    return 0 < v <= 1
-
-
-def _known_domains(v) -> bool:
-    from fedmoe.data.corpus import check_domains
-
-    try:
-        check_domains(v)
-    except ValueError:
-        return False
-    return True
-
-
-# key -> (allowed, what is allowed); a None value is skipped (the schema says if None is ok).
-RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "data.num_clients": (_at_least(1), "an integer >= 1"),
-    "data.alpha": (_positive, "> 0 (Dirichlet concentration)"),
-    "data.block_size": (_at_least(2), "an integer >= 2 (tokens per block)"),
-    "data.max_mb_per_domain": (_positive, "> 0"),
-    "data.chunk_chars": (_at_least(1), "an integer >= 1"),
-    "data.domains": (_known_domains, "null or distinct embedded-corpus domains: python_code, "
-                     "c_headers, reference, docstrings, unicode_names, decimal_tests, "
-                     "codec_tables, bytecode"),
-    "data.max_train_blocks_per_client": (_at_least(1), "an integer >= 1, or null (all)"),
-    "data.max_eval_blocks_per_client": (_at_least(1), "an integer >= 1, or null (all)"),
-    "data.max_rows_per_source": (_at_least(1), "an integer >= 1, or null (all rows)"),
-    "train.local_steps": (_at_least(1), "an integer >= 1"),
-    "train.batch_size": (_at_least(1), "an integer >= 1"),
-    "train.lr": (_positive, "> 0"),
-    "train.aux_loss_coef": (_at_least(0), ">= 0"),
-    "train.weight_decay": (_at_least(0), ">= 0"),
-    "train.max_grad_norm": (_positive, "> 0, or null (no clipping)"),
-    "train.lora.r": (_at_least(1), "an integer >= 1"),
-    "train.grad_accumulation": (_at_least(1), "an integer >= 1 (batches per optimizer step)"),
-    "train.lora.alpha": (_positive, "> 0"),
-    "train.lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "fl.num_rounds": (_at_least(1), "an integer >= 1"),
-    "fl.fraction_train": (_fraction, "a fraction in (0, 1]"),
-    "fl.fraction_evaluate": (lambda v: 0 <= v <= 1, "in [0, 1] (0: no federated evaluation)"),
-    "fl.min_train_nodes": (_at_least(1), "an integer >= 1"),
-    "fl.min_evaluate_nodes": (_at_least(1), "an integer >= 1"),
-    "fl.min_available_nodes": (_at_least(1), "an integer >= 1"),
-    "fl.round_timeout": (_positive, "> 0 seconds"),
-    "fl.min_replies": (_at_least(1), "an integer >= 1"),
-    "fl.keep_checkpoints": (_at_least(0), "an integer >= 0 (0 = keep all)"),
-    "fl.client_threads": (_at_least(1), "an integer >= 1, or null (torch's default)"),
-    "fl.client_resources.num_cpus": (_positive, "> 0"),
-    "fl.max_concurrent_clients": (_at_least(1), "an integer >= 1, or null (from memory)"),
-    "fl.client_resources.num_gpus": (_at_least(0), ">= 0"),
-    "strategy.trim_beta": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
-    "strategy.server_lr": (_positive, "> 0"),
-    "strategy.max_update_norm": (_positive, "> 0, or null (no norm check)"),
-    "strategy.max_weight_share": (_fraction, "a fraction in (0, 1], or null (no share cap)"),
-    "strategy.max_weight_median": (_positive, "> 0, or null (no median cap)"),
-    "strategy.max_abs_value": (_positive, "> 0, or null (finiteness check only)"),
-    "strategy.dp.noise_multiplier": (_at_least(0), ">= 0"),
-    "strategy.dp.clipping_norm": (_positive, "> 0"),
-    "strategy.dp.num_sampled_clients": (_at_least(1), "an integer >= 1, or null"),
-    "prune.tcess_k": (_at_least(1), "an integer >= 1, or null (the model's top-k)"),
-    "prune.keep": (_fraction, "a fraction in (0, 1], or null"),
-    "prune.keep_per_layer": (_at_least(1), "an integer >= 1, or null"),
-    "prune.max_mb": (_positive, "> 0 MB, or null"),
-    "prune.at_round": (_at_least(1), "a round number >= 1"),
-    "prune.calibration_tokens": (_at_least(1), "an integer >= 1"),
-    "pretraining.vocab_size": (_at_least(260), "an integer >= 260 (256 bytes + special tokens)"),
-    "pretraining.tokenizer_mb": (_positive, "> 0"),
-    "pretraining.steps": (_at_least(1), "an integer >= 1"),
-    "pretraining.batch_size": (_at_least(1), "an integer >= 1"),
-    "pretraining.lr": (_positive, "> 0"),
-    "pretraining.warmup_steps": (_at_least(0), ">= 0"),
-    "pretraining.weight_decay": (_at_least(0), ">= 0"),
-    "pretraining.aux_loss_coef": (_at_least(0), ">= 0"),
-    "pretraining.max_grad_norm": (_positive, "> 0, or null (no clipping)"),
-    "pretraining.eval_blocks_per_domain": (_at_least(1), "an integer >= 1"),
-    "pretraining.threads": (_at_least(1), "an integer >= 1, or null (all cores)"),
-    "objective": (lambda v: v in OBJECTIVES, f"one of {list(OBJECTIVES)}"),
-    "edge.window": (_at_least(1), "an integer >= 1 (steps of the recent window)"),
-    "edge.threads": (_at_least(1), "an integer >= 1, or null (torch's default)"),
-}
+# --- validation -------------------------------------------------------------------------------
 
 
 def validate(cfg: DictConfig, simulated: bool = True) -> None:
