@@ -4,20 +4,25 @@ Starts a SuperLink and N SuperNodes on 127.0.0.1 (TLS and SuperNode authenticati
 the launchers default) for each variant and runs ``experiment=smoke`` for a few rounds with
 `flwr run`:
 
-    cold   this code, every message in a fresh ClientApp process (node config without
-           ``warm-worker``: what a SuperNode started by hand gets)
-    warm   this code, the node's warm worker (``warm-worker = true``, the launchers' default)
-    before another checkout of fedmoe (``--before DIR``, e.g. a ``git worktree`` of an older
-           commit), run the same way with that checkout's app and Flower's default SuperExec
-           poll interval (1 s)
+    flower       this code, every message in a ClientApp process that Flower's SuperExec
+                 starts when the message arrives (``--no-prestart --no-warm-worker``: what
+                 ``flower-supernode`` started by hand gets)
+    cold         the same, with the next ClientApp process started ahead of its message
+                 (``fedmoe.fl.prestart``)
+    warm_flower  the node's warm worker (``warm-worker = true``), Flower's SuperExec
+    warm         warm worker and prestarted ClientApp processes (the launchers' default)
+    before       another checkout of fedmoe (``--before DIR``, e.g. a ``git worktree`` of an
+                 older commit), run with that checkout's app, Flower's SuperExec and its
+                 default poll interval (1 s)
 
 For every round it splits the wall time into what the clients report (process start to
-handler, i.e. imports; model assembly; training; evaluation) and the server's aggregation;
+handler, or from a prestarted process's task token to handler; model assembly; training;
+evaluation) and the server's aggregation;
 the rest is Flower moving and polling for messages. It samples the PSS of each SuperNode's
 process tree with its ClientApp processes and its warm worker, and measures the size on disk
 of this interpreter's environment. Prints tables and ratios and saves JSON.
 
-    python scripts/bench_deploy.py --before /tmp/fedmoe_before      # cold, warm, before
+    python scripts/bench_deploy.py --before /tmp/fedmoe_before      # every variant
     python scripts/bench_deploy.py --variants warm --rounds 5
 
 On one machine the N ClientApps share its cores: a round here measures this machine as much
@@ -45,6 +50,9 @@ from fedmoe.fl.deploy import LocalFederation, stage_app
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["experiment=smoke", "fl.export=false"]
+# variant -> (warm worker, prestarted ClientApp processes)
+VARIANTS = {"flower": (False, False), "cold": (False, True), "warm_flower": (True, False),
+            "warm": (True, True), "before": (False, False)}
 
 
 class NodeMemory(threading.Thread):
@@ -101,9 +109,10 @@ def run_variant(name: str, repo: Path, nodes: int, rounds: int, root: Path, base
         fed.start_superlink()
         pids = {}
         for i in range(nodes):
+            warm, prestart = VARIANTS[name]
             config = {"partition-id": i, "state-dir": str(root / f"state{i}"),
-                      "base-model": str(base), "warm-worker": name == "warm"}
-            pids[f"node{i}"] = fed.start_node(f"node{i}", config).pid
+                      "base-model": str(base), "warm-worker": warm}
+            pids[f"node{i}"] = fed.start_node(f"node{i}", config, prestart=prestart).pid
         fed.wait_for_nodes(nodes, timeout=600)
         memory = NodeMemory(pids)
         memory.start()
@@ -185,9 +194,13 @@ def report(rows: list[dict]) -> None:
                                               "start")}
     console.print(summary)
     by = {row["variant"]: row["summary"] for row in rows}
-    for a, b in (("before", "warm"), ("cold", "warm"), ("before", "cold")):
+    for a, b in (("before", "warm"), ("flower", "warm"), ("cold", "warm"),
+                 ("warm_flower", "warm"), ("before", "cold")):
         if a in by and b in by and by[b]["wall"]:
             print(f"round wall time {a} / {b}: {by[a]['wall'] / by[b]['wall']:.2f}x")
+    for a, b in (("flower", "cold"), ("warm_flower", "warm")):
+        if a in by and b in by and by[b]["start"]:
+            print(f"client start {a} / {b}: {by[a]['start'] / by[b]['start']:.2f}x")
 
 
 def _median(values):
@@ -197,8 +210,8 @@ def _median(values):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["cold", "warm"],
-                        choices=["cold", "warm"])
+    parser.add_argument("--variants", nargs="+", default=["flower", "cold", "warm_flower", "warm"],
+                        choices=["flower", "cold", "warm_flower", "warm"])
     parser.add_argument("--before", type=Path, help="an older fedmoe checkout to compare")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=4)

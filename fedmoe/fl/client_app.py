@@ -74,7 +74,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def _handle(msg: Message, context: Context) -> Message:
     """The client's round on this message, in the warm worker or here; the reply carries
-    ``start_seconds``: from this process's start to the message's handling (imports)."""
+    ``start_seconds``: from this process's start on the task to the message's handling."""
     started = time.time()
     kind = msg.metadata.message_type
     if worker.enabled(context.node_config):
@@ -88,7 +88,11 @@ def _handle(msg: Message, context: Context) -> Message:
 
 
 def _process_start() -> float:
-    """When this process started (seconds since the epoch)."""
+    """When this process started on its task (seconds since the epoch): when its token
+    arrived if it was started ahead of the task (``fedmoe.fl.prestart``), else its creation."""
+    received = os.environ.get("FEDMOE_TASK_RECEIVED")  # fedmoe.fl.prestart.TASK_RECEIVED
+    if received is not None:
+        return float(received)
     import psutil
 
     return psutil.Process().create_time()

@@ -388,6 +388,7 @@ def supernode_command(
     host: str = "127.0.0.1",
     max_wait_time: float | None = None,
     bin_dir: str | Path | None = None,
+    prestart: bool = True,
 ) -> list[str]:
     """``flower-supernode`` arguments.
 
@@ -409,8 +410,14 @@ def supernode_command(
     bin_dir : str or Path or None
         The ``bin`` directory of the environment to run it from (e.g. a device's slim venv);
         ``None``: this interpreter's. Run it with :func:`flwr_env` of the same ``bin_dir``.
+    prestart : bool
+        Run it under :mod:`fedmoe.fl.prestart`, whose SuperExec keeps the next ClientApp
+        process started ahead of its message; ``False``: Flower's own SuperExec, which starts
+        each ClientApp process when its message arrives.
     """
-    cmd = [_bin("flower-supernode", bin_dir), "--superlink", superlink, "--host", host,
+    launcher = ([_bin("python", bin_dir) if bin_dir is not None else sys.executable, "-m",
+                 "fedmoe.fl.prestart"] if prestart else [_bin("flower-supernode", bin_dir)])
+    cmd = [*launcher, "--superlink", superlink, "--host", host,
            "--port", str(port), "--node-config", node_config_arg(node_config)]
     if root_certificates is None:
         cmd.append("--insecure")
@@ -773,13 +780,14 @@ class LocalFederation:
 
     def start_node(self, name: str, node_config: Mapping[str, str | int | float | bool], *,
                    keys: NodeKeys | None = None, register: bool = True,
-                   python: str | Path | None = None) -> Service:
+                   python: str | Path | None = None, prestart: bool = True) -> Service:
         """Start a SuperNode with ``node_config``; with auth, its keys are made and registered
         first unless ``keys`` are given (``register=False``: an unregistered node).
 
         ``python``: the interpreter of the environment to run it from (its ``bin`` directory
         holds ``flower-supernode``, and the SuperExec and ClientApps it starts are taken from
-        there too); ``None``: this process's.
+        there too); ``None``: this process's. ``prestart``: its next ClientApp process is
+        started ahead of the message (:mod:`fedmoe.fl.prestart`); ``False``: Flower's SuperExec.
         """
         if self.auth and keys is None:
             keys = self.node_keys(name, register=register)
@@ -789,7 +797,8 @@ class LocalFederation:
                                                         bin_dir)
         cmd = supernode_command(self.address, free_port(), node_config,
                                 root_certificates=self.ca_cert,
-                                private_key=keys.private_key if keys else None, bin_dir=bin_dir)
+                                private_key=keys.private_key if keys else None, bin_dir=bin_dir,
+                                prestart=prestart)
         node = Service(name, cmd, self.root / "logs" / f"{name}.log", env).start()
         self.nodes.append(node)
         return node

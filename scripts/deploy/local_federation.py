@@ -3,7 +3,8 @@
     python scripts/deploy/local_federation.py --nodes 2 experiment=smoke fl.num_rounds=2
 
 TLS and SuperNode authentication are on (``--insecure``/``--no-auth`` to compare), and each
-node keeps its model between rounds in a warm worker (``--no-warm-worker`` to compare); the
+node keeps its model between rounds in a warm worker (``--no-warm-worker`` to compare) and its
+next ClientApp process started ahead of the message (``--no-prestart`` to compare); the
 certificates, keys, Flower config and logs go to ``--root``. The base model is pretrained
 once (cached) when ``fl.base_model`` is not given. Every process is stopped at the end.
 """
@@ -33,6 +34,9 @@ def main() -> None:
     parser.add_argument("--warm-worker", action=argparse.BooleanOptionalAction, default=True,
                         help="each node runs its rounds in a warm worker process "
                              "(fedmoe/fl/worker.py; default: on)")
+    parser.add_argument("--prestart", action=argparse.BooleanOptionalAction, default=True,
+                        help="each node starts its next ClientApp process ahead of the "
+                             "message (fedmoe/fl/prestart.py; default: on)")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -57,7 +61,8 @@ def main() -> None:
             # A device takes its paths from its node config, never from the run config
             fed.start_node(f"node{i}", {"partition-id": i, "base-model": str(base),
                                         "state-dir": str(root / "state" / f"node{i}"),
-                                        "warm-worker": args.warm_worker})
+                                        "warm-worker": args.warm_worker},
+                           prestart=args.prestart)
         fed.wait_for_nodes(args.nodes)
         start = time.perf_counter()
         run_id = fed.run(stage_app(REPO, root / "app"), overrides)

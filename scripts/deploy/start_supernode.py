@@ -16,6 +16,8 @@ asking for more is refused); ``audit-dir`` logs what every message carried in an
 ``warm-worker`` (on unless ``--no-warm-worker``) keeps the model, data and imports in one
 worker process between rounds (Flower starts a fresh ClientApp process per message,
 fedmoe/fl/worker.py); ``--warm-worker-idle-s`` is how long it stays without a message.
+``--prestart`` (on unless ``--no-prestart``) keeps the next ClientApp process started, its
+imports done, before its message arrives (fedmoe/fl/prestart.py).
 ``--debug-delay-s`` is a test hook (sleep before training) and must not be used on a real
 device.
 
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "rounds (default: on)")
     parser.add_argument("--warm-worker-idle-s", type=float, default=900.0, metavar="SECONDS",
                         help="the warm worker exits after this long without a message")
+    parser.add_argument("--prestart", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the next ClientApp process started ahead of its message "
+                             "(fedmoe/fl/prestart.py; default: on)")
     parser.add_argument("--retry-activation", type=float, default=90.0, metavar="SECONDS")
     parser.add_argument("--debug-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--debug-delay-round", type=int, default=0, help=argparse.SUPPRESS)
@@ -97,7 +102,8 @@ def main() -> None:
     if args.data_path is not None and not args.data_path.expanduser().exists():
         parser.error(f"--data-path {args.data_path} does not exist")
     cmd = supernode_command(args.superlink, args.port, node_config(args),
-                            root_certificates=args.ca, private_key=args.key)
+                            root_certificates=args.ca, private_key=args.key,
+                            prestart=args.prestart)
     env = flwr_env(flwr_home())
     sys.exit(run_with_retry(cmd, env, args.retry_activation))
 

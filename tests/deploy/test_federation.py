@@ -279,13 +279,14 @@ def test_six_supernodes_three_rounds_in_warm_workers(tmp_path, make_federation, 
                  "fl.fraction_evaluate=0", "data.num_clients=6", "fl.min_available_nodes=6",
                  "fl.round_timeout=600"]
     fed.start_superlink()
-    for i in range(6):
-        fed.start_node(f"node{i}", {"partition-id": i, "state-dir": str(tmp_path / f"s{i}"),
-                                    "warm-worker": True})
+    nodes = [fed.start_node(f"node{i}", {"partition-id": i, "state-dir": str(tmp_path / f"s{i}"),
+                                         "warm-worker": True}) for i in range(6)]
     fed.wait_for_nodes(6)
+    spares_before = wait_for_spares(nodes)
     # Execute
     run_id = fed.run(app_dir, overrides)
     status = fed.wait(run_id, 900)
+    spares_after = wait_for_spares(nodes)
     logs = [log.read_text() for log in worker_logs() if f"of run {run_id} handled" in
             log.read_text()]
     fed.stop()
@@ -304,6 +305,24 @@ def test_six_supernodes_three_rounds_in_warm_workers(tmp_path, make_federation, 
     while any(map(running, pids)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not any(map(running, pids))
+    # Each node's ClientApp processes were started ahead of their messages (fedmoe.fl.prestart):
+    # the spare waiting before the run ran a message (a spare exits only then), and another
+    # waits after it; all of them exit with their SuperNodes
+    assert all(not running(before) and after != before
+               for before, after in zip(spares_before, spares_after, strict=True))
+    assert not any(map(running, spares_after))
+
+
+def wait_for_spares(nodes: list[Service], timeout: float = 120.0) -> list[int]:
+    """The pid of the one spare ClientApp process waiting under each prestarted SuperNode."""
+    deadline = time.monotonic() + timeout
+    while True:
+        spares = [[c.pid for c in psutil.Process(node.pid).children(recursive=True)
+                   if "--spare" in c.cmdline()] for node in nodes]
+        if all(len(s) == 1 for s in spares):
+            return [s[0] for s in spares]
+        assert time.monotonic() < deadline, f"spares per node: {spares}"
+        time.sleep(0.2)
 
 
 def running(pid: int) -> bool:

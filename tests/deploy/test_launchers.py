@@ -126,6 +126,9 @@ def test_tls_and_authentication_are_the_default():
     assert {"--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"} <= set(default)
     assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
     assert "--disable-runtime-dependency-installation" in default
+    assert node[:3] == [sys.executable, "-m", "fedmoe.fl.prestart"]  # prestarted ClientApps
+    assert Path(supernode_command("127.0.0.1:9093", 9094, {}, root_certificates=None,
+                                  prestart=False)[0]).name == "flower-supernode"
     assert node[node.index("--root-certificates") + 1] == "ca.crt"
     assert node[node.index("--auth-supernode-private-key") + 1] == "node0"
     assert "--insecure" not in node
