@@ -192,8 +192,8 @@ def run_supernode(argv: list[str]) -> int:
     try:
         flower_superexec.run_superexec(runtime_api_address=f"{known.host}:{known.port}",
                                        insecure=True, superexec_auth_secret=secret)
-    except SystemExit:
-        pass
+    except (SystemExit, KeyboardInterrupt):  # the node exited, or a signal (before Flower's
+        pass                                  # handlers were in place)
     _stop(node)
     return node.returncode if node.returncode is not None else 0
 
