@@ -11,10 +11,10 @@ and Flower's imports: 1.3-1.5 s on a 2-core machine, before the handler runs.
 (``run_superexec``) with :class:`PrestartedExecutor`. One spare ClientApp process waits for its
 task token on stdin with Flower's modules imported (then runs Flower's ``run_clientapp``); a
 ClientApp task hands the token to it, and the next spare starts once that task's process has
-exited, so a spare's imports never compete with a running round. Other tasks, and one that asks
-for runtime dependency installation, start as Flower starts them. The spare imports only
-Flower ahead of the task: the ClientApp it runs is the run's FAB, loaded after the token as in
-Flower's own process.
+exited (or after ``TASK_GRACE_S``), so a spare's imports do not compete with a running round.
+Other tasks, and one that asks for runtime dependency installation, start as Flower starts
+them. The spare imports only Flower ahead of the task: the ClientApp it runs is the run's FAB,
+loaded after the token as in Flower's own process.
 
 The wrapper exits with the SuperNode (and the SuperNode with it when stopped by signal); the
 SuperExec's Runtime API calls are authenticated with a fresh secret shared with the SuperNode
@@ -36,8 +36,10 @@ import sys
 import tempfile
 import threading
 import time
+from logging import DEBUG, INFO, WARNING
 from pathlib import Path
 
+from flwr.supercore import log
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult, SubprocessExecutor
 
@@ -45,6 +47,9 @@ from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult, Subpr
 # measures its start from it (fedmoe.fl.client_app), not from the spare's creation.
 TASK_RECEIVED = "FEDMOE_TASK_RECEIVED"
 SPARE_RETRY_S = 10.0  # a spare that died without a task is started again after this long
+# The next spare waits for the last task's process to exit, or this long: a long round pays one
+# spare's imports, and a task stuck on its SuperNode does not hold up the next message's.
+TASK_GRACE_S = 30.0
 
 
 class PrestartedExecutor(SubprocessExecutor):
@@ -67,6 +72,7 @@ class PrestartedExecutor(SubprocessExecutor):
         self.root_certificates_path = root_certificates_path
         self.spare: subprocess.Popen | None = None
         self.task: subprocess.Popen | None = None  # the last spare handed a token
+        self.task_since = 0.0
         self.retry_at = 0.0
 
     def spare_command(self) -> list[str]:
@@ -82,16 +88,23 @@ class PrestartedExecutor(SubprocessExecutor):
         """Called by the SuperExec loop before each poll: keep one spare ready, started only
         while no task process runs."""
         if self.spare is not None and self.spare.poll() is not None:
+            log(WARNING, "prestart: ClientApp process %d exited (code %s) before its task; the "
+                "next one starts in %.0f s", self.spare.pid, self.spare.returncode, SPARE_RETRY_S)
             self.spare = None  # died without a task (e.g. a broken install): retry later
             self.retry_at = time.monotonic() + SPARE_RETRY_S
-        if self.task is not None and self.task.poll() is not None:
+        if self.task is not None and (self.task.poll() is not None
+                                      or time.monotonic() - self.task_since > TASK_GRACE_S):
             self.task = None
         if self.spare is None and self.task is None and time.monotonic() >= self.retry_at:
             self.spare = subprocess.Popen(self.spare_command(), stdin=subprocess.PIPE)
+            log(DEBUG, "prestart: ClientApp process %d waits for its task", self.spare.pid)
 
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
         """Hand a ClientApp task's token to the spare; any other task as Flower launches it."""
         if not self.takes(spec):
+            if spec.task_type == TaskType.CLIENT_APP:
+                log(INFO, "prestart: no ClientApp process ready (%s): Flower starts one",
+                    "the last one still runs" if self.task is not None else "none started")
             return super().launch(spec)
         spare, self.spare = self.spare, None
         try:
@@ -99,7 +112,8 @@ class PrestartedExecutor(SubprocessExecutor):
             spare.stdin.close()
         except OSError:  # the spare died since the last reconcile
             return super().launch(spec)
-        self.task = spare
+        self.task, self.task_since = spare, time.monotonic()
+        log(DEBUG, "prestart: task %d handed to ClientApp process %d", spec.task_id, spare.pid)
         return LaunchResult.accepted()
 
     def takes(self, spec: ExecutionSpec) -> bool:
@@ -203,7 +217,7 @@ def _stop(node: subprocess.Popen) -> None:
         node.terminate()
         try:
             node.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # or a second signal: at once
             node.kill()
             node.wait()
 

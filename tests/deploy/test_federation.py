@@ -136,7 +136,8 @@ def secure(tmp_path_factory, base_model, app_dir, fedmoe_cache):
         first = fed.run(app_dir, overrides)
         wait_for_file(run_dir / "server_state" / "round_1.json", 400, fed, first)
         for node in nodes:  # both hold their round-2 instruction: the crash is mid-round
-            node.wait_for(r"Receiving: train message[\s\S]*Receiving: train message", 120)
+            node.wait_for(r"Receiving: train message[\s\S]*Receiving: train message"
+                          r"[\s\S]*Received successfully", 120)
         fed.superlink.stop(kill=True)  # the SuperLink and its ServerApp process
         fed.start_superlink()
         fed.wait_for_nodes(2)

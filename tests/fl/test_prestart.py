@@ -128,6 +128,26 @@ def test_a_spare_that_dies_without_a_task_is_started_again_only_after_a_pause(ex
     assert executor.spare is not None and executor.spare.pid != dead.pid
 
 
+def test_a_task_still_running_after_the_grace_period_does_not_hold_up_the_next_spare(
+        executor, tmp_path, monkeypatch):
+    # Prepare: a task that never ends (its stand-in waits for the release file)
+    monkeypatch.setattr(prestart, "TASK_GRACE_S", 0.5)
+    executor.reconcile()
+    stuck = executor.spare
+    executor.launch(spec("f" * 64))
+    wait_for(lambda: (tmp_path / f"{stuck.pid}.json").exists())
+
+    # Execute
+    executor.reconcile()
+    within_grace = executor.spare
+    time.sleep(0.6)
+    executor.reconcile()
+
+    # Assert: the next message still finds a process started ahead
+    assert within_grace is None and stuck.poll() is None
+    assert executor.spare is not None and executor.takes(spec("g" * 64))
+
+
 def test_close_stops_the_spare(tmp_path):
     executor = StandIn(tmp_path)
     executor.reconcile()
