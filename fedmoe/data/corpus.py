@@ -35,6 +35,7 @@ import ast
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -52,6 +53,11 @@ ALL_DOMAINS: tuple[str, ...] = DOMAINS + EXTRA_DOMAINS
 _SPLIT_FRACTIONS = {"validation": 0.1, "test": 0.1}
 # Bump when the corpus content changes for the same arguments, so stale caches are skipped.
 _CORPUS_VERSION = 1
+# The same, per domain (a domain not listed is at version 1); only a chosen domain's version
+# enters the corpus key and the base checkpoint's (so other corpora keep theirs).
+#   bytecode 2: dis listings without the memory addresses of nested code objects ("<code
+#               object f at 0x7f...>"), which changed from one build to the next
+DOMAIN_VERSIONS: dict[str, int] = {"bytecode": 2}
 _EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "lib2to3",
                             "__pycache__", "turtledemo"})
 _MIN_DOCSTRING_CHARS = 40
@@ -181,8 +187,11 @@ def _bytecode_sources(without_codecs: bool = False) -> Iterator[Source]:
             continue
         listing = io.StringIO()
         dis.dis(code, file=listing)
-        yield rel, "".join(" ".join(line.split()) + "\n"
-                           for line in listing.getvalue().splitlines())
+        text = _ADDRESS.sub("", listing.getvalue())  # where the object lay in this process
+        yield rel, "".join(" ".join(line.split()) + "\n" for line in text.splitlines())
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-f]+")
 
 
 def _codec_table_sources() -> Iterator[Source]:
@@ -369,11 +378,19 @@ def _default_cache_dir() -> Path:
     return cache_root() / "corpus"
 
 
+def domain_versions(domains: Iterable[str] | None) -> dict[str, int]:
+    """The content version of each chosen domain that is past version 1 (``DOMAIN_VERSIONS``);
+    ``None``: the default domains."""
+    return {d: DOMAIN_VERSIONS[d] for d in check_domains(domains) if d in DOMAIN_VERSIONS}
+
+
 def _cache_key(max_mb_per_domain: float, chunk_chars: int, seed: int,
                domains: tuple[str, ...] = DOMAINS) -> str:
     spec = {"version": _CORPUS_VERSION, "domains": domains, "python": sys.version,
             "max_mb_per_domain": float(max_mb_per_domain), "chunk_chars": chunk_chars,
             "seed": seed}
+    if versions := domain_versions(domains):
+        spec["domain_versions"] = versions
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

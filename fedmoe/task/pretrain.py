@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedmoe.checkpoints import load_model
 from fedmoe.data import load_data, tokenize_blocks, train_tokenizer, unigram_perplexity
+from fedmoe.data.corpus import domain_versions
 from fedmoe.moe.models import check_model_path, count_parameters
 from fedmoe.task.train import evaluate_lm, train_lm
 
@@ -59,7 +60,10 @@ def pretrain_fingerprint(cfg: DictConfig) -> dict[str, Any]:
                        if k not in runtime}
                for group, runtime in _RUNTIME_KEYS.items()}
     # pretraining.seed is in `weights`; the run's own seed stays out (see the module doc).
-    return {**weights, "data": {k: data[k] for k in _CORPUS_KEYS if data.get(k) is not None}}
+    corpus = {k: data[k] for k in _CORPUS_KEYS if data.get(k) is not None}
+    if data.get("name") == "embedded" and (versions := domain_versions(data.get("domains"))):
+        corpus["domain_versions"] = versions  # a domain whose text changed: a new checkpoint
+    return {**weights, "data": corpus}
 
 
 def base_checkpoint_dir(cfg: DictConfig) -> Path:
