@@ -86,6 +86,37 @@ def run_dir(out: Path, variant: str, strategy: str, seed: int) -> Path:
     return out / variant / strategy / f"seed{seed}"
 
 
+def check_base(out: Path, extra: list[str]) -> dict:
+    """Pretrain (or find) the base model every run starts from, and hold it to the record's:
+    runs on another base are another benchmark. The first call writes ``<out>/base.json``
+    (checkpoint name, sha256 of its weights, held-out perplexity)."""
+    import hashlib
+
+    from fedmoe.fl.bridge import compose
+    from fedmoe.task.pretrain import SUMMARY_FILE, ensure_base_model
+
+    base = ensure_base_model(compose([*SETTING, *extra]))
+    summary = json.loads((base / SUMMARY_FILE).read_text())
+    digest = hashlib.sha256()
+    for weights in sorted(base.glob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    mine = {"checkpoint": base.name, "sha256": digest.hexdigest(),
+            "ppl": summary["overall"]["ppl"], "unigram_ppl": summary["overall"]["unigram_ppl"],
+            "threads": summary.get("threads"), "train_seconds": summary.get("train_seconds")}
+    record = out / "base.json"
+    if record.is_file():
+        theirs = json.loads(record.read_text())
+        if (theirs["checkpoint"], theirs["sha256"]) != (mine["checkpoint"], mine["sha256"]):
+            sys.exit(f"{base}: not the base model of the runs in {out} ({theirs['checkpoint']}, "
+                     f"sha256 {theirs['sha256'][:12]}, ppl {theirs['ppl']:.3f}; this one: "
+                     f"{mine['checkpoint']}, {mine['sha256'][:12]}, ppl {mine['ppl']:.3f}; "
+                     f"pretrained with {theirs['threads']} threads there): use another --out")
+        return theirs
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(mine, indent=2))
+    return mine
+
+
 def exports(out: Path, variant: str, seed: int) -> Path:
     """The fedmoe run whose client exports the pruning and routing steps read; a run taken
     from the record has none (git keeps only its results): it must run again."""
@@ -393,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     failed = []
     if not args.report_only:
+        check_base(out, args.overrides)
         for variant in variants:
             for seed in seeds:  # a seed's every run and analysis before the next seed
                 for strategy in strategies:

@@ -145,3 +145,4 @@ def test_a_recorded_run_without_its_exports_is_named_before_the_analysis(bench, 
     assert "\n" not in message and "client exports are missing" in message
     assert str(tmp_path / "natural" / "fedmoe" / "seed1" / ".bench_done") in message
     assert (tmp_path / "natural" / "fedmoe" / "seed1" / ".bench_done").is_file()
+

@@ -201,3 +201,19 @@ def test_unknown_or_repeated_domains_are_one_line_config_errors(domains):
     # Execute / Assert
     with pytest.raises(ValueError, match=r"data\.domains"):
         check_domains(domains)
+
+
+def test_bytecode_listings_are_the_same_in_every_build_and_hold_no_addresses():
+    # Prepare
+    from itertools import islice
+
+    from fedmoe.data.corpus import _bytecode_sources
+
+    # Execute: the first stdlib modules' listings, twice (other code objects, other addresses)
+    first = list(islice(_bytecode_sources(), 40))
+    second = list(islice(_bytecode_sources(), 40))
+
+    # Assert
+    assert first == second
+    assert any("<code object " in text for _, text in first)  # nested code objects are named
+    assert not any(re.search(r"0x[0-9a-f]{6,}", text) for _, text in first)
