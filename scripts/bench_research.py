@@ -424,7 +424,9 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     failed = []
     if not args.report_only:
-        check_base(out, args.overrides)
+        if any(not (run_dir(out, v, s, seed) / DONE).is_file()
+               for v in variants for s in strategies for seed in seeds):
+            check_base(out, args.overrides)  # only when a run is still to do
         for variant in variants:
             for seed in seeds:  # a seed's every run and analysis before the next seed
                 for strategy in strategies:
