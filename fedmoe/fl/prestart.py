@@ -43,6 +43,8 @@ from flwr.supercore import log
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult, SubprocessExecutor
 
+from fedmoe.fl.worker import alive
+
 # Set in a spare's environment when its token arrives (seconds since the epoch); the ClientApp
 # measures its start from it (fedmoe.fl.client_app), not from the spare's creation.
 TASK_RECEIVED = "FEDMOE_TASK_RECEIVED"
@@ -144,7 +146,7 @@ def run_spare(argv: list[str]) -> None:
     parser.add_argument("--parent-pid", type=int)
     args = parser.parse_args(argv)
     while not select.select([sys.stdin], [], [], 0.5)[0]:
-        if args.parent_pid is not None and not _alive(args.parent_pid):
+        if args.parent_pid is not None and not alive(args.parent_pid):
             sys.exit(0)  # the SuperExec is gone: no task will come
     token = sys.stdin.buffer.readline(256).decode().strip()
     if not token:
@@ -155,16 +157,6 @@ def run_spare(argv: list[str]) -> None:
                   certificates=validate_and_resolve_root_certificates(args.root_certificates,
                                                                       args.insecure),
                   parent_pid=args.parent_pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_supernode(argv: list[str]) -> int:

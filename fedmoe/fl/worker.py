@@ -208,7 +208,7 @@ class _Worker:
         while True:
             time.sleep(1.0)
             with self.lock:
-                orphaned = not _alive(self.parent_pid)
+                orphaned = not alive(self.parent_pid)
                 if orphaned or time.monotonic() - self.last > self.idle_s:
                     log.info("warm worker exits: %s", "parent gone" if orphaned else "idle")
                     self.listener.close()
@@ -217,7 +217,7 @@ class _Worker:
                     os._exit(0)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
     import psutil
 
