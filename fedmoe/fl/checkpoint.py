@@ -182,21 +182,6 @@ def resume(cfg, arrays: ArrayRecord) -> tuple[int, ArrayRecord, dict[int, RoundL
     return done, saved, history
 
 
-def shift_rounds(strategy, done: int) -> None:
-    """Make ``Strategy.start``'s rounds ``1..n`` run as ``done+1..done+n``.
-
-    ``start`` always counts from 1; the strategy's round hooks are wrapped on the instance
-    (messages, round log and client seeds then see the true round number).
-    """
-    if done == 0:
-        return
-    for name in ("configure_train", "aggregate_train", "configure_evaluate",
-                 "aggregate_evaluate"):
-        method = getattr(strategy, name)
-        setattr(strategy, name,
-                lambda server_round, *args, _m=method: _m(server_round + done, *args))
-
-
 def _check_same_tensors(saved: ArrayRecord, arrays: ArrayRecord, path: Path) -> None:
     if set(saved) != set(arrays):
         raise ValueError(

@@ -6,7 +6,6 @@ or come back to it; the strategy's hooks log communication and per-client evalua
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from fedmoe.fl.codec import encode_record, wire_nbytes
 from fedmoe.fl.deploy import check_config
 from fedmoe.fl.progress import ProgressGrid
 from fedmoe.fl.results import client_entries, round_entry, write_json
+from fedmoe.fl.rounds import RoundRules
 from fedmoe.fl.strategy import build_strategy
 from fedmoe.moe.adapter import MoEAdapter, role_of_name
 from fedmoe.moe.families import Role, family_spec
@@ -32,7 +32,6 @@ from fedmoe.task.train import weight_dtype
 from fedmoe.tracking import Tracker, build_tracker
 
 app = ServerApp()
-logger = logging.getLogger(__name__)
 
 
 def initial_arrays(cfg) -> tuple[ArrayRecord, dict[str, int], int, dict[str, str]]:
@@ -130,50 +129,21 @@ def _f(x) -> str:
 
 
 # --- deployment: DP, minimum replies, checkpoints after each round -------------------------
-def _deployed(cfg, strategy, done: int):
-    """The strategy ``start`` runs: with a minimum of accepted replies per round, wrapped in
-    Flower's central DP (client-side clipping) when ``strategy.dp.enabled``, and counting
-    rounds from ``done + 1``."""
-    _round_rules(strategy, int(cfg.fl.get("min_replies", 1)), float(cfg.fl.round_timeout))
+def _deployed(cfg, strategy, done: int) -> RoundRules:
+    """The strategy ``start`` runs: FedMoE wrapped in Flower's central DP (client-side
+    clipping) when ``strategy.dp.enabled``, inside the round rules (rounds counted from
+    ``done + 1``, at least ``fl.min_replies`` accepted replies)."""
+    inner = strategy
     dp = cfg.strategy.get("dp")
     if dp is not None and dp.enabled:
         from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
         sampled = dp.num_sampled_clients or cfg.fl.min_train_nodes
-        strategy = DifferentialPrivacyClientSideFixedClipping(
+        inner = DifferentialPrivacyClientSideFixedClipping(
             strategy, float(dp.noise_multiplier), float(dp.clipping_norm), int(sampled))
-    checkpoint.shift_rounds(strategy, done)
-    return strategy
-
-
-def _round_rules(strategy, minimum: int, timeout: float) -> None:
-    """Log the sampled nodes that sent no train reply within ``fl.round_timeout`` (dropped
-    from that round only), and discard an aggregate built from fewer than ``minimum``
-    accepted replies (the global tensors stay as they were)."""
-    configure, aggregate = strategy.configure_train, strategy.aggregate_train
-    sampled: dict[int, set[int]] = {}
-
-    def configure_train(server_round, *args):
-        messages = list(configure(server_round, *args))
-        sampled[server_round] = {m.metadata.dst_node_id for m in messages}
-        return messages
-
-    def aggregate_train(server_round, replies):
-        replies = list(replies)
-        silent = sampled.pop(server_round, set()) - {m.metadata.src_node_id for m in replies}
-        if silent:
-            logger.warning("round %d: no train reply from node(s) %s within "
-                           "fl.round_timeout=%g s (or node unavailable): dropped from this "
-                           "round", server_round, sorted(silent), timeout)
-        arrays, metrics = aggregate(server_round, replies)
-        accepted = strategy.history[server_round].accepted
-        if arrays is not None and len(accepted) < minimum:
-            logger.warning("round %d: %d accepted replies < fl.min_replies=%d: the global "
-                           "tensors stay as they were", server_round, len(accepted), minimum)
-            return None, metrics
-        return arrays, metrics
-
-    strategy.configure_train, strategy.aggregate_train = configure_train, aggregate_train
+    return RoundRules(inner, lambda r: strategy.history[r].accepted,
+                      min_replies=int(cfg.fl.get("min_replies", 1)),
+                      round_timeout=float(cfg.fl.round_timeout), offset=done)
 
 
 def _checkpointing(reporter, cfg, strategy, done: int):

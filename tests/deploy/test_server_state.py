@@ -8,10 +8,11 @@ import logging
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 from omegaconf import OmegaConf
 
 from fedmoe.fl import checkpoint
+from fedmoe.fl.rounds import RoundRules
 from fedmoe.fl.server_app import _deployed
 from fedmoe.fl.strategy import FedMoE, RoundLog
 from tests.helpers.records import ROUTER
@@ -96,27 +97,37 @@ def test_checkpoint_of_another_model_is_refused_naming_the_file(tmp_path):
         checkpoint.resume(cfg(tmp_path), arrays())
 
 
-def test_shift_rounds_numbers_rounds_after_the_checkpoint():
+def test_round_rules_number_rounds_after_the_checkpoint(tmp_path):
     # Prepare
-    class Recorder:
+    class Recorder(Strategy):
         def __init__(self):
             self.seen = []
 
         def configure_train(self, server_round, *args):
             self.seen.append(("train", server_round))
+            return []
 
         def aggregate_train(self, server_round, replies):
             self.seen.append(("aggregate", server_round))
+            return None, None
 
-        configure_evaluate = aggregate_evaluate = aggregate_train
+        def configure_evaluate(self, server_round, *args):
+            self.seen.append(("evaluate", server_round))
+            return []
 
-    strategy = Recorder()
+        def aggregate_evaluate(self, server_round, replies):
+            self.seen.append(("aggregate_evaluate", server_round))
+
+        def summary(self):
+            pass
+
+    inner = Recorder()
+    runner = RoundRules(inner, lambda r: [], round_timeout=30, offset=3)
     # Execute: start()'s round 1 after a checkpoint of round 3
-    checkpoint.shift_rounds(strategy, 3)
-    strategy.configure_train(1, "arrays", "config", "grid")
-    strategy.aggregate_train(1, [])
+    runner.start(Grid([]), arrays(), num_rounds=1)
     # Assert
-    assert strategy.seen == [("train", 4), ("aggregate", 4)]
+    assert inner.seen == [("train", 4), ("aggregate", 4), ("evaluate", 4),
+                          ("aggregate_evaluate", 4)]
 
 
 # --- round rules and DP -------------------------------------------------------------------
@@ -128,6 +139,10 @@ class Grid:
 
     def get_node_ids(self):
         return self.node_ids
+
+    def send_and_receive(self, messages, timeout):
+        list(messages)
+        return []
 
 
 def replies_from(messages, nodes, value=1.0, shape=(4, 2)):
@@ -143,7 +158,7 @@ def test_silent_nodes_are_logged_and_too_few_replies_keep_the_old_tensors(tmp_pa
     sent = {m.metadata.dst_node_id: m
             for m in runner.configure_train(1, arrays(), ConfigRecord(), Grid([1, 2, 3]))}
     # Execute
-    with caplog.at_level(logging.WARNING, logger="fedmoe.fl.server_app"):
+    with caplog.at_level(logging.WARNING, logger="fedmoe.fl.rounds"):
         aggregated, _ = runner.aggregate_train(1, replies_from(sent, [1]))
     # Assert
     assert aggregated is None  # start() keeps the previous global tensors
@@ -165,8 +180,9 @@ def test_dp_wraps_fedmoe_adds_noise_and_sends_the_clipping_norm(tmp_path):
     aggregated, _ = runner.aggregate_train(1, replies_from(sent, [1, 2], 1.0, shape))
     # Assert: the clients are told the norm; noise of std 0.5 * 2 / 2 (min_train_nodes) = 0.5
     # around the mean reply (standard errors: of the std 0.0056, of the mean 0.0079)
-    assert isinstance(runner, DifferentialPrivacyClientSideFixedClipping)
-    assert runner.num_sampled_clients == 2
+    dp = runner.strategy
+    assert isinstance(dp, DifferentialPrivacyClientSideFixedClipping)
+    assert dp.num_sampled_clients == 2
     assert all(m.content["config"]["clipping_norm"] == 2.0 for m in messages)
     noise = aggregated[ROUTER].numpy() - 1.0
     assert 0.47 < noise.std() < 0.53 and abs(noise.mean()) < 0.04  # both bands > 5 errors
