@@ -27,6 +27,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -88,18 +89,31 @@ def ensure_base_model(cfg: DictConfig, progress: bool = True) -> Path:
     Path
         ``model.path`` when set (nothing is trained), else :func:`base_checkpoint_dir`, which
         holds the model, the tokenizer and ``pretrain.json``. A checkpoint appears there
-        complete or not at all.
+        complete or not at all; processes asking for it at once train it once (the others
+        wait on a lock file beside it).
     """
     if cfg.model.path:
         return Path(check_model_path(cfg.model.path))
+    return _ensure(cfg, progress)[0]
+
+
+def _ensure(cfg: DictConfig, progress: bool) -> tuple[Path, bool]:
+    """The cached base checkpoint of ``cfg``, trained first if missing; whether it was reused."""
     target = base_checkpoint_dir(cfg)
     if (target / SUMMARY_FILE).is_file():
         log.info("reusing base checkpoint %s", target)
-        return target
-    model, tokenizer, summary = pretrain(cfg, progress=progress)
-    _save_atomically(model, tokenizer, summary, target)
+        return target, True
+    # Runs started together (a parallel sweep, clients of one machine) train it once: the
+    # others wait for the lock, then reuse the checkpoint.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.with_name(f".{target.name}.lock")):
+        if (target / SUMMARY_FILE).is_file():
+            log.info("reusing base checkpoint %s (trained by another process)", target)
+            return target, True
+        model, tokenizer, summary = pretrain(cfg, progress=progress)
+        _save_atomically(model, tokenizer, summary, target)
     log.info("saved base checkpoint %s", target)
-    return target
+    return target, False
 
 
 # --- pretraining ---------------------------------------------------------------------------
@@ -301,8 +315,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         check_model_path(cfg.model.path)
         print(f"model.path is set: using {cfg.model.path} as the base model (no pretraining)")
         return {"checkpoint": str(cfg.model.path), "reused": True}
-    reused = (base_checkpoint_dir(cfg) / SUMMARY_FILE).is_file()
-    checkpoint = ensure_base_model(cfg, progress=True)
+    checkpoint, reused = _ensure(cfg, progress=True)
     summary = json.loads((checkpoint / SUMMARY_FILE).read_text())
     print_summary(summary, reused)
     run_dir = Path(HydraConfig.get().runtime.output_dir)

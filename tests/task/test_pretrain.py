@@ -257,3 +257,27 @@ def test_cli_reuses_the_user_cache_from_any_working_directory(smoke_pretrain, tm
         assert "reused the saved checkpoint" in proc.stdout
         assert f"base checkpoint: {expected}" in proc.stdout
     assert not list(tmp_path.rglob(".cache"))
+
+
+def test_runs_started_together_pretrain_once(smoke_pretrain, tmp_path):
+    # Prepare: a base model nobody trained yet (6 steps: another cache key)
+    overrides = [*smoke_pretrain.overrides, f"cache_dir={smoke_pretrain.cfg.cache_dir}",
+                 "pretraining.steps=6"]
+    assert not (base_checkpoint_dir(smoke_pretrain.compose("pretraining.steps=6"))
+                / SUMMARY_FILE).exists()
+
+    # Execute: two `fedmoe pretrain` at once
+    procs = [subprocess.Popen([sys.executable, "-m", "fedmoe.cli", "pretrain", *overrides,
+                               f"hydra.run.dir={tmp_path / str(i)}"],
+                              env=child_env(Path(smoke_pretrain.cfg.cache_dir)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+
+    # Assert: one trained it, the other waited and reused it
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outputs]
+    stdout = [out for out, _ in outputs]
+    assert sorted("pretrained now" in out for out in stdout) == [False, True]
+    assert sum("reused the saved checkpoint" in out for out in stdout) == 1
+    checkpoints = {re.search(r"base checkpoint: (\S+)", out).group(1) for out in stdout}
+    assert len(checkpoints) == 1
