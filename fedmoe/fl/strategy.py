@@ -18,6 +18,7 @@ keeps a per-round log in :attr:`FedMoE.history`.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -642,31 +643,12 @@ def parse_held(
 class _ServerOptOnFedMoE:
     """Runs a FedOpt server step (first in the MRO) on FedMoE's masked aggregate."""
 
-    def __init__(
-        self,
-        *,
-        expert_rows: dict[str, int],
-        rule: str = "mean",
-        trim_beta: float = 0.2,
-        max_update_norm: float | None = MAX_UPDATE_NORM,
-        max_weight_share: float | None = MAX_WEIGHT_SHARE,
-        max_weight_median: float | None = MAX_WEIGHT_MEDIAN,
-        max_abs_value: float | None = MAX_ABS_VALUE,
-        wire_dtypes: dict[str, str] | None = None,
-        **kwargs,
-    ) -> None:
+    def __init__(self, *, wire_dtypes: dict[str, str] | None = None, **kwargs) -> None:
         # FedOpt.__init__ calls FedMoE.__init__ with FedAvg's arguments only, so the
-        # FedMoE options are set first.
+        # FedMoE options (FedMoE.set_moe_options's keywords) are taken and set first.
         self.wire_dtypes = dict(wire_dtypes or {})
-        self.set_moe_options(
-            expert_rows=expert_rows,
-            rule=rule,
-            trim_beta=trim_beta,
-            max_update_norm=max_update_norm,
-            max_weight_share=max_weight_share,
-            max_weight_median=max_weight_median,
-            max_abs_value=max_abs_value,
-        )
+        names = list(inspect.signature(FedMoE.set_moe_options).parameters)[1:]
+        self.set_moe_options(**{name: kwargs.pop(name) for name in names if name in kwargs})
         super().__init__(**kwargs)
 
     def aggregate_train(
