@@ -18,7 +18,6 @@ from fedmoe.extras import extra_needed
 # Public name -> the module of fedmoe.data that defines it.
 _MODULE_OF = {
     "DOMAINS": "corpus", "build_corpus": "corpus", "chunk_text": "corpus",
-    "corpus_stats": "corpus",
     "SPLITS": "files", "format_alpaca": "files", "read_text_rows": "files",
     "split_rows": "files",
     "load_text_dataset": "hf",

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fedmoe.data import DOMAINS, build_corpus, chunk_text, corpus_stats
+from fedmoe.data import DOMAINS, build_corpus, chunk_text
 from fedmoe.data.corpus import module_docstrings
+from tests.helpers.corpus import corpus_stats
 
 SMALL_MB = 0.5  # as the small_corpus fixture (conftest.py)
 
