@@ -23,8 +23,8 @@ from fedmoe.report import (
     to_markdown,
     write_report,
 )
-from fedmoe.tracking import offline_runs, read_offline_run
 from tests.helpers.runs import FAST, TWO_CLIENTS, fedmoe
+from tests.helpers.wandb_log import offline_runs, read_offline_run
 
 MB = 2**20
 

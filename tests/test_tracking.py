@@ -1,22 +1,23 @@
-"""W&B tracking (fedmoe/tracking.py): what a round logs, and an offline run read back."""
+"""W&B tracking (fedmoe/tracking.py): what a round logs, and an offline run read back
+(tests/helpers/wandb_log.py)."""
 
 from __future__ import annotations
 
 import pytest
 from omegaconf import OmegaConf
 
-from fedmoe import tracking
 from fedmoe.fl.bridge import compose
 from fedmoe.plots import plot_communication
 from fedmoe.tracking import (
     Tracker,
     build_tracker,
     client_table,
-    read_offline_run,
     round_metrics,
     summary_metrics,
     wandb_mode,
 )
+from tests.helpers import wandb_log
+from tests.helpers.wandb_log import read_offline_run
 
 MB = 2**20
 
@@ -143,9 +144,9 @@ def test_read_offline_run_reassembles_records_across_blocks():
     small, big = b"a" * 10, b"b" * 40000
     head = b":W&B" + b"\xe1\xbe\x00"
     data = head + struct.pack("<IHB", 0, len(small), 1) + small
-    first = tracking._BLOCK - len(data) - 7
+    first = wandb_log._BLOCK - len(data) - 7
     data += struct.pack("<IHB", 0, first, 2) + big[:first]
     data += struct.pack("<IHB", 0, len(big) - first, 4) + big[first:]
     # Execute / Assert
-    assert list(tracking._log_records(data)) == [small, big]
+    assert list(wandb_log._log_records(data)) == [small, big]
 

@@ -9,7 +9,8 @@ import pytest
 
 from fedmoe.fl.bridge import compose
 from fedmoe.plots import write_run_plots
-from fedmoe.tracking import WandbTracker, _artifact_name, read_offline_run
+from fedmoe.tracking import WandbTracker, _artifact_name
+from tests.helpers.wandb_log import read_offline_run
 
 
 def test_sweep_job_names_make_valid_artifact_names():
