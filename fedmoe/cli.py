@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 
+from fedmoe.compose import compose, conf_dir, hydra_value
+
 
 @dataclass(frozen=True)
 class Command:
@@ -70,12 +72,6 @@ EXAMPLES = """examples:
   fedmoe <command> --help                  # its config groups and options"""
 
 HELP_FLAGS = {"-h", "--help"}
-
-
-def conf_dir() -> Path:
-    """``conf/`` inside an installed wheel, else the repository's top-level ``conf/``."""
-    packaged = Path(__file__).parent / "conf"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "conf"
 
 
 def usage() -> str:
@@ -190,17 +186,13 @@ def _exit_if_extra_missing(error: ModuleNotFoundError, name: str) -> None:
 def command_help(name: str, overrides: list[str]) -> str:
     """``fedmoe <name> --help``: the command's line, usage, its config groups with their
     options (default first) and its composed config (interpolations unresolved)."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    import fedmoe.config  # noqa: F401  (resolvers)
-
     command = COMMANDS[name]
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = compose(command.config, overrides=overrides, return_hydra_config=True)
+        cfg = compose(command.config, overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as error:
         sys.exit(f"fedmoe {name} --help: {str(error).splitlines()[0]}")
     # Hydra records the choices last-first; the defaults list's order reads better.
@@ -240,21 +232,6 @@ def _version() -> str:
 def _is_positional(arg: str) -> bool:
     # A sweep's job directories have `=` in their names (`0_seed=0,strategy=fedmoe`).
     return not arg.startswith("-") and ("=" not in arg or Path(arg).exists())
-
-
-def hydra_value(value: object) -> str:
-    """``value`` as a Hydra override value that reads back as the same string: as is when
-    it does, else quoted (a sweep's job directories hold ``=`` and ``,``, which Hydra would
-    read as a key or a sweep list)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    text = str(value)
-    try:
-        if OverridesParser.create().parse_override(f"k={text}").value() == text:
-            return text
-    except Exception:  # a parse error: quote it
-        pass
-    return "'" + text.replace("'", "\\'") + "'"
 
 
 if __name__ == "__main__":

@@ -467,7 +467,7 @@ def _drop(values: dict, path: list[str]) -> bool:
 def preset_keys() -> frozenset[str]:
     """Dotted keys (``fl.min_replies``, ``strategy.dp.enabled``) the presets in ``conf/<group>/``
     declare; experiments are left out, so a typo there stays an error."""
-    from fedmoe.cli import conf_dir
+    from fedmoe.compose import conf_dir
 
     keys: set[str] = set()
     for path in conf_dir().glob("*/*.yaml"):

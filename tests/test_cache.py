@@ -5,17 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from fedmoe.cache import cache_root, user_cache_dir
-from fedmoe.cli import conf_dir
+from fedmoe.compose import compose
 
 PRIMARY = ["simulate", "pretrain", "analyze", "prune_model"]
 
 
 def _cache_dirs(config_name: str) -> tuple[str, str]:
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name)
+    cfg = compose(config_name)
     return cfg.cache_dir, cfg.data.cache_dir
 
 

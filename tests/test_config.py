@@ -9,8 +9,8 @@ import pytest
 from hydra.core.config_store import ConfigStore
 
 from fedmoe import config
-from fedmoe.cli import conf_dir
 from fedmoe.cli import main as fedmoe_main
+from fedmoe.compose import conf_dir
 from fedmoe.config import ConfigError, validate
 from fedmoe.fl.bridge import compose
 from tests.helpers.runs import child_env

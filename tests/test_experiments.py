@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedmoe.cli import conf_dir
+from fedmoe.compose import conf_dir
 from fedmoe.config import validate
 from fedmoe.fl.bridge import compose
 from tests.helpers.runs import SMOKE_BASE, TWO_CLIENTS, fedmoe

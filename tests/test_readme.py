@@ -23,11 +23,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from fedmoe.cli import COMMANDS, conf_dir, parse_command
+from fedmoe.cli import COMMANDS, parse_command
+from fedmoe.compose import compose, conf_dir
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -113,8 +113,7 @@ def test_readme_example_parses_and_composes(example, places):
 
     # Execute / Assert: Hydra composes every run of the example, each key to its value
     for run in _combinations(args):
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = compose(command.config, overrides=run)
+        cfg = compose(command.config, run)
         for override in run:
             key, _, value = override.partition("=")
             # a group override picks a file, not a value; Hydra's own keys are not in cfg

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from fedmoe.cache import cache_root
-from fedmoe.cli import conf_dir
+from fedmoe.compose import compose
 
 # The smoke base model of `fedmoe simulate experiment=smoke`, so both share one checkpoint.
 SMOKE_OVERRIDES = ("pretraining=smoke", "data.max_mb_per_domain=0.5", "data.block_size=64",
@@ -54,7 +54,6 @@ def analysis_input() -> Path:
 
 def smoke_analysis(target: Path) -> Path:
     """Run every analysis section at smoke size into ``target`` (pretraining if needed)."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from fedmoe.analysis.cli import resolve_model_dir
@@ -62,8 +61,7 @@ def smoke_analysis(target: Path) -> Path:
     from fedmoe.analysis.report import write_report
 
     overrides = [*SMOKE_OVERRIDES, f"cache_dir={cache_dir()}"]
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("analyze", overrides=overrides)
+    cfg = compose("analyze", overrides)
     report = run_analysis(OmegaConf.to_container(cfg.analysis, resolve=True),
                           OmegaConf.to_container(cfg.data, resolve=True),
                           resolve_model_dir(cfg), target,

@@ -35,20 +35,9 @@ def resolve_model_dir(model_dir: str | None, pretrain_overrides: list[str] | Non
 
 def compose_pretrain(overrides: list[str] | None = None) -> DictConfig:
     """The ``pretrain`` primary config (``conf/pretrain.yaml``) with ``overrides``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from fedmoe.compose import compose
 
-    from fedmoe.cli import conf_dir
-
-    # Inside a running Hydra app, composing needs the global instance: set it aside.
-    hydra = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return compose("pretrain", overrides=list(overrides or []))
-    finally:
-        if hydra is not None:
-            GlobalHydra.instance().initialize(hydra)
+    return compose("pretrain", overrides or [])
 
 
 def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu",

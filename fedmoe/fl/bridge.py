@@ -35,19 +35,9 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
 
 @lru_cache(maxsize=8)
 def _compose(overrides: tuple[str, ...]) -> DictConfig:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from fedmoe.compose import compose as compose_primary
 
-    from fedmoe.cli import conf_dir
-
-    if GlobalHydra.instance().is_initialized():
-        # Inside a running Hydra app (e.g. the `fedmoe simulate` process): reuse its config
-        # search path rather than clearing the app's global state.
-        cfg = hydra_compose(PRIMARY_CONFIG, overrides=list(overrides))
-    else:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(PRIMARY_CONFIG, overrides=list(overrides))
+    cfg = compose_primary(PRIMARY_CONFIG, overrides)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -111,7 +111,7 @@ def simulation_overrides(cfg: DictConfig, task_overrides: list[str], run_dir: Pa
     """The user's overrides plus what only this launch knows (run dir, base model, and
     under ``-m`` the sweep's W&B group). Values are quoted where Hydra would misread them:
     a sweep's job directories hold ``=`` and ``,``."""
-    from fedmoe.cli import hydra_value
+    from fedmoe.compose import hydra_value
 
     extra = [f"run_dir={hydra_value(run_dir)}", f"fl.base_model={hydra_value(base_model)}"]
     if not cfg.fl.state_dir:

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from hydra import compose, initialize_config_dir
-
 from fedmoe.analysis.pipeline import SECTIONS
-from fedmoe.cli import COMMANDS, conf_dir
+from fedmoe.cli import COMMANDS
+from fedmoe.compose import compose
 from fedmoe.task.pretrain import base_checkpoint_dir
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose("analyze", overrides=list(overrides))
+    return compose("analyze", list(overrides))
 
 
 def test_analyze_composes_pretrain_groups_analysis_and_cost():
@@ -24,8 +22,7 @@ def test_analyze_composes_pretrain_groups_analysis_and_cost():
     assert cfg.analysis.cost.reference.alpha == 0.5
     assert cfg.model_dir is None and cfg.run_dir == "/tmp/run"
     # the default model is the base checkpoint `fedmoe pretrain` writes for the same groups
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        pretrain = compose("pretrain")
+    pretrain = compose("pretrain")
     assert base_checkpoint_dir(cfg) == base_checkpoint_dir(pretrain)
 
 

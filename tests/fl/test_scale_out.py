@@ -136,14 +136,12 @@ def test_joblib_launcher_runs_sweep_jobs_in_parallel_processes(tmp_path, fedmoe_
 def test_slurm_launcher_config_is_accepted_by_submitit(tmp_path):
     # Prepare: conf/hydra/launcher/slurm.yaml as Hydra composes it
     import submitit
-    from hydra import compose, initialize_config_dir
     from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
 
-    from fedmoe.cli import conf_dir
+    from fedmoe.compose import compose
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("simulate", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
-                      return_hydra_config=True)
+    cfg = compose("simulate", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                  return_hydra_config=True)
     launcher = {k: v for k, v in cfg.hydra.launcher.items()
                 if k not in ("_target_", "submitit_folder", "max_num_timeout") and v is not None}
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")

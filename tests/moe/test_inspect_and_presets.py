@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from fedmoe.checkpoints import load_model
-from fedmoe.cli import conf_dir
+from fedmoe.compose import compose
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import ROLES
 from fedmoe.moe.inspect import role_table
@@ -56,15 +55,13 @@ def test_role_table_sums_to_the_model_size(family):
 @pytest.mark.parametrize("preset", REAL)
 def test_real_presets_load_a_local_checkpoint_with_the_same_code(preset, tmp_path):
     # Prepare: the preset's family, saved locally from a config-built tiny model
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("inspect", overrides=[f"model={preset}"])
+    cfg = compose("inspect", [f"model={preset}"])
     family = cfg.model.family
     model = tiny_model(family)
     model.save_pretrained(tmp_path / "ckpt")
     # Execute: the same preset, pointed at the local directory
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("inspect", overrides=[f"model={preset}", f"model.path={tmp_path / 'ckpt'}",
-                                            "model.dtype=float32"])
+    cfg = compose("inspect", [f"model={preset}", f"model.path={tmp_path / 'ckpt'}",
+                              "model.dtype=float32"])
     loaded = load_model(cfg.model)
     # Assert
     assert loaded.config.model_type == family

@@ -7,7 +7,7 @@ import yaml
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as hf_logging
 
-from fedmoe.cli import conf_dir
+from fedmoe.compose import conf_dir
 from fedmoe.moe.models import build_config
 
 TINY = sorted(p.stem for p in (conf_dir() / "model").glob("tiny*.yaml"))

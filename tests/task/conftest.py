@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from fedmoe.cli import conf_dir
+from fedmoe.compose import compose
 from tests.helpers.runs import SMOKE_BASE
 
 
@@ -29,9 +28,7 @@ def compose_pretrain(fedmoe_cache) -> Callable[..., DictConfig]:
     """``compose_pretrain(*overrides)``: the ``pretrain`` config of experiment=smoke's base
     model, in the test cache, plus ``overrides``."""
     def _compose(*overrides: str) -> DictConfig:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return compose("pretrain", overrides=[*SMOKE_BASE, f"cache_dir={fedmoe_cache}",
-                                                  *overrides])
+        return compose("pretrain", [*SMOKE_BASE, f"cache_dir={fedmoe_cache}", *overrides])
 
     return _compose
 
