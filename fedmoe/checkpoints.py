@@ -114,6 +114,31 @@ def resolve_base_model(cfg: Any, progress: bool = True) -> str:
     return str(ensure_base_model(cfg, progress=progress))
 
 
+def load_checkpoint_dir(model_dir: str | Path, dtype: str = "float32", device: str = "cpu",
+                        offloaded: bool = False, experts_implementation: str | None = None
+                        ) -> tuple[PreTrainedModel, Any]:
+    """Model (eval mode, on ``device``) and tokenizer of a saved checkpoint directory (an
+    export, a base model, any ``save_pretrained`` folder of a supported family).
+
+    ``offloaded``: the routed experts are not read (they stay on the ``meta`` device): the
+    edge runtime serves them from its expert store (``ExpertStore.build_from_checkpoint``),
+    so a device never holds more than the dense part of the model plus its expert cache; the
+    input embedding stays memory-mapped (a token's lookup pages in its row only).
+    """
+    from transformers import AutoTokenizer
+
+    from fedmoe.moe.adapter import role_of_name
+    from fedmoe.moe.families import Role
+
+    model_type = AutoConfig.from_pretrained(str(model_dir)).model_type
+    skip = (lambda name: role_of_name(model_type, name) == Role.ROUTED_EXPERTS) \
+        if offloaded else None
+    model = load_model({"family": model_type, "path": str(model_dir), "dtype": dtype,
+                        "experts_implementation": experts_implementation},
+                       device=device, skip=skip, map_embeddings=offloaded)
+    return model.eval(), AutoTokenizer.from_pretrained(str(model_dir))
+
+
 # --- checkpoint keys -> model tensors --------------------------------------------------------
 
 

@@ -44,12 +44,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, OlmoeConfig, Qwen2MoeConfig
 
+from fedmoe.checkpoints import load_checkpoint_dir
 from fedmoe.data import load_data
 from fedmoe.edge.bench import bench_model, contender_configs, print_table, replay_routing
 from fedmoe.edge.prefetch import predicted_top_k
 from fedmoe.edge.runtime import (
     compose_pretrain,
-    load_model,
     resolve_model_dir,
     routing_counts,
 )
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
 
     # (a) the tiny pretrained (or personalized) model: its own routing.
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_checkpoint_dir(model_dir)
     doc = corpus_tokens(tokenizer, cfg, "validation", prompt_len + new_tokens)
     # The client's routing statistics: 64 tokens of each of many train documents.
     calibration = corpus_tokens(tokenizer, cfg, "train", 1024, per_document=64)

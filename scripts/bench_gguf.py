@@ -56,12 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_fedmoe(args: argparse.Namespace, offloaded: bool) -> dict:
     import torch
 
+    from fedmoe.checkpoints import load_checkpoint_dir
     from fedmoe.edge import EdgeConfig, ExpertStore, offload
     from fedmoe.edge.bench import best_of, timed_generate
-    from fedmoe.edge.runtime import load_model
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model_dir, offloaded=offloaded)
+    model, tokenizer = load_checkpoint_dir(args.model_dir, offloaded=offloaded)
     input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     if offloaded:
         config = EdgeConfig(budget=args.budget, policy=args.policy, prefetch=True)
@@ -133,12 +133,12 @@ def default_export(work: Path) -> Path:
 
 def prepare(args: argparse.Namespace, work: Path) -> dict[str, Path | None]:
     """The GGUF files and the expert store the contenders read (not timed, not measured)."""
+    from fedmoe.checkpoints import load_checkpoint_dir
     from fedmoe.edge import ExpertStore
-    from fedmoe.edge.runtime import load_model
     from fedmoe.llamacpp.export import export_gguf
 
     paths: dict[str, Path | None] = {"fedmoe in-memory": None}
-    model, _ = load_model(args.model_dir, offloaded=True)
+    model, _ = load_checkpoint_dir(args.model_dir, offloaded=True)
     paths[f"fedmoe edge {args.budget} {args.policy}"] = ExpertStore.build_from_checkpoint(
         model, Path(args.model_dir), work / "store").directory
     for quant in LLAMA_QUANTS:

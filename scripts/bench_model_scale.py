@@ -216,13 +216,13 @@ EDGE_CHILD = """
 import json, sys, time, torch
 from pathlib import Path
 from fedmoe.memory import PeakMemory
-from fedmoe.edge.runtime import load_model
+from fedmoe.checkpoints import load_checkpoint_dir
 from fedmoe.edge.store import ExpertStore
 from fedmoe.edge.offload import EdgeConfig, offload
 model_dir, store_dir, out, tokens, policy = sys.argv[1:6]
 torch.set_num_threads(2)
 with PeakMemory(interval=0.05) as peak:
-    model, tok = load_model(model_dir, "bfloat16", "cpu", offloaded=True)
+    model, tok = load_checkpoint_dir(model_dir, "bfloat16", "cpu", offloaded=True)
     store = ExpertStore(store_dir)
     runtime = offload(model, store, EdgeConfig(budget="2x", policy=policy, prefetch=False))
     ids = tok("def fibonacci(n):", return_tensors="pt").input_ids
@@ -241,12 +241,12 @@ Path(out).write_text(json.dumps({"peak_pss_bytes": peak.peak_bytes, "seconds": s
 
 
 def edge(export: Path, work: Path, cache: Path, tokens: int, policy: str) -> dict:
-    from fedmoe.edge.runtime import load_model
+    from fedmoe.checkpoints import load_checkpoint_dir
     from fedmoe.edge.store import ExpertStore
 
     store_dir = work / "expert_store"
     if not (store_dir / "expert_store.json").is_file():
-        model, _ = load_model(export, "bfloat16", "cpu", offloaded=True)
+        model, _ = load_checkpoint_dir(export, "bfloat16", "cpu", offloaded=True)
         start = time.perf_counter()
         ExpertStore.build_from_checkpoint(model, export, store_dir)
         print(f"  expert store written in {time.perf_counter() - start:.0f} s", flush=True)

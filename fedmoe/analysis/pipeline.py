@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from fedmoe.analysis import plots
 from fedmoe.analysis.attribution import blocking_effects, most_used_experts, output_shares
@@ -32,24 +32,13 @@ from fedmoe.analysis.specialization import (
     specialization_over_rounds,
     usage_from_routing,
 )
+from fedmoe.checkpoints import load_checkpoint_dir
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.prune.export import EXPERTS_FILE, load_experts_info
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ("consistency", "specialization", "retrieval", "attribution", "cost")
-
-
-def load_analysis_model(model_dir: str | Path, experts_implementation: str | None = None,
-                        device: str | torch.device = "cpu") -> tuple[PreTrainedModel, Any]:
-    """A saved checkpoint (``save_pretrained`` layout) in float32 on ``device``, through the
-    one loader (:mod:`fedmoe.checkpoints`), and its tokenizer; eval mode."""
-    from fedmoe.checkpoints import load_model
-
-    family = AutoConfig.from_pretrained(str(model_dir)).model_type
-    model = load_model({"family": family, "path": str(model_dir), "dtype": "float32",
-                        "experts_implementation": experts_implementation}, device=device)
-    return model.eval(), AutoTokenizer.from_pretrained(str(model_dir))
 
 
 # --- consistency ----------------------------------------------------------------------------
@@ -272,7 +261,8 @@ def run_analysis(a: Mapping, data: Mapping, model_dir: str | Path, out_dir: str 
     torch.manual_seed(int(a.get("seed", 0)))
     if a.get("threads"):
         torch.set_num_threads(int(a["threads"]))
-    model, tokenizer = load_analysis_model(model_dir, experts_implementation, device)
+    model, tokenizer = load_checkpoint_dir(model_dir, device=device,
+                                           experts_implementation=experts_implementation)
     _check_length(model, int(a["seq_len"]))
     corpus = corpus if corpus is not None else load_data(data)
     seq_len, per_domain, bs = int(a["seq_len"]), int(a["samples_per_domain"]), int(a["batch_size"])

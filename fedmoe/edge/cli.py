@@ -17,13 +17,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import TextStreamer
 
+from fedmoe.checkpoints import load_checkpoint_dir
 from fedmoe.edge.bench import KEYS, bench_model, contender_configs, print_table
 from fedmoe.edge.offload import EdgeConfig, offload
 from fedmoe.edge.runtime import (
     ROUTING_FILE,
     check_counts,
     edge_config,
-    load_model,
     load_routing_counts,
     resolve_model_dir,
     routing_counts,
@@ -46,7 +46,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     model_dir = resolve_model_dir(cfg.model_dir, list(cfg.pretrain_overrides))
     # The routed experts are never loaded: the store is written from the checkpoint and the
     # runtime reads them from it (the device holds the dense part plus its cache).
-    model, tokenizer = load_model(model_dir, cfg.edge.dtype, cfg.edge.device, offloaded=True)
+    model, tokenizer = load_checkpoint_dir(model_dir, cfg.edge.dtype, cfg.edge.device,
+                                           offloaded=True)
     input_ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids.to(cfg.edge.device)
     store = _open_store(model, model_dir, store_dir(cfg, model_dir))
     budget = edge_config(cfg.edge, None).budget
@@ -72,7 +73,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     if cfg.edge.threads:
         torch.set_num_threads(int(cfg.edge.threads))
     model_dir = resolve_model_dir(cfg.model_dir, list(cfg.pretrain_overrides))
-    model, tokenizer = load_model(model_dir, cfg.edge.dtype, cfg.edge.device)
+    model, tokenizer = load_checkpoint_dir(model_dir, cfg.edge.dtype, cfg.edge.device)
     input_ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids.to(cfg.edge.device)
     calibration = tokenizer(cfg.calibration_text, return_tensors="pt").input_ids
     counts = _static_counts(cfg, model, model_dir, calibration.to(cfg.edge.device))

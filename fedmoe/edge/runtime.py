@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from fedmoe.edge.offload import EdgeConfig
 from fedmoe.moe.routing import capture_routing
@@ -38,28 +37,6 @@ def compose_pretrain(overrides: list[str] | None = None) -> DictConfig:
     from fedmoe.compose import compose
 
     return compose("pretrain", overrides or [])
-
-
-def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu",
-               offloaded: bool = False) -> tuple[PreTrainedModel, Any]:
-    """Model (eval mode, on ``device``) and tokenizer of a checkpoint directory.
-
-    ``offloaded``: the routed experts are not read (they stay on the ``meta`` device): the
-    runtime serves them from its expert store (``ExpertStore.build_from_checkpoint``), so a
-    device never holds more than the dense part of the model plus its expert cache; the
-    input embedding stays memory-mapped (a token's lookup pages in its row only).
-    """
-    from fedmoe.checkpoints import load_model as load_checkpoint
-    from fedmoe.moe.adapter import role_of_name
-    from fedmoe.moe.families import Role
-
-    model_type = AutoConfig.from_pretrained(str(model_dir)).model_type
-    skip = (lambda name: role_of_name(model_type, name) == Role.ROUTED_EXPERTS) \
-        if offloaded else None
-    model = load_checkpoint({"family": model_type, "path": str(model_dir), "dtype": dtype},
-                            device=device, skip=skip, map_embeddings=offloaded)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    return model.eval(), tokenizer
 
 
 def load_routing_counts(path: str | Path) -> dict[int, list[float]] | None:

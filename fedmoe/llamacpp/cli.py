@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from fedmoe.checkpoints import load_checkpoint_dir
 from fedmoe.config import ConfigError
-from fedmoe.edge.runtime import load_model, resolve_model_dir
+from fedmoe.edge.runtime import resolve_model_dir
 from fedmoe.llamacpp.export import QUANTS, export_gguf
 
 
@@ -40,7 +41,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     name = model_dir.resolve().name
     name = model_dir.resolve().parent.name if name == "model" else name
     out = Path(cfg.out or Path(HydraConfig.get().runtime.output_dir) / f"{name}-{cfg.quant}.gguf")
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_checkpoint_dir(model_dir)
     written = export_gguf(model_dir, out, cfg.quant, model=model, threads=cfg.threads)
     types = ", ".join(f"{n} {t}" for t, n in written.tensor_types.items())
     print(f"wrote {written.path} ({written.architecture}, {written.quant}, "

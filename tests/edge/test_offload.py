@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from fedmoe.checkpoints import load_checkpoint_dir
 from fedmoe.edge import IMPLEMENTATION, EdgeConfig, ExpertStore, offload
-from fedmoe.edge.runtime import load_model, routing_counts
+from fedmoe.edge.runtime import routing_counts
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
 from fedmoe.prune import export_checkpoint
@@ -250,7 +251,7 @@ def test_a_grafted_export_is_served_with_its_graft_resident(tiny_checkpoint, tmp
     export = export_checkpoint(model, tokenizer, tmp_path / "model")
     base = tiny_model("qwen2_moe", vocab_size=len(tokenizer))
     # Execute: the edge path -- routed experts never loaded, the store written from the file
-    edge, _ = load_model(export, offloaded=True)
+    edge, _ = load_checkpoint_dir(export, offloaded=True)
     store = ExpertStore.build_from_checkpoint(edge, export, tmp_path / "store")
     runtime = offload(edge, store, EdgeConfig(budget="1x", policy="lru"))
     # Assert: the grafts are in memory (only routed experts offloaded) and the offloaded

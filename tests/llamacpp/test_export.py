@@ -16,9 +16,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from fedmoe.checkpoints import load_checkpoint_dir
 from fedmoe.cli import main
 from fedmoe.data import train_tokenizer
-from fedmoe.edge.runtime import load_model
 from fedmoe.llamacpp import runtime
 from fedmoe.llamacpp.export import QWEN2_REGEX, GGUFExportError, export_gguf
 from fedmoe.moe.adapter import MoEAdapter
@@ -63,7 +63,7 @@ def _compare(model_dir: Path, gguf_path: Path) -> list[tuple[list[int], list[int
     model that repeats one token is still compared on its whole output distribution; NaN
     from the first router near-tie on (:func:`_first_tie`). fedmoe's model is the in-memory
     one loaded from the same export."""
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_checkpoint_dir(model_dir)
     rows = []
     with closing(runtime.load(gguf_path, n_ctx=64, threads=1, logits_all=True)) as llm:
         for prompt in PROMPTS:
