@@ -48,7 +48,7 @@ from fedmoe.config import ConfigError
 from fedmoe.moe.adapter import role_of_name
 from fedmoe.moe.families import Role, family_spec
 from fedmoe.moe.graft import add_grafts
-from fedmoe.moe.models import DTYPES, build_config, plain, validate_config
+from fedmoe.moe.models import DTYPES, build_config, check_model_path, plain, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,10 @@ def model_device(model: nn.Module) -> torch.device:
 
 def resolve_base_model(cfg: Any, progress: bool = True) -> str:
     """The base checkpoint of a composed config: ``model.path``, then ``fl.base_model``, then
-    the checkpoint ``fedmoe pretrain`` writes for this config (trained now if missing)."""
+    the checkpoint ``fedmoe pretrain`` writes for this config (trained now if missing).
+    ``model.path`` must load (a one-line error names it if not)."""
     if cfg.model.get("path"):
-        return str(cfg.model.path)
+        return check_model_path(cfg.model.path)
     fl = cfg.get("fl")
     if fl is not None and fl.get("base_model"):
         return str(fl.base_model)

@@ -22,9 +22,9 @@ def resolve_model_dir(cfg: DictConfig) -> Path:
             raise FileNotFoundError(f"model_dir={path} holds no config.json (a save_pretrained "
                                     "checkpoint with its tokenizer is expected)")
         return path
-    from fedmoe.task.pretrain import ensure_base_model
+    from fedmoe.checkpoints import resolve_base_model
 
-    return Path(ensure_base_model(cfg))
+    return Path(resolve_base_model(cfg))
 
 
 def main(cfg: DictConfig) -> dict:

@@ -27,9 +27,9 @@ def resolve_model_dir(model_dir: str | None, pretrain_overrides: list[str] | Non
             raise FileNotFoundError(f"model_dir={model_dir!r} holds no config.json: pass a "
                                     f"Hugging Face checkpoint directory of a supported MoE family")
         return path
-    from fedmoe.task.pretrain import ensure_base_model
+    from fedmoe.checkpoints import resolve_base_model
 
-    return ensure_base_model(compose_pretrain(pretrain_overrides), progress=False)
+    return Path(resolve_base_model(compose_pretrain(pretrain_overrides), progress=False))
 
 
 def compose_pretrain(overrides: list[str] | None = None) -> DictConfig:

@@ -165,11 +165,11 @@ def _runtime_config(cfg, run_id: int):
     """Fill what a launcher other than `fedmoe simulate` (e.g. `flwr run .`) left unset."""
     if cfg.fl.base_model and cfg.run_dir:
         return cfg
-    from fedmoe.task.pretrain import ensure_base_model
+    from fedmoe.checkpoints import resolve_base_model
 
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     if not cfg.fl.base_model:
-        cfg.fl.base_model = str(cfg.model.path or ensure_base_model(cfg, progress=False))
+        cfg.fl.base_model = resolve_base_model(cfg, progress=False)
     if not cfg.run_dir:
         cfg.run_dir = str(Path("outputs") / "flwr" / f"run_{run_id}")
     return cfg

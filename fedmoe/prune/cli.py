@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer
 
-from fedmoe.checkpoints import load_model, resolve_device
+from fedmoe.checkpoints import load_model, resolve_base_model, resolve_device
 from fedmoe.data import load_data, tokenize_blocks
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.prune.budget import expert_mb
@@ -136,13 +136,11 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     """
     from hydra.core.hydra_config import HydraConfig
 
-    from fedmoe.task.pretrain import ensure_base_model
-
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     device = resolve_device(cfg.get("device"), key="device")
-    checkpoint = ensure_base_model(cfg)  # model.path when set, else the (cached) base model
+    checkpoint = resolve_base_model(cfg)  # model.path when set, else the (cached) base model
     model = load_model(cfg.model, checkpoint=checkpoint, device=device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     calibration, held_out = prune_data(cfg, tokenizer)
