@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from fedmoe.cli import COMMANDS, parse_command
 from fedmoe.compose import compose, conf_dir
+from tests.helpers.runs import SMOKE_BASE
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -36,8 +37,7 @@ SMOKE_SIZES = {
     "inspect": [],
     "edge generate": ["max_new_tokens=8", "edge.threads=1"],
     "edge bench": ["max_new_tokens=4", "budgets=[2x]", "edge.threads=1"],
-    "prune": ["data.max_mb_per_domain=0.5", "data.block_size=64", "eval_blocks=8",
-              "prune.calibration_tokens=256", "threads=1"],
+    "prune": [*SMOKE_BASE, "eval_blocks=8", "prune.calibration_tokens=256", "threads=1"],
     "analyze": ["pretraining=smoke", "data.max_mb_per_domain=0.5", "data.block_size=64",
                 "analysis=smoke", "analysis.sections=[consistency,specialization]"],
     "report": [],

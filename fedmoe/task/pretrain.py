@@ -90,7 +90,7 @@ def ensure_base_model(cfg: DictConfig, progress: bool = True) -> Path:
         ``model.path`` when set (nothing is trained), else :func:`base_checkpoint_dir`, which
         holds the model, the tokenizer and ``pretrain.json``. A checkpoint appears there
         complete or not at all; processes asking for it at once train it once (the others
-        wait on a lock file beside it).
+        wait on its lock file in ``<cache_dir>/locks/``).
     """
     if cfg.model.path:
         return Path(check_model_path(cfg.model.path))
@@ -104,9 +104,10 @@ def _ensure(cfg: DictConfig, progress: bool) -> tuple[Path, bool]:
         log.info("reusing base checkpoint %s", target)
         return target, True
     # Runs started together (a parallel sweep, clients of one machine) train it once: the
-    # others wait for the lock, then reuse the checkpoint.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(target.with_name(f".{target.name}.lock")):
+    # others wait for the lock (<cache>/locks/, not beside the checkpoints), then reuse it.
+    locks = target.parent.parent / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(locks / f"{target.parent.name}-{target.name}.lock"):
         if (target / SUMMARY_FILE).is_file():
             log.info("reusing base checkpoint %s (trained by another process)", target)
             return target, True
