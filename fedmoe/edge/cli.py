@@ -17,11 +17,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import TextStreamer
 
-from fedmoe.checkpoints import load_checkpoint_dir
+from fedmoe.checkpoints import EXPERTS_FILE, load_checkpoint_dir
 from fedmoe.edge.bench import KEYS, bench_model, contender_configs, print_table
 from fedmoe.edge.offload import EdgeConfig, offload
 from fedmoe.edge.runtime import (
-    ROUTING_FILE,
     check_counts,
     edge_config,
     load_routing_counts,
@@ -106,7 +105,7 @@ def _static_counts(cfg: DictConfig, model, model_dir: Path,
     policies = set(cfg.get("policies", [])) | {cfg.edge.policy}
     if "static" not in policies:
         return None
-    path = Path(cfg.edge.routing_stats or model_dir / ROUTING_FILE)
+    path = Path(cfg.edge.routing_stats or model_dir / EXPERTS_FILE)
     if cfg.edge.routing_stats and not path.is_file():
         raise FileNotFoundError(f"edge.routing_stats={cfg.edge.routing_stats!r} does not exist")
     counts = load_routing_counts(path) if path.is_file() else None

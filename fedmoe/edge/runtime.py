@@ -16,8 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 from fedmoe.edge.offload import EdgeConfig
 from fedmoe.moe.routing import capture_routing
 
-ROUTING_FILE = "fedmoe_experts.json"
-
 
 def resolve_model_dir(model_dir: str | None, pretrain_overrides: list[str] | None = None) -> Path:
     """``model_dir``, or the tiny base model ``fedmoe pretrain`` writes (trained if missing)."""

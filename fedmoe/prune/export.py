@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.core_model_loading import revert_weight_conversion
 
+from fedmoe.checkpoints import EXPERTS_FILE
 from fedmoe.moe.adapter import MoEAdapter, normalize_name
 from fedmoe.moe.families import Role
 from fedmoe.prune.card import CARD_FILE, model_card
@@ -50,7 +51,6 @@ from fedmoe.task.expert_lora import (
     merged_expert_weights,
 )
 
-EXPERTS_FILE = "fedmoe_experts.json"
 # Exported tensors wait in memory until their file is written, so files are cut at this size
 # (an OLMoE-1B-7B layer's experts, 0.4 GB at 32 kept, go in two files).
 SHARD_BYTES = 256 * 2**20

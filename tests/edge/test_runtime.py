@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmoe.edge.runtime import ROUTING_FILE, check_counts, load_routing_counts
+from fedmoe.checkpoints import EXPERTS_FILE
+from fedmoe.edge.runtime import check_counts, load_routing_counts
 from fedmoe.moe.routing import capture_routing
 from fedmoe.prune import RoutingStats
 from tests.helpers.models import tiny_model
@@ -34,7 +35,7 @@ def write(path: Path, data) -> Path:
 def test_routing_stats_to_dict_layout_is_read(stats, tmp_path, nested):
     # Prepare: RoutingStats.to_dict(), alone or as an export's "routing_stats"
     data = stats.to_dict()
-    path = write(tmp_path / ROUTING_FILE, {"kept": {}, "routing_stats": data} if nested else data)
+    path = write(tmp_path / EXPERTS_FILE, {"kept": {}, "routing_stats": data} if nested else data)
     # Execute
     counts = load_routing_counts(path)
     # Assert: the counts, layer by layer; 2 x 16 tokens pick 2 experts each
@@ -53,7 +54,7 @@ def test_per_layer_lists_and_count_entries_are_read(tmp_path):
 @pytest.mark.parametrize("recorded", [None, {}])
 def test_an_export_without_statistics_has_none(tmp_path, recorded):
     # What `fedmoe prune` writes: it scores by a calibration pass and keeps no counts
-    path = write(tmp_path / ROUTING_FILE, {"family": "olmoe", "kept": {"1": [0, 2]},
+    path = write(tmp_path / EXPERTS_FILE, {"family": "olmoe", "kept": {"1": [0, 2]},
                                            "scores": None, "routing_stats": recorded})
     assert load_routing_counts(path) is None
 
@@ -77,8 +78,8 @@ def test_counts_must_match_the_experts_each_layer_holds():
 @pytest.mark.slow
 def test_a_fedmoe_prune_export_records_no_statistics(smoke_prune):
     export = Path(smoke_prune[0]["export"])
-    assert json.loads((export / ROUTING_FILE).read_text())["routing_stats"] is None
-    assert load_routing_counts(export / ROUTING_FILE) is None
+    assert json.loads((export / EXPERTS_FILE).read_text())["routing_stats"] is None
+    assert load_routing_counts(export / EXPERTS_FILE) is None
 
 
 @pytest.mark.slow
@@ -87,7 +88,7 @@ def test_a_federated_export_gives_the_clients_training_counts(smoke_run):
     state = smoke_run.dir / "clients" / "client_0000"
     meta = json.loads((state / "meta.json").read_text())
     # Execute
-    counts = load_routing_counts(state / "model" / ROUTING_FILE)
+    counts = load_routing_counts(state / "model" / EXPERTS_FILE)
     # Assert
     assert counts == {int(layer): [float(c) for c in v] for layer, v in
                       meta["expert_counts"].items()}
