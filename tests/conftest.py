@@ -40,8 +40,9 @@ else:
     SESSION_DIR = Path(tempfile.mkdtemp(prefix="fedmoe-tests-"))
     atexit.register(shutil.rmtree, SESSION_DIR, ignore_errors=True)
     os.environ[_SESSION] = str(SESSION_DIR)
-# Two workers' torch processes with two OpenMP threads each on two cores spin-wait for each
-# other (a 600-step pretraining ran 60x slower): one thread in each worker and its children.
+# One torch thread in each worker and its children: with two threads per process on two
+# cores, the README's prune example (a 600-step pretraining) ran at 10 s per step, about 25x
+# slower than usual, and timed out (a niced benchmark was also running then).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 

@@ -260,16 +260,18 @@ def test_cli_reuses_the_user_cache_from_any_working_directory(smoke_pretrain, tm
 
 
 def test_runs_started_together_pretrain_once(smoke_pretrain, tmp_path):
-    # Prepare: a base model nobody trained yet (6 steps: another cache key)
-    overrides = [*smoke_pretrain.overrides, f"cache_dir={smoke_pretrain.cfg.cache_dir}",
-                 "pretraining.steps=6"]
-    assert not (base_checkpoint_dir(smoke_pretrain.compose("pretraining.steps=6"))
-                / SUMMARY_FILE).exists()
+    # Prepare: a cache of this test's own (so no earlier session trained it; FEDMOE_TEST_CACHE
+    # may persist), holding the built corpus; 6 steps, a base nobody trained yet
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "corpus").symlink_to(Path(smoke_pretrain.cfg.cache_dir) / "corpus",
+                                  target_is_directory=True)
+    overrides = [*smoke_pretrain.overrides, f"cache_dir={cache}", "pretraining.steps=6"]
 
     # Execute: two `fedmoe pretrain` at once
     procs = [subprocess.Popen([sys.executable, "-m", "fedmoe.cli", "pretrain", *overrides,
                                f"hydra.run.dir={tmp_path / str(i)}"],
-                              env=child_env(Path(smoke_pretrain.cfg.cache_dir)),
+                              env=child_env(cache),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
