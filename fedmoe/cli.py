@@ -57,7 +57,7 @@ COMMANDS: dict[str, Command] = {
                            "write an export as a GGUF file for llama.cpp (f16, q8_0, q4_k_m)"),
     "analyze": Command("fedmoe.analysis.cli:main", "analyze",
                        "routing consistency, specialization, retrieval, attribution, cost"),
-    "report": Command("fedmoe.report:main", "report",
+    "report": Command("fedmoe.reporting.sweep:main", "report",
                       "one table (mean ± std over seeds) and plots of a sweep's runs",
                       positional="sweep_dir"),
 }

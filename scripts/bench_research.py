@@ -22,7 +22,7 @@ Then, from the finished runs:
 
 1. per strategy: mean and worst per-client held-out perplexity, and against fedmoe the paired
    per-client difference (%) with a 95% bootstrap CI and the share of clients fedmoe beats
-   (clients x seeds matched; resampling in :mod:`fedmoe.stats`); upload MB per client per
+   (clients x seeds matched; resampling in :mod:`fedmoe.reporting.stats`); upload MB per client per
    round;
 2. pruning in federation: ``fedmoe_pruned`` against ``fedmoe`` trained the same rounds (cost at
    50% kept after recovery, goal <= 3%), and personalized against global pruning after the same
@@ -246,8 +246,8 @@ def matched(a: dict, b: dict) -> tuple[dict, dict]:
 
 def relative_difference(a: dict, b: dict):
     """Mean of 100 (a - b) / b over matched units, with its crossed seeds x clients
-    bootstrap CI (:mod:`fedmoe.stats`)."""
-    from fedmoe.stats import bootstrap_ci, crossed, paired_differences
+    bootstrap CI (:mod:`fedmoe.reporting.stats`)."""
+    from fedmoe.reporting.stats import bootstrap_ci, crossed, paired_differences
 
     diff = paired_differences(a, b, relative=True)
     return bootstrap_ci(list(diff.values()), clusters=crossed(diff))
@@ -260,7 +260,7 @@ def upload_mb(results: dict) -> float:
 
 
 def strategy_table(runs: dict[str, dict[int, dict]]) -> list[dict]:
-    from fedmoe.stats import bootstrap_ci, crossed, win_rate
+    from fedmoe.reporting.stats import bootstrap_ci, crossed, win_rate
 
     rows = []
     reference = units(runs.get(REFERENCE, {}))
@@ -288,8 +288,8 @@ def strategy_table(runs: dict[str, dict[int, dict]]) -> list[dict]:
 
 def plot_gains(runs: dict[str, dict[int, dict]], path: Path) -> Path | None:
     """fedmoe's per-client perplexity gain (%) over each other strategy, one point per client
-    and seed, the mean and its 95% CI marked (``fedmoe/plots.py``)."""
-    from fedmoe.plots import plot_gains_by_setting
+    and seed, the mean and its 95% CI marked (``fedmoe/reporting/figures.py``)."""
+    from fedmoe.reporting.figures import plot_gains_by_setting
 
     reference = units(runs.get(REFERENCE, {}))
     gains, intervals = {}, {}
@@ -308,7 +308,7 @@ def plot_gains(runs: dict[str, dict[int, dict]], path: Path) -> Path | None:
 
 
 def pruning_summary(out: Path, variant: str, runs: dict[str, dict[int, dict]]) -> dict:
-    from fedmoe.stats import win_rate
+    from fedmoe.reporting.stats import win_rate
 
     summary: dict = {}
     if "fedmoe_pruned" in runs and REFERENCE in runs:
@@ -339,7 +339,7 @@ def pruning_summary(out: Path, variant: str, runs: dict[str, dict[int, dict]]) -
 
 
 def consistency_summary(out: Path, variant: str) -> dict:
-    from fedmoe.stats import bootstrap_ci, crossed
+    from fedmoe.reporting.stats import bootstrap_ci, crossed
 
     rows = {}
     for seed in SEEDS:

@@ -22,6 +22,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from fedmoe.reporting.metrics import run_metrics
+
 STRATEGIES = ("fedmoe", "fedavg", "local")
 
 
@@ -51,9 +53,8 @@ def reply_bytes(audit_dir: Path) -> list[int]:
 
 
 def summarize(results: dict) -> dict:
-    """The numbers the comparison quotes for one strategy."""
-    ppl = {c: v["final_ppl"] for c, v in results["clients"].items()}
-    rounds = results["rounds"]
+    """The numbers the comparison quotes for one strategy (:mod:`fedmoe.reporting.metrics`)."""
+    m = run_metrics(results)
     sizes = results["serialized_reply_bytes"]
     payload = results.get("payload_bytes", 0)
     return {
@@ -61,21 +62,16 @@ def summarize(results: dict) -> dict:
         "serialized_reply_bytes_mean": sum(sizes) / len(sizes) if sizes else 0,
         "serialization_overhead": (sum(sizes) / len(sizes) / payload - 1) if sizes and payload
         else None,
-        "ppl_mean": sum(ppl.values()) / len(ppl),
-        "ppl_worst": max(ppl.values()),
-        "ppl_by_client": ppl,
-        "base_ppl_mean": _mean(v.get("base_ppl") for v in results["clients"].values()),
-        "bytes_up_per_client_round": rounds[-1]["bytes_up"] / max(len(rounds[-1]["accepted"]), 1),
-        "bytes_up_total": sum(r["bytes_up"] for r in rounds),
-        "bytes_down_total": sum(r["bytes_down"] for r in rounds),
-        "seconds_per_round": sum(r["wall_seconds"] for r in rounds) / len(rounds),
-        "wall_seconds": results["wall_seconds"],
+        "ppl_mean": m.ppl_mean,
+        "ppl_worst": m.ppl_worst,
+        "ppl_by_client": m.ppl_by_client,
+        "base_ppl_mean": m.base_ppl_mean,
+        "bytes_up_per_client_round": m.bytes_up_per_client_round,
+        "bytes_up_total": m.bytes_up,
+        "bytes_down_total": m.bytes_down,
+        "seconds_per_round": m.seconds_per_round,
+        "wall_seconds": m.wall_seconds,
     }
-
-
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def print_tables(summary: dict[str, dict]) -> None:

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from fedmoe.reporting.metrics import run_metrics
+
 BENCH_KEYS = ("policy", "budget", "hit_rate", "prefill_tokens_per_s", "decode_tokens_per_s",
               "bytes_loaded", "peak_rss_mb")
 
@@ -62,18 +64,15 @@ def load_bench(path: str | Path) -> list[dict]:
 
 
 def federated_traffic(results: Mapping[str, Any]) -> dict[str, float]:
-    """Bytes per round in total and per participating client, and the mean final ppl."""
-    rounds = results.get("rounds") or []
-    if not rounds:
+    """Bytes per round in total and per participating client, and the mean final ppl
+    (:mod:`fedmoe.reporting.metrics`)."""
+    m = run_metrics(results)
+    if not m.rounds:
         raise ValueError("results.json has no rounds: cannot measure federated traffic")
-    per_round = [r["bytes_up"] + r["bytes_down"] for r in rounds]
-    per_client = [b / max(len(r.get("accepted") or []), 1) for b, r in zip(per_round, rounds,
-                                                                          strict=True)]
-    ppl = [c["final_ppl"] for c in (results.get("clients") or {}).values()
-           if c.get("final_ppl") is not None]
-    return {"bytes_per_round": float(np.mean(per_round)),
-            "bytes_per_client_round": float(np.mean(per_client)),
-            "rounds": len(rounds), "mean_final_ppl": float(np.mean(ppl)) if ppl else math.nan}
+    return {"bytes_per_round": (m.bytes_up + m.bytes_down) / m.rounds,
+            "bytes_per_client_round": m.bytes_per_client_round,
+            "rounds": m.rounds,
+            "mean_final_ppl": m.ppl_mean if m.ppl_mean is not None else math.nan}
 
 
 def edge_latency(row: Mapping, cfg: Mapping, bandwidth_mbps: float) -> float:

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from fedmoe.analysis import plots
 from fedmoe.analysis.attribution import blocking_effects, most_used_experts, output_shares
 from fedmoe.analysis.collect import Routing, collect_routing, domain_blocks
 from fedmoe.analysis.consistency import policy_curves, routing_mask, sch_table, srp
@@ -35,6 +34,7 @@ from fedmoe.analysis.specialization import (
 from fedmoe.checkpoints import load_checkpoint_dir
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.prune.export import EXPERTS_FILE, load_experts_info
+from fedmoe.reporting import figures
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,13 @@ def consistency_section(routing: Routing, a: Mapping, out_dir: Path) -> dict:
         table.append(row)
     baselines = {unit: {p: c.at(cache_size[unit]) for p, c in pol.items()}
                  for unit, pol in curves.items()}
-    plots.plot_srp(srp_by_m, out_dir / "plots" / "srp.png")
+    figures.plot_srp(srp_by_m, out_dir / "plots" / "srp.png")
     for unit in ("model", *map(str, routing.layers)):
         named = {f"SCH L={L}": c for L, c in sch[unit].items()} | curves[unit]
-        plots.plot_cache_curves(named, out_dir / "plots" / f"cache_{unit}.png",
-                                title=f"expert cache hit rate ({_unit_name(unit)})",
-                                active=routing.top_k * (len(routing.layers) if unit == "model"
-                                                        else 1))
+        figures.plot_cache_curves(named, out_dir / "plots" / f"cache_{unit}.png",
+                                  title=f"expert cache hit rate ({_unit_name(unit)})",
+                                  active=routing.top_k * (len(routing.layers) if unit == "model"
+                                                          else 1))
     return {"table": table, "baselines_at_cache_size": baselines, "cache_size": cache_size,
             "srp": {str(m): v for m, v in srp_by_m.items()},
             "sch": {u: {str(L): c.to_dict() for L, c in d.items()} for u, d in sch.items()},
@@ -97,19 +97,19 @@ def specialization_section(routing: Routing, domain_rows: Mapping[str, np.ndarra
     usage = {d: usage_from_routing({k: v[rows] for k, v in routing.top_k_index.items()},
                                    routing.num_experts) for d, rows in domain_rows.items()}
     js = pairwise_js(usage)
-    plots.plot_usage_heatmap(usage, out_dir / "plots" / "usage_domains.png",
-                             title="expert usage by domain")
-    plots.plot_js_matrix(js, out_dir / "plots" / "js_domains.png",
-                         title="JS divergence between domains")
+    figures.plot_expert_usage(usage, out_dir / "plots" / "usage_domains.png",
+                              title="expert usage by domain", ylabel="domain")
+    figures.plot_js_matrix(js, out_dir / "plots" / "js_domains.png",
+                           title="JS divergence between domains")
     out = {"domains": {"usage": usage, "js": js}}
     if run_dir is not None and (run_dir / "clients").is_dir():
         clients = load_client_usage(run_dir)
         if clients:
             cjs = pairwise_js(clients)
-            plots.plot_usage_heatmap(clients, out_dir / "plots" / "usage_clients.png",
-                                     title="expert usage by client (personal state)")
-            plots.plot_js_matrix(cjs, out_dir / "plots" / "js_clients.png",
-                                 title="JS divergence between clients")
+            figures.plot_expert_usage(clients, out_dir / "plots" / "usage_clients.png",
+                                      title="expert usage by client (personal state)")
+            figures.plot_js_matrix(cjs, out_dir / "plots" / "js_clients.png",
+                                   title="JS divergence between clients")
             out["clients"] = {"usage": clients, "js": cjs}
             rounds = load_client_usage_by_round(run_dir)
             if rounds:  # how specialization between clients evolves over federated rounds
@@ -205,8 +205,8 @@ def attribution_section(model: PreTrainedModel, test: Mapping[str, torch.Tensor]
         top = most_used_experts(r.top_k_index, r.num_experts, int(at["block_top_n"]))
         blocking[domain] = blocking_effects(model, sub, top, batch_size, adapter)
         blocking[domain]["blocked_routed"] = {str(k): v for k, v in top.items()}
-    plots.plot_shares(shares, out_dir / "plots" / "attribution_shares.png")
-    plots.plot_blocking(blocking, out_dir / "plots" / "attribution_blocking.png")
+    figures.plot_shares(shares, out_dir / "plots" / "attribution_shares.png")
+    figures.plot_blocking(blocking, out_dir / "plots" / "attribution_blocking.png")
     return {"shares": shares, "blocking": blocking, "block_top_n": int(at["block_top_n"])}
 
 
@@ -221,7 +221,7 @@ def cost_section(cost_cfg: Mapping, run_dir: Path | None, bench: Path | None,
                            "dir with results.json>"}
     results = json.loads((run_dir / "results.json").read_text())
     report = edge_vs_cloud(load_bench(bench), results, cost_cfg)
-    plots.plot_edge_cloud(report["grid"], out_dir / "plots" / "edge_vs_cloud.png")
+    figures.plot_edge_cloud(report["grid"], out_dir / "plots" / "edge_vs_cloud.png")
     return report
 
 

@@ -10,12 +10,13 @@ running totals over the rounds a client trained).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
+
+from fedmoe.artifacts import CLIENTS_DIR, client_dir_name, expert_counts, expert_counts_by_round
 
 Usage = Mapping[str, Sequence[float]]  # layer (as str) -> counts per expert
 
@@ -85,32 +86,24 @@ def pairwise_js(usages: Mapping[str, Usage]) -> dict:
 
 
 def load_client_usage(run_dir: str | Path) -> dict[str, dict[str, list[int]]]:
-    """``{client: usage}`` from ``<run_dir>/clients/client_XXXX/meta.json`` (``expert_counts``).
+    """``{client: usage}`` from ``<run_dir>/clients/client_XXXX/meta.json`` (``expert_counts``),
+    keyed by the client's folder name (``client_0003``).
 
     Clients without ``expert_counts`` (never trained) are left out.
     """
-    clients_dir = Path(run_dir) / "clients"
+    clients_dir = Path(run_dir) / CLIENTS_DIR
     if not clients_dir.is_dir():
         raise FileNotFoundError(f"no {clients_dir}: run_dir must be a `fedmoe simulate` run dir")
-    out = {}
-    for meta_path in sorted(clients_dir.glob("client_*/meta.json")):
-        counts = json.loads(meta_path.read_text()).get("expert_counts")
-        if counts:
-            out[meta_path.parent.name] = {str(k): list(v) for k, v in counts.items()}
-    return out
+    return {client_dir_name(cid): usage for cid, usage in expert_counts(clients_dir).items()}
 
 
 def load_client_usage_by_round(run_dir: str | Path) -> list[dict[str, dict[str, list[int]]]]:
     """Per round, ``{client: that round's usage}`` from the ``expert_counts_by_round`` every
     client's ``meta.json`` keeps; feed it to :func:`specialization_over_rounds` with
     ``cumulative=False``."""
-    clients_dir = Path(run_dir) / "clients"
-    by_round: dict[int, dict[str, dict[str, list[int]]]] = {}
-    for meta_path in sorted(clients_dir.glob("client_*/meta.json")):
-        history = json.loads(meta_path.read_text()).get("expert_counts_by_round", {})
-        for r, usage in history.items():
-            by_round.setdefault(int(r), {})[meta_path.parent.name] = usage
-    return [by_round[r] for r in sorted(by_round)]
+    by_round = expert_counts_by_round(Path(run_dir) / CLIENTS_DIR)
+    return [{client_dir_name(cid): usage for cid, usage in clients.items()}
+            for clients in by_round.values()]
 
 
 def specialization_over_rounds(snapshots: Sequence[Mapping[str, Usage]],

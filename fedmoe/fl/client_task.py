@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
+from fedmoe.artifacts import client_dir
 from fedmoe.checkpoints import resolve_base_model
 from fedmoe.fl.bridge import device_config
 from fedmoe.fl.codec import decode_record, encode_record
@@ -105,5 +106,5 @@ def _client(context: Context) -> LocalClient:
     if not cfg.verbose:
         logging.getLogger("transformers").setLevel(logging.ERROR)
     checkpoint = node.get("base-model") or resolve_base_model(cfg, progress=False)
-    return LocalClient(cfg, client_id, checkpoint, Path(state_root) / f"client_{client_id:04d}",
+    return LocalClient(cfg, client_id, checkpoint, client_dir(state_root, client_id),
                        data_path=node.get("data-path"))

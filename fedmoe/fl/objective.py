@@ -1,8 +1,9 @@
 """What ``fedmoe simulate`` returns: one number of the finished run, for a Hydra sweeper.
 
 ``objective`` (``conf/simulate.yaml``) names a key of the run's summary
-(:func:`fedmoe.tracking.summary_metrics`, the numbers W&B shows as the run's summary), so the
-Optuna sweeper (``hparams_search=optuna``) minimizes exactly what the tables report.
+(:func:`fedmoe.reporting.tracking.summary_metrics`, the numbers W&B shows as the run's
+summary), so the Optuna sweeper (``hparams_search=optuna``) minimizes exactly what the tables
+report.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from fedmoe.tracking import summary_metrics
+from fedmoe.reporting.tracking import summary_metrics
 
 # Keys of summary_metrics that make sense to minimize or maximize.
 OBJECTIVES = ("final/ppl_mean", "final/ppl_worst", "final/ppl_ratio", "final/base_ppl_mean",

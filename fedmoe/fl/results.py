@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import tempfile
-from pathlib import Path
-
-from rich.console import Console
-from rich.table import Table
+from fedmoe.reporting.metrics import spread
 
 
 def round_entry(server_round: int, log, payload_bytes: int) -> dict:
     """One round of ``results.json`` from a ``RoundLog``."""
     ppl = {int(c): float(m["eval_ppl"]) for c, m in log.eval_by_client.items() if "eval_ppl" in m}
+    stats = spread(ppl.values())
     return {
         "round": server_round,
         "train_loss": _num(log.train_metrics.get("train_loss")),
         # mean over the accepted clients of their local training time
         "train_seconds": _num(log.train_metrics.get("train_seconds")),
         "eval_ppl": _num(log.eval_metrics.get("eval_ppl")),  # weighted by held-out examples
-        "eval_ppl_mean": _mean(ppl.values()),
-        "eval_ppl_worst": max(ppl.values()) if ppl else None,
+        "eval_ppl_mean": stats.get("mean"),
+        "eval_ppl_worst": stats.get("worst"),
         "eval_ppl_by_client": {str(c): v for c, v in sorted(ppl.items())},
         "bytes_down": int(log.bytes_down),
         "bytes_up": int(log.bytes_up),
@@ -115,75 +109,3 @@ def run_failure(results: dict) -> str | None:
 
 def _num(x) -> float | None:
     return None if x is None else float(x)
-
-
-def _mean(values) -> float | None:
-    values = list(values)
-    return sum(values) / len(values) if values else None
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-def print_summary(results: dict) -> None:
-    """The per-client table and per-round line a user reads at the end of a run."""
-    console = Console(width=120)
-    rounds = Table(title=f"rounds ({results['strategy']['name']})")
-    for col in ("round", "train loss", "ppl (mean)", "ppl (worst)", "MB down", "MB up", "s"):
-        rounds.add_column(col, justify="right")
-    for r in results["rounds"]:
-        rounds.add_row(str(r["round"]), _fmt(r["train_loss"]), _fmt(r["eval_ppl_mean"]),
-                       _fmt(r["eval_ppl_worst"]), f"{r['bytes_down'] / 2**20:.2f}",
-                       f"{r['bytes_up'] / 2**20:.2f}", f"{r['wall_seconds']:.1f}")
-    console.print(rounds)
-    clients = Table(title="clients (held-out perplexity of each personalized model)")
-    for col in ("client", "base ppl", "ppl", "examples", "MB sent", "MB received"):
-        clients.add_column(col, justify="right")
-    for cid, c in results["clients"].items():
-        clients.add_row(cid, _fmt(c.get("base_ppl")), _fmt(c["final_ppl"]),
-                        str(c["examples"]), f"{c['bytes_sent'] / 2**20:.2f}",
-                        f"{c['bytes_received'] / 2**20:.2f}")
-    console.print(clients)
-    for cid, c in results["clients"].items():
-        if c.get("rounds_rejected"):
-            console.print(f"client {cid}: {c['rounds_rejected']} round(s) rejected, last: "
-                          f"{c.get('last_error')}")
-    memory = results.get("memory") or {}
-    if memory.get("peak_pss_bytes"):
-        ratio = memory.get("peak_over_checkpoint")
-        console.print(f"peak memory of the simulation (PSS, all processes): "
-                      f"{memory['peak_pss_bytes'] / 2**30:.2f} GiB"
-                      + (f" = {ratio:.2f}x the base checkpoint" if ratio else ""))
-    for line in headline(results):
-        console.print(line)
-
-
-def headline(results: dict) -> list[str]:
-    """The comparison that matters: what personalization gained, what communication cost."""
-    lines = []
-    pairs = [(c["base_ppl"], c["final_ppl"]) for c in results["clients"].values()
-             if c.get("base_ppl") and c.get("final_ppl")]
-    if pairs:
-        base = sum(b for b, _ in pairs) / len(pairs)
-        final = sum(f for _, f in pairs) / len(pairs)
-        better = sum(f < b for b, f in pairs)
-        lines.append(f"held-out perplexity, mean over {len(pairs)} clients: shared start "
-                     f"{base:.2f} -> personalized {final:.2f} ({final / base:.3f}x); "
-                     f"{better}/{len(pairs)} clients improved")
-    full = results.get("trainable_bytes")
-    if full:
-        sent = results.get("payload_bytes", 0)
-        lines.append(f"upload per client per round: {sent / 2**20:.2f} MB = "
-                     f"{sent / full:.1%} of all trainable tensors ({full / 2**20:.2f} MB, what "
-                     f"strategy=fedavg sends)")
-    return lines
-
-
-def _fmt(x) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"

@@ -15,21 +15,22 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from fedmoe.artifacts import RESULTS_FILE, write_json
 from fedmoe.fl import checkpoint
 from fedmoe.fl.bridge import config_from_run_config
 from fedmoe.fl.codec import encode_record, wire_nbytes
 from fedmoe.fl.deploy import check_config
 from fedmoe.fl.progress import ProgressGrid
-from fedmoe.fl.results import client_entries, round_entry, write_json
+from fedmoe.fl.results import client_entries, round_entry
 from fedmoe.fl.rounds import RoundRules
 from fedmoe.fl.strategy import build_strategy
 from fedmoe.moe.adapter import MoEAdapter, role_of_name
 from fedmoe.moe.families import Role, family_spec
-from fedmoe.plots import write_run_plots
 from fedmoe.prune import check_budget, pruning_enabled
+from fedmoe.reporting.figures import write_run_plots
+from fedmoe.reporting.tracking import Tracker, build_tracker
 from fedmoe.task.local import aggregated_names, expert_rows, prepare_model, trainable_names
 from fedmoe.task.train import weight_dtype
-from fedmoe.tracking import Tracker, build_tracker
 
 app = ServerApp()
 
@@ -120,7 +121,7 @@ class RoundReporter:
             "clients": client_entries(history, self.payload),
             "wall_seconds": time.perf_counter() - self.t0,
         }
-        write_json(Path(self.cfg.run_dir) / "results.json", results)
+        write_json(Path(self.cfg.run_dir) / RESULTS_FILE, results)
         return results
 
 

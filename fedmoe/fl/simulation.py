@@ -16,12 +16,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fedmoe.artifacts import RESULTS_FILE, write_json
 from fedmoe.fl.backend import backend_config
 from fedmoe.fl.bridge import RUN_CONFIG_KEY, to_run_config
 from fedmoe.fl.objective import objective_value
-from fedmoe.fl.results import print_summary, run_failure, write_json
+from fedmoe.fl.results import run_failure
 from fedmoe.memory import GiB, PeakMemory, available_bytes, checkpoint_bytes, limit_kernel_cache
 from fedmoe.prune.summary import print_pruning_summary
+from fedmoe.reporting.summary import print_summary
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -196,7 +198,7 @@ def main(cfg: DictConfig) -> float:
             verbose=bool(cfg.verbose), node_config=trusted_node_config(cfg.fl.aggregate),
             backend=cfg.fl.get("backend"),
         )
-    results_path = run_dir / "results.json"
+    results_path = run_dir / RESULTS_FILE
     if not results_path.exists():
         raise RuntimeError(f"the simulation wrote no {results_path}; rerun with verbose=true")
     results = json.loads(results_path.read_text())

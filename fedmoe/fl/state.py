@@ -31,10 +31,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from fedmoe.artifacts import META_FILE
 from fedmoe.errors import PersonalStateError
 
 TENSORS = "personal.safetensors"
-META = "meta.json"
+META = META_FILE
 PREV_TENSORS = "personal.prev.safetensors"
 PREV_META = "meta.prev.json"
 # Ties the two files of one saved state together (meta.json key, safetensors header key).

@@ -15,6 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fedmoe.artifacts import MODEL_DIR, client_dir
+
 
 def pruned_clients(results: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     """The clients whose routed experts shrank (MB after < before), by client id."""
@@ -42,7 +44,7 @@ def pruning_table(results: Mapping[str, Any], state_dir: str | Path) -> Table | 
         kept = entry.get("experts_kept") or {}
         layers = " ".join(f"{layer}:{n}" for layer, n in sorted(kept.items(), key=_layer))
         mb = entry["routed_expert_mb"]
-        export = Path(state_dir) / f"client_{int(cid):04d}" / "model"
+        export = client_dir(state_dir, int(cid)) / MODEL_DIR
         table.add_row(cid, layers, f"{mb['before']:.3f} -> {mb['after']:.3f}",
                       str(export) if (export / "config.json").is_file() else "(not exported)")
     return table

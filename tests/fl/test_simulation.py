@@ -20,9 +20,9 @@ from transformers import AutoTokenizer
 
 from fedmoe.checkpoints import load_model
 from fedmoe.fl.bridge import compose
-from fedmoe.fl.results import headline
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
+from fedmoe.reporting.summary import headline
 from tests.helpers.runs import FAST, TWO_CLIENTS, Run, simulate
 
 pytestmark = pytest.mark.slow

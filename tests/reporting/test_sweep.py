@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from fedmoe.config import ConfigError
-from fedmoe.report import (
+from fedmoe.reporting.sweep import (
     collect_runs,
     find_baseline,
     paired_report,

@@ -1,17 +1,23 @@
-"""PNG figures of federated runs (matplotlib, headless Agg backend).
+"""Every PNG figure fedmoe draws (matplotlib, headless Agg backend), in one place.
 
-A run's figures (:func:`write_run_plots`, called by the ServerApp after the last round) go to
-``<run_dir>/plots/``: training loss and held-out perplexity per round, per-client perplexity
-(shared start vs personalized), communication per round, and expert usage per client and
-layer. ``fedmoe report`` draws the sweep figures
-(:func:`plot_perplexity_by_setting`, :func:`plot_communication_by_setting`,
-:func:`plot_gains_by_setting`). Every function
-takes plain dicts (``results.json``, ``meta.json``), writes ``path`` and returns it.
+- **One run** (:func:`write_run_plots`, called by the ServerApp after the last round, into
+  ``<run_dir>/plots/``): training loss and held-out perplexity per round, per-client
+  perplexity (shared start vs personalized), communication per round, and expert usage per
+  client and layer.
+- **A sweep** (``fedmoe report``): :func:`plot_perplexity_by_setting`,
+  :func:`plot_communication_by_setting`, :func:`plot_gains_by_setting`.
+- **The analyses** (``fedmoe analyze`` and the notebooks): routing consistency
+  (:func:`plot_srp`, :func:`plot_cache_curves`), specialization (:func:`plot_expert_usage`,
+  :func:`plot_js_matrix`, :func:`plot_specialization_rounds`), shared-vs-routed attribution
+  (:func:`plot_shares`, :func:`plot_blocking`), edge vs cloud (:func:`plot_edge_cloud`).
+
+Every function takes plain results (``results.json``, ``meta.json``, the dicts and
+dataclasses the analyses return), writes ``path`` and returns it; every figure uses
+constrained layout, so titles, legends and colorbars never overlap.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +27,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from fedmoe.artifacts import expert_counts  # noqa: E402
 
 MB = 2**20
 log = logging.getLogger(__name__)
@@ -73,7 +81,8 @@ def write_run_plots(results: Mapping, run_dir: str | Path,
     """
     out = Path(run_dir) / "plots"
     name = results.get("strategy", {}).get("name", "")
-    counts = load_expert_counts(state_dir or Path(run_dir) / "clients")
+    counts = {str(cid): c for cid, c in
+              expert_counts(state_dir or Path(run_dir) / "clients").items()}
     figures = {
         "rounds": (plot_rounds, results.get("rounds"), {"title": name}),
         "client_perplexity": (plot_client_perplexity, results.get("clients"),
@@ -154,37 +163,29 @@ def plot_communication(rounds: Sequence[Mapping], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def load_expert_counts(state_dir: str | Path) -> dict[str, dict[str, list[int]]]:
-    """Client id -> ``expert_counts`` ({layer: selections per expert}) of every
-    ``<state_dir>/client_*/meta.json`` that has them (empty when there are none)."""
-    counts = {}
-    for meta_path in sorted(Path(state_dir).glob("client_*/meta.json")):
-        meta = json.loads(meta_path.read_text())
-        if meta.get("expert_counts"):
-            counts[str(int(meta_path.parent.name.split("_")[-1]))] = meta["expert_counts"]
-    return counts
+def plot_expert_usage(counts: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path,
+                      title: str = "expert usage per client (routing during local training)",
+                      ylabel: str = "client") -> Path:
+    """One heatmap per MoE layer: rows clients (or domains), columns experts, colour = share of
+    the row's routing choices in that layer (each row sums to 1).
 
-
-def plot_expert_usage(counts: Mapping[str, Mapping[str, Sequence[int]]],
-                      path: str | Path) -> Path:
-    """One heatmap per MoE layer: rows clients, columns experts, colour = share of the
-    client's routing choices in that layer (each row sums to 1)."""
-    clients = list(counts)
+    ``counts`` maps row name -> {layer: selections per expert}; counts are indexed by original
+    expert id, and a pruned client's list may be shorter (zero-padded)."""
+    rows = list(counts)
     layers = sorted({layer for c in counts.values() for layer in c}, key=int)
     fig, axes = _figure(len(layers), squeeze=False,
-                        figsize=(2.6 * len(layers) + 1.4, 0.35 * len(clients) + 2.2))
+                        figsize=(2.6 * len(layers) + 1.4, 0.35 * len(rows) + 2.2))
     image = None
     for ax, layer in zip(axes[0], layers, strict=True):
-        # Counts are indexed by original expert id; a pruned client's list may be shorter.
-        width = max(len(counts[c].get(layer) or []) for c in clients)
-        usage = np.array([_share(counts[c].get(layer), width) for c in clients])  # (C, E)
+        width = max(len(counts[r].get(layer) or []) for r in rows)
+        usage = np.array([_share(counts[r].get(layer), width) for r in rows])  # (rows, E)
         image = ax.imshow(usage, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xlabel("expert")
-        ax.set_yticks(range(len(clients)), clients if ax is axes[0][0] else [], fontsize=8)
-    axes[0][0].set_ylabel("client")
+        ax.set_yticks(range(len(rows)), rows if ax is axes[0][0] else [], fontsize=8)
+    axes[0][0].set_ylabel(ylabel)
     fig.colorbar(image, ax=axes[0].tolist(), aspect=30, label="share of selections")
-    fig.suptitle("expert usage per client (routing during local training)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
@@ -276,3 +277,127 @@ def plot_gains_by_setting(gains: Mapping[str, Mapping[tuple[str, str], float]],
                  "better)", fontsize=10)
     _legend_below(ax, ncol=min(4, len(seeds) + 1))
     return _save(fig, path)
+
+
+# --- the analyses (fedmoe analyze, notebooks) -------------------------------------------------
+
+
+def plot_srp(srp_by_length: Mapping[int, Mapping[str, object]], path: str | Path) -> Path:
+    """SRP against segment length, one line per layer and a bold model line (95% CI)."""
+    lengths = sorted(srp_by_length)
+    units = list(next(iter(srp_by_length.values())))
+    fig, ax = _figure(figsize=(6, 4))
+    for unit in units:
+        vals = [_get(srp_by_length[m][unit], "srp") for m in lengths]
+        lo = [_get(srp_by_length[m][unit], "ci_low") for m in lengths]
+        hi = [_get(srp_by_length[m][unit], "ci_high") for m in lengths]
+        is_model = unit == "model"
+        ax.plot(lengths, vals, marker="o", lw=2.5 if is_model else 1,
+                color="k" if is_model else None, label=unit if is_model else f"layer {unit}")
+        ax.fill_between(lengths, lo, hi, alpha=0.15, color="k" if is_model else None)
+    ax.set(xscale="log", xlabel="segment length m", ylabel="SRP (best F1)",
+           title="segment routing best performance")
+    ax.set_xticks(lengths, [str(m) for m in lengths])
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_cache_curves(curves: Mapping[str, object], path: str | Path, title: str = "",
+                      active: int | None = None) -> Path:
+    """Hit rate against cache size for several policies (name -> CacheCurve or dict)."""
+    fig, ax = _figure(figsize=(6, 4))
+    for name, curve in curves.items():
+        cap = _get(curve, "capacity")
+        ax.plot(cap, _get(curve, "hit_rate"), label=name, lw=1.5)
+        ax.fill_between(cap, _get(curve, "ci_low"), _get(curve, "ci_high"), alpha=0.15)
+    if active:
+        ax.axvline(2 * active, color="grey", ls=":", lw=1, label="2 x active")
+    ax.set(xlabel="cache size C (experts)", ylabel="hit rate", ylim=(0, 1.02), title=title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_js_matrix(js: Mapping, path: str | Path, title: str = "Jensen-Shannon divergence"
+                   ) -> Path:
+    """The layer-mean JS divergence between every pair (the ``pairwise_js`` result)."""
+    names, mean = js["names"], np.asarray(js["mean"])
+    fig, ax = _figure(figsize=(1.1 * len(names) + 2.5, 0.9 * len(names) + 1.5))
+    image = ax.imshow(mean, cmap="magma", vmin=0, vmax=max(float(np.nanmax(mean)), 1e-9))
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{mean[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+    fig.colorbar(image, ax=ax, label="bits")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_specialization_rounds(rounds: Sequence[Mapping], path: str | Path) -> Path:
+    """Mean pairwise JS divergence and mean usage entropy per round."""
+    r = [x["round"] for x in rounds]
+    fig, (a1, a2) = _figure(2, figsize=(9, 3.5))
+    a1.plot(r, [x["mean_pairwise_js"] for x in rounds], marker="o")
+    a1.set(xlabel="round", ylabel="mean pairwise JS (bits)", title="client divergence")
+    for client in sorted({c for x in rounds for c in x["entropy"]}):
+        a2.plot(r, [x["entropy"].get(client, np.nan) for x in rounds], marker=".", label=client)
+    a2.set(xlabel="round", ylabel="usage entropy (bits)", title="per-client entropy")
+    a2.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_shares(shares: Mapping[str, Mapping[int, Mapping[str, float]]], path: str | Path
+                ) -> Path:
+    """Shared-expert share of the MoE output norm, per layer, one bar group per domain."""
+    domains = list(shares)
+    layers = sorted({int(k) for d in shares.values() for k in d})
+    width = 0.8 / max(len(domains), 1)
+    fig, ax = _figure(figsize=(6.5, 4))
+    for i, d in enumerate(domains):
+        vals = [shares[d].get(layer, shares[d].get(str(layer), {})).get("shared", np.nan)
+                for layer in layers]
+        ax.bar(np.arange(len(layers)) + i * width, vals, width, label=d)
+    ax.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, [f"layer {x}" for x in layers])
+    ax.set(ylabel="shared share of output norm", ylim=(0, 1),
+           title="shared (basic) vs routed (refinement)")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_blocking(blocking: Mapping[str, Mapping[str, float]], path: str | Path) -> Path:
+    """Loss increase per domain when blocking the shared vs the top routed experts."""
+    domains = list(blocking)
+    x = np.arange(len(domains))
+    fig, ax = _figure(figsize=(6.5, 4))
+    ax.bar(x - 0.2, [blocking[d]["delta_shared"] for d in domains], 0.4, label="block shared")
+    ax.bar(x + 0.2, [blocking[d]["delta_routed"] for d in domains], 0.4,
+           label="block top routed")
+    ax.set_xticks(x, domains, rotation=20)
+    ax.set(ylabel="loss increase (nats/token)", title="expert-blocking ablation")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_edge_cloud(grid: Mapping, path: str | Path) -> Path:
+    """Where edge wins: log10 of edge over cloud utility per cost, over alpha x bandwidth."""
+    ratio = np.asarray(grid["log_ratio"], dtype=float)
+    finite = ratio[np.isfinite(ratio)]
+    bound = max(float(np.abs(finite).max()) if finite.size else 1.0, 1e-3)
+    fig, ax = _figure(figsize=(6.5, 4))
+    image = ax.imshow(np.nan_to_num(ratio, neginf=-bound, posinf=bound), origin="lower",
+                      aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound)
+    bws, alphas = grid["bandwidths_mbps"], grid["alphas"]
+    ax.set_xticks(range(len(bws)), [f"{b:g}" for b in bws])
+    ticks = np.linspace(0, len(alphas) - 1, min(len(alphas), 6)).round().astype(int)
+    ax.set_yticks(ticks, [f"{alphas[i]:.1f}" for i in ticks])
+    if finite.size and finite.min() < 0 < finite.max():
+        ax.contour(ratio, levels=[0.0], colors="k", linewidths=1)
+    fig.colorbar(image, ax=ax, label="log10(edge / cloud utility per cost)")
+    ax.set(xlabel="link bandwidth (Mbit/s)", ylabel="alpha (weight of quality)",
+           title="edge wins where blue")
+    return _save(fig, path)
+
+
+def _get(obj: object, key: str):
+    return obj[key] if isinstance(obj, Mapping) else getattr(obj, key)

@@ -8,8 +8,8 @@ import re
 import pytest
 
 from fedmoe.fl.bridge import compose
-from fedmoe.plots import write_run_plots
-from fedmoe.tracking import WandbTracker, _artifact_name
+from fedmoe.reporting.figures import write_run_plots
+from fedmoe.reporting.tracking import WandbTracker, _artifact_name
 from tests.helpers.wandb_log import read_offline_run
 
 

@@ -23,6 +23,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedmoe.artifacts import MODEL_DIR, RESULTS_FILE, client_dirs
+from fedmoe.reporting.metrics import run_metrics, spread
+
 log = logging.getLogger(__name__)
 # Keys of an eval reply that are not client statistics.
 _NOT_STATS = {"num-examples", "client-id", "eval_ppl", "base_ppl"}
@@ -142,7 +145,7 @@ class WandbTracker(Tracker):
 
     def _log_artifacts(self, results: Mapping[str, Any]) -> None:
         name = _artifact_name(self.run.name)
-        if self.log_artifacts and (self.run_dir / "results.json").is_file():
+        if self.log_artifacts and (self.run_dir / RESULTS_FILE).is_file():
             self.run.log_artifact(report_artifact(self.run_dir, name, summary_metrics(results)))
         if self.log_models and self.state_dir is not None:
             for artifact in model_artifacts(self.state_dir, name):
@@ -170,7 +173,7 @@ def report_artifact(run_dir: Path, name: str, summary: Mapping[str, Any]):
 
     artifact = wandb.Artifact(f"{name}-report", type="run-report", metadata=dict(summary),
                               description="fedmoe results.json and plots of one run")
-    artifact.add_file(str(run_dir / "results.json"))
+    artifact.add_file(str(run_dir / RESULTS_FILE))
     if (run_dir / "plots").is_dir():
         artifact.add_dir(str(run_dir / "plots"), name="plots")
     return artifact
@@ -185,10 +188,10 @@ def model_artifacts(state_dir: Path, name: str) -> list:
     from fedmoe.prune.card import read_card
 
     artifacts = []
-    for model_dir in sorted(Path(state_dir).glob("client_*/model")):
+    for client, folder in client_dirs(state_dir).items():
+        model_dir = folder / MODEL_DIR
         if not (model_dir / "config.json").is_file():
             continue
-        client = int(model_dir.parent.name.split("_")[-1])
         meta = read_card(model_dir).data.to_dict().get("fedmoe", {}) \
             if (model_dir / "README.md").is_file() else {}
         artifact = wandb.Artifact(f"{name}-client-{client}", type="model", metadata={
@@ -262,11 +265,7 @@ def round_metrics(entry: Mapping[str, Any], cumulative: dict[str, int],
 
 
 def _ppl_metrics(by_client: Mapping[str, float]) -> dict[str, float]:
-    if not by_client:
-        return {}
-    values = list(by_client.values())
-    row = {"ppl/mean": statistics.fmean(values), "ppl/worst": max(values),
-           "ppl/best": min(values), "ppl/std": statistics.pstdev(values)}
+    row = {f"ppl/{k}": v for k, v in spread(by_client.values()).items()}
     return row | {f"ppl/client_{c}": float(v) for c, v in by_client.items()}
 
 
@@ -294,24 +293,21 @@ def _client_stats(eval_by_client: Mapping[str, Mapping]) -> dict[str, float]:
 
 
 def summary_metrics(results: Mapping[str, Any]) -> dict[str, float]:
-    """The run's headline numbers: final and base perplexity over clients, bytes, time."""
-    clients = list(results.get("clients", {}).values())
-    final = [c["final_ppl"] for c in clients if _is_number(c.get("final_ppl"))]
-    pairs = [(c["base_ppl"], c["final_ppl"]) for c in clients
-             if _is_number(c.get("base_ppl")) and _is_number(c.get("final_ppl"))]
-    rounds = results.get("rounds", [])
+    """The run's headline numbers (:mod:`fedmoe.reporting.metrics`): final and base perplexity
+    over clients, bytes, time."""
+    m = run_metrics(results)
     out = {
-        "final/ppl_mean": statistics.fmean(final) if final else None,
-        "final/ppl_worst": max(final) if final else None,
-        "final/base_ppl_mean": statistics.fmean(b for b, _ in pairs) if pairs else None,
-        "final/ppl_ratio": (statistics.fmean(f / b for b, f in pairs) if pairs else None),
-        "final/clients_improved": sum(f < b for b, f in pairs) if pairs else None,
-        "comm/total_bytes_down": sum(r["bytes_down"] for r in rounds),
-        "comm/total_bytes_up": sum(r["bytes_up"] for r in rounds),
+        "final/ppl_mean": m.ppl_mean,
+        "final/ppl_worst": m.ppl_worst,
+        "final/base_ppl_mean": m.base_ppl_mean,
+        "final/ppl_ratio": m.ppl_ratio,
+        "final/clients_improved": m.clients_improved,
+        "comm/total_bytes_down": m.bytes_down,
+        "comm/total_bytes_up": m.bytes_up,
         "payload_bytes": results.get("payload_bytes"),
         "trainable_bytes": results.get("trainable_bytes"),
-        "wall_seconds": results.get("wall_seconds"),
-        "num_rounds": len(rounds),
+        "wall_seconds": m.wall_seconds,
+        "num_rounds": m.rounds,
     }
     return _drop_none(out)
 

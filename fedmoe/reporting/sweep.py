@@ -9,7 +9,7 @@ mean ± sample std over the setting's seeds. Written into the sweep dir: ``repor
 With a baseline setting (``baseline=fedavg``), a second table compares every other setting
 with it client by client: the units are (seed, client) pairs that both settings ran, and the
 per-client perplexity gain, the win rate and their 95 % intervals come from a bootstrap that
-resamples seeds and clients (:mod:`fedmoe.stats`). Also written: ``report_paired.csv``,
+resamples seeds and clients (:mod:`fedmoe.reporting.stats`). Also written: ``report_paired.csv``,
 ``report_paired.json`` and ``report_client_gains.png``.
 """
 
@@ -29,7 +29,14 @@ import yaml
 from omegaconf import DictConfig
 
 from fedmoe.config import ConfigError
-from fedmoe.stats import (
+from fedmoe.reporting.metrics import (
+    MB,
+    RunMetrics,
+    cumulative_mb,
+    final_ppl_by_client,
+    run_metrics,
+)
+from fedmoe.reporting.stats import (
     Estimate,
     Unit,
     UnmatchedUnits,
@@ -39,7 +46,6 @@ from fedmoe.stats import (
     win_rate,
 )
 
-MB = 2**20
 # Config keys that differ between runs without being a setting (fallback without overrides).
 _NOT_SETTINGS = {"run_dir", "fl.state_dir", "fl.base_model", "fl.audit_dir", "logger.group",
                  "logger.run_name", "cache_dir", "data.cache_dir"}
@@ -56,39 +62,24 @@ class Run:
 
 @dataclass
 class Metric:
-    """A column of the table: its header, decimals and how a run's value is computed."""
+    """A column of the table: its header, decimals and which of the run's
+    :class:`~fedmoe.reporting.metrics.RunMetrics` it shows."""
 
     header: str
     decimals: int
-    value: Callable[[dict], float | None]
-
-
-def _clients(results: dict, key: str) -> list[float]:
-    return [c[key] for c in results.get("clients", {}).values() if c.get(key) is not None]
-
-
-def _mean(values: list[float]) -> float | None:
-    return statistics.fmean(values) if values else None
-
-
-def _ratios(results: dict) -> list[float]:
-    return [c["final_ppl"] / c["base_ppl"] for c in results.get("clients", {}).values()
-            if c.get("final_ppl") is not None and c.get("base_ppl")]
+    value: Callable[[RunMetrics], float | None]
 
 
 METRICS: dict[str, Metric] = {
-    "ppl": Metric("ppl (mean)", 2, lambda r: _mean(_clients(r, "final_ppl"))),
-    "ppl_worst": Metric("ppl (worst)", 2, lambda r: max(_clients(r, "final_ppl"), default=None)),
-    "base_ppl": Metric("base ppl", 2, lambda r: _mean(_clients(r, "base_ppl"))),
-    "ppl_ratio": Metric("ppl / base", 3, lambda r: _mean(_ratios(r))),
-    "improved": Metric("clients improved", 2,
-                       lambda r: _mean([float(x < 1) for x in _ratios(r)])),
-    "train_loss": Metric("train loss", 3,
-                         lambda r: r["rounds"][-1]["train_loss"] if r.get("rounds") else None),
-    "mb_up": Metric("MB up", 2, lambda r: sum(e["bytes_up"] for e in r.get("rounds", [])) / MB),
-    "mb_total": Metric("MB total", 2, lambda r: sum(e["bytes_up"] + e["bytes_down"]
-                                                    for e in r.get("rounds", [])) / MB),
-    "wall_s": Metric("s", 1, lambda r: r.get("wall_seconds")),
+    "ppl": Metric("ppl (mean)", 2, lambda m: m.ppl_mean),
+    "ppl_worst": Metric("ppl (worst)", 2, lambda m: m.ppl_worst),
+    "base_ppl": Metric("base ppl", 2, lambda m: m.base_ppl_mean),
+    "ppl_ratio": Metric("ppl / base", 3, lambda m: m.ppl_ratio),
+    "improved": Metric("clients improved", 2, lambda m: m.improved_share),
+    "train_loss": Metric("train loss", 3, lambda m: m.train_loss),
+    "mb_up": Metric("MB up", 2, lambda m: m.bytes_up / MB),
+    "mb_total": Metric("MB total", 2, lambda m: (m.bytes_up + m.bytes_down) / MB),
+    "wall_s": Metric("s", 1, lambda m: m.wall_seconds),
 }
 
 
@@ -220,10 +211,11 @@ def summarize(runs: list[Run], seed_key: str = "seed") -> Report:
     common = {k: settings[0].overrides[k] for k in all_keys
               if k not in keys and k in settings[0].overrides}
     for s in settings:
+        metrics = [run_metrics(r.results) for r in s.runs]
         s.seeds = [str(r.overrides.get(seed_key, r.results.get("config", {}).get(seed_key, "?")))
                    for r in s.runs]
         for name, metric in METRICS.items():
-            values = [v for v in (metric.value(r.results) for r in s.runs) if v is not None]
+            values = [v for v in map(metric.value, metrics) if v is not None]
             s.mean[name] = statistics.fmean(values) if values else None
             s.std[name] = statistics.stdev(values) if len(values) > 1 else None
     return Report(settings, keys, common, seed_key)
@@ -334,9 +326,8 @@ def _units(s: Setting) -> dict[Unit, float]:
             raise ConfigError(f"baseline: runs {runs[seed].path} and {run.path} both have seed "
                               f"{seed}; paired statistics need one run per seed and setting")
         runs[seed] = run
-        for cid, c in run.results.get("clients", {}).items():
-            if c.get("final_ppl") is not None:
-                units[seed, cid] = c["final_ppl"]
+        for cid, ppl in final_ppl_by_client(run.results).items():
+            units[seed, cid] = ppl
     return units
 
 
@@ -418,7 +409,7 @@ def write_report(sweep_dir: str | Path, seed_key: str = "seed",
     tuple[str, dict[str, Path]]
         The markdown table(s) and name -> path of every file written.
     """
-    from fedmoe.plots import plot_communication_by_setting, plot_perplexity_by_setting
+    from fedmoe.reporting.figures import plot_communication_by_setting, plot_perplexity_by_setting
 
     report = summarize(collect_runs(sweep_dir), seed_key)
     out = Path(out_dir or sweep_dir)
@@ -434,10 +425,9 @@ def write_report(sweep_dir: str | Path, seed_key: str = "seed",
         label = s.label(report.keys)
         per_client[label] = {}
         for run in s.runs:
-            for cid, c in run.results.get("clients", {}).items():
-                if c.get("final_ppl") is not None:
-                    per_client[label].setdefault(cid, []).append(c["final_ppl"])
-        cumulative[label] = [_cumulative_mb(run.results) for run in s.runs]
+            for cid, ppl in final_ppl_by_client(run.results).items():
+                per_client[label].setdefault(cid, []).append(ppl)
+        cumulative[label] = [cumulative_mb(run.results) for run in s.runs]
     return markdown, {
         **files,
         "markdown": out / "report.md",
@@ -451,7 +441,7 @@ def write_report(sweep_dir: str | Path, seed_key: str = "seed",
 def _write_paired_section(report: Report, baseline: str, bootstrap: dict[str, Any],
                           out: Path) -> tuple[str, dict[str, Path]]:
     """The paired table's markdown, and its CSV, JSON and figure written into ``out``."""
-    from fedmoe.plots import plot_gains_by_setting
+    from fedmoe.reporting.figures import plot_gains_by_setting
 
     base = find_baseline(report, baseline)
     if len(report.settings) == 1:
@@ -463,14 +453,6 @@ def _write_paired_section(report: Report, baseline: str, bootstrap: dict[str, An
         {p.label: (p.gain.mean, p.gain.low, p.gain.high) for p in paired},
         out / "report_client_gains.png", baseline=base.label(report.keys))
     return paired_markdown(paired, base, report.keys, bootstrap["confidence"]), files
-
-
-def _cumulative_mb(results: dict) -> list[float]:
-    total, series = 0.0, []
-    for entry in results.get("rounds", []):
-        total += (entry["bytes_down"] + entry["bytes_up"]) / MB
-        series.append(total)
-    return series
 
 
 def main(cfg: DictConfig) -> str:

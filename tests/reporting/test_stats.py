@@ -1,4 +1,4 @@
-"""Bootstrap intervals, paired differences and win rates of `fedmoe.stats`: properties,
+"""Bootstrap intervals, paired differences and win rates of `fedmoe.reporting.stats`: properties,
 hand-computed answers, and what resampling seeds and clients changes."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmoe.stats import (
+from fedmoe.reporting.stats import (
     Estimate,
     UnmatchedUnits,
     bootstrap_ci,

@@ -1,4 +1,4 @@
-"""W&B tracking (fedmoe/tracking.py): what a round logs, and an offline run read back
+"""W&B tracking (fedmoe/reporting/tracking.py): what a round logs, and an offline run read back
 (tests/helpers/wandb_log.py)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedmoe.fl.bridge import compose
-from fedmoe.plots import plot_communication
-from fedmoe.tracking import (
+from fedmoe.reporting.figures import plot_communication
+from fedmoe.reporting.tracking import (
     Tracker,
     build_tracker,
     client_table,

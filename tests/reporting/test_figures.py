@@ -5,8 +5,8 @@ from __future__ import annotations
 import matplotlib.image as mpimg
 import numpy as np
 
-from fedmoe.plots import plot_rounds, write_run_plots
-from fedmoe.report import Setting
+from fedmoe.reporting.figures import plot_rounds, write_run_plots
+from fedmoe.reporting.sweep import Setting
 
 ROUNDS = [{"round": r, "train_loss": 4.0 - r, "eval_ppl_mean": 30.0 - r, "eval_ppl_worst": 40.0,
            "eval_ppl_by_client": {"0": 20.0 - r, "1": 40.0}, "bytes_down": 10, "bytes_up": 5}
