@@ -180,19 +180,9 @@ class FedMoE(FedAvg):
 
     evaluate_in_train_before: int = 0
 
-    def __init__(
-        self,
-        *,
-        expert_rows: dict[str, int] | None = None,
-        rule: str = "mean",
-        trim_beta: float = 0.2,
-        max_update_norm: float | None = MAX_UPDATE_NORM,
-        max_weight_share: float | None = MAX_WEIGHT_SHARE,
-        max_weight_median: float | None = MAX_WEIGHT_MEDIAN,
-        max_abs_value: float | None = MAX_ABS_VALUE,
-        wire_dtypes: dict[str, str] | None = None,
-        **kwargs,
-    ) -> None:
+    def __init__(self, *, wire_dtypes: dict[str, str] | None = None, **kwargs) -> None:
+        # The FedMoE options are set_moe_options's keywords; the rest are FedAvg's.
+        options = {name: kwargs.pop(name) for name in moe_option_names() if name in kwargs}
         super().__init__(**kwargs)
         # Key -> dtype the global tensors travel in (the model's: bf16 as 2-byte payloads,
         # fedmoe.fl.codec); the strategy itself keeps and aggregates float32. Composed
@@ -201,16 +191,8 @@ class FedMoE(FedAvg):
             self.wire_dtypes = dict(wire_dtypes or {})
         # Composed classes (FedMoEAdam) set the options before FedOpt.__init__ reaches
         # here with FedAvg's arguments only.
-        if expert_rows is not None:
-            self.set_moe_options(
-                expert_rows=expert_rows,
-                rule=rule,
-                trim_beta=trim_beta,
-                max_update_norm=max_update_norm,
-                max_weight_share=max_weight_share,
-                max_weight_median=max_weight_median,
-                max_abs_value=max_abs_value,
-            )
+        if options:
+            self.set_moe_options(**options)
         elif not hasattr(self, "expert_rows"):
             raise TypeError("FedMoE() needs the keyword argument 'expert_rows'")
         self.history: dict[int, RoundLog] = {}
@@ -640,6 +622,11 @@ def parse_held(
 # --- server-side optimizers on the aggregated subset ---------------------------------------
 
 
+def moe_option_names() -> list[str]:
+    """The FedMoE options: the keywords of :meth:`FedMoE.set_moe_options`."""
+    return list(inspect.signature(FedMoE.set_moe_options).parameters)[1:]
+
+
 class _ServerOptOnFedMoE:
     """Runs a FedOpt server step (first in the MRO) on FedMoE's masked aggregate."""
 
@@ -647,8 +634,8 @@ class _ServerOptOnFedMoE:
         # FedOpt.__init__ calls FedMoE.__init__ with FedAvg's arguments only, so the
         # FedMoE options (FedMoE.set_moe_options's keywords) are taken and set first.
         self.wire_dtypes = dict(wire_dtypes or {})
-        names = list(inspect.signature(FedMoE.set_moe_options).parameters)[1:]
-        self.set_moe_options(**{name: kwargs.pop(name) for name in names if name in kwargs})
+        self.set_moe_options(**{name: kwargs.pop(name) for name in moe_option_names()
+                                if name in kwargs})
         super().__init__(**kwargs)
 
     def aggregate_train(
