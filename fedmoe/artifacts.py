@@ -5,7 +5,7 @@ A federated run directory (``run_dir``) holds::
     results.json                  the run: rounds, clients, bytes (fedmoe.fl.results builds it)
     clients/                      fl.state_dir: one folder per client, never sent anywhere
       client_0003/
-        personal.safetensors      the client's personal tensors (fedmoe.fl.state.PersonalStore)
+        personal.safetensors      the client's personal tensors (fedmoe.client.state.PersonalStore)
         meta.json                 small metadata: rounds, kept expert ids, base_ppl,
                                   expert_counts {layer: selections per expert},
                                   expert_counts_by_round {round: {layer: counts}}

@@ -114,7 +114,7 @@ def resolve_base_model(cfg: Any, progress: bool = True) -> str:
     # No base model given (a device: node config base-model): pretrain one, on the corpus.
     with extra_needed("pretraining a base model (none given: model.path, fl.base_model, "
                       "or a device's node config base-model)"):
-        from fedmoe.task.pretrain import ensure_base_model
+        from fedmoe.train.pretrain import ensure_base_model
 
     return str(ensure_base_model(cfg, progress=progress))
 

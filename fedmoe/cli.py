@@ -41,7 +41,7 @@ class Command:
 
 # In the order a newcomer meets them; two-word names (`edge generate`) are typed as such.
 COMMANDS: dict[str, Command] = {
-    "pretrain": Command("fedmoe.task.pretrain:main", "pretrain",
+    "pretrain": Command("fedmoe.train.pretrain:main", "pretrain",
                         "train the tokenizer and the tiny base model (cached, reused)"),
     "inspect": Command("fedmoe.moe.inspect:main", "inspect",
                        "parameter roles (router, shared/routed experts) of a model preset"),

@@ -219,7 +219,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("FEDMOE_CACHE", str(REPO / ".cache" / "fedmoe"))
     env = {"FEDMOE_CACHE": os.environ["FEDMOE_CACHE"]}
-    from fedmoe.task.pretrain import ensure_base_model
+    from fedmoe.train.pretrain import ensure_base_model
 
     base = ensure_base_model(compose(["experiment=smoke"]), progress=False)
     variants = [(v, REPO, env) for v in args.variants]

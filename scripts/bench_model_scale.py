@@ -109,7 +109,7 @@ def build_checkpoint(out: Path, tokenizer_dir: Path, seed: int = 0,
 
 def tiny_tokenizer_dir(cache: Path) -> Path:
     from fedmoe.fl.bridge import compose
-    from fedmoe.task.pretrain import ensure_base_model
+    from fedmoe.train.pretrain import ensure_base_model
 
     return Path(ensure_base_model(compose(["experiment=smoke", f"cache_dir={cache}"]),
                                   progress=False))

@@ -49,12 +49,12 @@ from rich.table import Table
 from torch import nn
 
 from fedmoe.checkpoints import load_model
+from fedmoe.client.local import ClientBlocks, client_blocks, prepare_model
 from fedmoe.fl.bridge import compose
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.prune import SCORES, compute_scores, keep_experts, plan_keep, routed_mb
-from fedmoe.task.local import ClientBlocks, client_blocks, prepare_model
-from fedmoe.task.pretrain import ensure_base_model
-from fedmoe.task.train import evaluate_lm, set_trainable, train_lm
+from fedmoe.train.loop import evaluate_lm, set_trainable, train_lm
+from fedmoe.train.pretrain import ensure_base_model
 
 KEEPS = (1.0, 0.75, 0.5, 0.25)
 MODES = ("personalized", "global")

@@ -93,7 +93,7 @@ def check_base(out: Path, extra: list[str]) -> dict:
     import hashlib
 
     from fedmoe.fl.bridge import compose
-    from fedmoe.task.pretrain import SUMMARY_FILE, ensure_base_model
+    from fedmoe.train.pretrain import SUMMARY_FILE, ensure_base_model
 
     base = ensure_base_model(compose([*SETTING, *extra]))
     summary = json.loads((base / SUMMARY_FILE).read_text())
@@ -174,9 +174,9 @@ def consistency(out: Path, variant: str, seed: int) -> bool:
 
     from fedmoe.analysis.collect import collect_routing
     from fedmoe.checkpoints import load_model
+    from fedmoe.client.local import client_blocks
     from fedmoe.fl.bridge import compose
-    from fedmoe.task.local import client_blocks
-    from fedmoe.task.pretrain import ensure_base_model
+    from fedmoe.train.pretrain import ensure_base_model
 
     run = exports(out, variant, seed)
     cfg = compose(yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()))

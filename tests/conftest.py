@@ -31,7 +31,7 @@ for _key, _value in {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
 # FEDMOE_TEST_CACHE shares the pretrained smoke base model between checkouts.
 # pytest-xdist (`-n 2`): the process that starts the workers imports this file first and
 # makes the session's folder; the workers inherit it through _SESSION, so they share one
-# cache (base models are trained once: fedmoe.task.pretrain locks them) and one copy of
+# cache (base models are trained once: fedmoe.train.pretrain locks them) and one copy of
 # each session fixture (`shared` below). The starting process removes it at exit.
 _SESSION = "FEDMOE_TEST_SESSION_DIR"
 if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(_SESSION):
@@ -94,7 +94,7 @@ def fedmoe_cache() -> Path:
 def smoke_base(fedmoe_cache) -> Path:
     """The base model of ``experiment=smoke``, pretrained once into the test cache."""
     from fedmoe.fl.bridge import compose
-    from fedmoe.task.pretrain import ensure_base_model
+    from fedmoe.train.pretrain import ensure_base_model
 
     return ensure_base_model(compose(["experiment=smoke", f"cache_dir={fedmoe_cache}"]),
                              progress=False)

@@ -52,7 +52,7 @@ def test_a_command_missing_an_extra_exits_with_one_line(monkeypatch):
 def test_a_device_without_a_base_model_and_without_datasets_is_told_the_extra(monkeypatch):
     # Prepare: no base model given, and no datasets to pretrain one with (the slim install)
     monkeypatch.setitem(sys.modules, "datasets", None)
-    monkeypatch.delitem(sys.modules, "fedmoe.task.pretrain", raising=False)
+    monkeypatch.delitem(sys.modules, "fedmoe.train.pretrain", raising=False)
     cfg = compose(["experiment=smoke"])
 
     # Execute / Assert

@@ -26,7 +26,7 @@ from torch import nn
 from fedmoe.analysis.retrieval import restrict_experts
 from fedmoe.checkpoints import model_device
 from fedmoe.moe.adapter import MoEAdapter
-from fedmoe.task.train import evaluate_lm
+from fedmoe.train.loop import evaluate_lm
 
 
 def _shared_modules(adapter: MoEAdapter, index: int) -> tuple[list[nn.Module], nn.Module | None]:

@@ -54,7 +54,7 @@ def device_config(run_config: Mapping[str, object], node_config: Mapping[str, ob
 
     Raises
     ------
-    fedmoe.task.guards.Refused
+    fedmoe.client.guards.Refused
         Naming the first override the device does not accept.
     """
     from fedmoe.fl.policy import device_overrides, trusts_run_config

@@ -1,7 +1,7 @@
 """Flower ClientApp: thin glue that hands each message to the client's round and the reply back.
 
 The routed experts (and everything else not aggregated) stay in the client's node-local
-store; only the aggregated roles travel (see ``fedmoe.task.local``).
+store; only the aggregated roles travel (see ``fedmoe.client.local``).
 
 Flower 1.42 runs every message in a fresh ``flwr-clientapp`` process (there is no long-lived
 ClientApp mode in this version; see ``fedmoe.fl.worker``), so this module imports only Flower

@@ -17,12 +17,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 
 from fedmoe.artifacts import client_dir
 from fedmoe.checkpoints import resolve_base_model
+from fedmoe.client.local import LocalClient
 from fedmoe.fl.bridge import device_config
 from fedmoe.fl.codec import decode_record, encode_record
 from fedmoe.fl.policy import check_send_policy
 from fedmoe.fl.strategy import EVALUATION_RECORD, EXPERTS_RECORD
 from fedmoe.memory import limit_kernel_cache, release_free_memory
-from fedmoe.task.local import LocalClient
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from fedmoe.artifacts import RESULTS_FILE, write_json
+from fedmoe.client.local import aggregated_names, expert_rows, prepare_model, trainable_names
 from fedmoe.fl import checkpoint
 from fedmoe.fl.bridge import config_from_run_config
 from fedmoe.fl.codec import encode_record, wire_nbytes
@@ -29,8 +30,7 @@ from fedmoe.moe.families import Role, family_spec
 from fedmoe.prune import check_budget, pruning_enabled
 from fedmoe.reporting.figures import write_run_plots
 from fedmoe.reporting.tracking import Tracker, build_tracker
-from fedmoe.task.local import aggregated_names, expert_rows, prepare_model, trainable_names
-from fedmoe.task.train import weight_dtype
+from fedmoe.train.loop import weight_dtype
 
 app = ServerApp()
 

@@ -135,7 +135,7 @@ def max_concurrent(cfg: DictConfig, base: str | Path, cpus: int,
                    available: int | None = None) -> tuple[int, str]:
     """How many client actors may run at once, and why.
 
-    Each actor holds one base model (``fedmoe.task.local.SharedModel``); two copies side by
+    Each actor holds one base model (``fedmoe.client.local.SharedModel``); two copies side by
     side must never be what kills a run that fits once. ``fl.max_concurrent_clients`` wins;
     otherwise as many as fit in 80% of MemAvailable (the server and driver load no model),
     at most as many as the CPUs allow.

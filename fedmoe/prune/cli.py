@@ -33,7 +33,7 @@ from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.prune.budget import expert_mb
 from fedmoe.prune.export import export_checkpoint
 from fedmoe.prune.pipeline import prune_model
-from fedmoe.task.train import evaluate_lm
+from fedmoe.train.loop import evaluate_lm
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from fedmoe.moe.families import Role
 from fedmoe.prune.card import CARD_FILE, model_card
 from fedmoe.prune.scores import RoutingStats
 from fedmoe.prune.slicing import _deepseek_grouping, kept_experts
-from fedmoe.task.expert_lora import (
+from fedmoe.train.expert_lora import (
     IMPLEMENTATION,
     PARTS,
     has_expert_lora,
@@ -78,7 +78,7 @@ def export_checkpoint(
     ----------
     model : nn.Module
         A model of a supported family, optionally a ``PeftModel`` or with fedmoe's expert
-        LoRA (:mod:`fedmoe.task.expert_lora`).
+        LoRA (:mod:`fedmoe.train.expert_lora`).
     tokenizer : PreTrainedTokenizerBase or None
         Saved alongside when given.
     out_dir : str or Path
@@ -92,7 +92,7 @@ def export_checkpoint(
         The client's routing statistics (``RoutingStats.to_dict()`` form is stored).
     select : dict, optional
         Layer -> positions along the model's expert axis to export (default: all), for a
-        shared model whose routing is restricted rather than sliced (``fedmoe.task.local``).
+        shared model whose routing is restricted rather than sliced (``fedmoe.client.local``).
     card : Mapping, optional
         What the model card adds to the family and kept experts: the keyword arguments of
         :func:`fedmoe.prune.card.model_card` (``name``, ``base_model``, ``held_out_ppl``,

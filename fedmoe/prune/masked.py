@@ -111,7 +111,7 @@ KEEP_ATTR = "_fedmoe_keep"  # on a restricted router: (E,) bool, the experts it 
 class RoutingRestriction:
     """Restrict a model's routing to some experts per layer, in place and reversibly.
 
-    Many clients share one base model in a process (``fedmoe.task.local``); a pruned client
+    Many clients share one base model in a process (``fedmoe.client.local``); a pruned client
     must route as its sliced model would without the model being sliced or copied. A
     forward hook on each restricted router replaces its top-k weights and ids by
     :func:`masked_routing` over the held experts -- exactly the routing of the sliced model

@@ -76,7 +76,7 @@ def plan_pruning(
     held : dict, optional
         Layer -> positions (along the model's expert axis) of the experts the client holds,
         when a shared model restricts routing to them instead of slicing
-        (``fedmoe.task.local``); default every expert of the model.
+        (``fedmoe.client.local``); default every expert of the model.
 
     Returns
     -------

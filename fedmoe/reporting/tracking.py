@@ -29,7 +29,7 @@ from fedmoe.reporting.metrics import run_metrics, spread
 log = logging.getLogger(__name__)
 # Keys of an eval reply that are not client statistics.
 _NOT_STATS = {"num-examples", "client-id", "eval_ppl", "base_ppl"}
-# Eval-reply keys reported by pruning clients (fedmoe.prune via fedmoe.task.local).
+# Eval-reply keys reported by pruning clients (fedmoe.prune via fedmoe.client.local).
 _PRUNE_PREFIXES = ("experts_kept", "routed_mb")
 # Keys of a results.json round entry that round_metrics logs under its own names.
 _ROUND_KEYS = {"round", "train_loss", "eval_ppl", "eval_ppl_mean", "eval_ppl_worst",

@@ -46,7 +46,7 @@ def main() -> None:
     root = (args.root or Path(tempfile.mkdtemp(prefix="fedmoe_federation_"))).resolve()
     base = cfg.fl.base_model or cfg.model.path
     if not base:
-        from fedmoe.task.pretrain import ensure_base_model
+        from fedmoe.train.pretrain import ensure_base_model
 
         base = ensure_base_model(cfg)
         overrides.append(f"fl.base_model={base}")

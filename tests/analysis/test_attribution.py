@@ -21,7 +21,7 @@ from fedmoe.data import load_data
 from fedmoe.fl.bridge import compose
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.prune import keep_experts
-from fedmoe.task.train import evaluate_lm
+from fedmoe.train.loop import evaluate_lm
 from tests.helpers.models import tiny_model
 
 

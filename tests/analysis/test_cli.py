@@ -7,7 +7,7 @@ from importlib import import_module
 from fedmoe.analysis.pipeline import SECTIONS
 from fedmoe.cli import COMMANDS
 from fedmoe.compose import compose
-from fedmoe.task.pretrain import base_checkpoint_dir
+from fedmoe.train.pretrain import base_checkpoint_dir
 
 
 def _compose(*overrides: str):

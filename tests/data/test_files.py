@@ -83,7 +83,7 @@ def test_plain_rows_are_the_rows_of_the_datasets_loader(tmp_path, name):
 
 @pytest.mark.parametrize("name", ["notes.jsonl", "notes.csv", "notes.txt", "alpaca.jsonl"])
 def test_plain_blocks_are_the_blocks_of_the_datasets_path(tmp_path, tiny_tokenizer, name):
-    # Prepare: both paths as fedmoe.task.local.local_blocks takes them (train, and validation
+    # Prepare: both paths as fedmoe.client.local.local_blocks takes them (train, and validation
     # and test together held out)
     path = write(tmp_path / name)
     plain = split_rows(read_text_rows(path, **topic(name)))

@@ -24,7 +24,7 @@ from fedmoe.data.instruct import (
     prompt_and_response,
 )
 from fedmoe.fl.bridge import compose
-from fedmoe.task.train import evaluate_lm, lm_loss
+from fedmoe.train.loop import evaluate_lm, lm_loss
 from tests.helpers.models import tiny_model
 
 # One record maker per FlowerTune dataset, with the fields (and field use) of the hub data.

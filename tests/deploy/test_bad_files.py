@@ -13,12 +13,12 @@ import torch
 from omegaconf import OmegaConf
 
 from fedmoe.checkpoints import load_model
+from fedmoe.client.state import PersonalStore
 from fedmoe.data.files import read_text_rows
 from fedmoe.data.hf import load_text_dataset
 from fedmoe.data.load import load_data
 from fedmoe.fl.bridge import compose
 from fedmoe.fl.deploy import generate_supernode_keys, generate_tls_certificates
-from fedmoe.fl.state import PersonalStore
 
 # --- key files ------------------------------------------------------------------------------
 
@@ -57,7 +57,7 @@ def test_a_flipped_byte_in_the_tensors_falls_back_to_the_previous_state(tmp_path
     data[-5] ^= 0x01
     store.tensors_path.write_bytes(bytes(data))
     # Execute
-    with caplog.at_level(logging.WARNING, logger="fedmoe.fl.state"):
+    with caplog.at_level(logging.WARNING, logger="fedmoe.client.state"):
         tensors, meta = PersonalStore(tmp_path).load()
     # Assert: the round-1 state, and the warning names the damaged file
     assert meta["rounds"] == 1 and torch.equal(tensors["experts"], torch.ones(64))
@@ -67,7 +67,7 @@ def test_a_flipped_byte_in_the_tensors_falls_back_to_the_previous_state(tmp_path
 def test_non_finite_personal_tensors_on_disk_count_as_unreadable(tmp_path, caplog):
     store = two_saves(tmp_path)
     store.save({"experts": torch.full((64,), float("nan"))}, {"rounds": 3, "last_round": 3})
-    with caplog.at_level(logging.WARNING, logger="fedmoe.fl.state"):
+    with caplog.at_level(logging.WARNING, logger="fedmoe.client.state"):
         _, meta = PersonalStore(tmp_path).load()
     assert meta["rounds"] == 2
     assert "holds non-finite values in 'experts'" in caplog.text
@@ -103,7 +103,7 @@ def test_a_one_line_data_file_names_the_file_and_the_empty_split(tmp_path):
 
 
 def test_a_one_line_device_file_names_the_data_path(tmp_path, base_model_dir):
-    from fedmoe.task.local import local_blocks
+    from fedmoe.client.local import local_blocks
 
     path = tmp_path / "one.jsonl"
     path.write_text('{"text": "a single note"}\n')
@@ -117,7 +117,7 @@ def test_a_one_line_device_file_names_the_data_path(tmp_path, base_model_dir):
 
 @pytest.fixture(scope="module")
 def base_model_dir(fedmoe_cache) -> Path:
-    from fedmoe.task.pretrain import ensure_base_model
+    from fedmoe.train.pretrain import ensure_base_model
 
     return ensure_base_model(compose(["experiment=smoke", f"cache_dir={fedmoe_cache}"]),
                              progress=False)

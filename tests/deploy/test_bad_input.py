@@ -18,9 +18,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from safetensors.torch import save_file
 
+from fedmoe.client.state import PREV_TENSORS, STATE_ID, PersonalStateError, PersonalStore
 from fedmoe.fl.bridge import compose, to_run_config
 from fedmoe.fl.deploy import check_config
-from fedmoe.fl.state import PREV_TENSORS, STATE_ID, PersonalStateError, PersonalStore
 from fedmoe.fl.strategy import FedMoE
 from tests.helpers.records import ROUTER
 
@@ -149,7 +149,7 @@ def test_corrupt_state_falls_back_to_the_last_good_one_naming_the_file(tmp_path,
     else:
         store.meta_path.write_text('{"rounds": 2, "last_ro')
     # Execute
-    with caplog.at_level(logging.WARNING, logger="fedmoe.fl.state"):
+    with caplog.at_level(logging.WARNING, logger="fedmoe.client.state"):
         tensors, meta = store.load()
     # Assert: round 1's state, a warning naming the bad file and the one used instead
     assert meta == {"rounds": 1, "last_round": 1}

@@ -11,7 +11,7 @@ import pytest
 def base_model(fedmoe_cache) -> Path:
     """The smoke base model, pretrained once per session under the test cache."""
     from fedmoe.fl.bridge import compose
-    from fedmoe.task.pretrain import ensure_base_model
+    from fedmoe.train.pretrain import ensure_base_model
 
     return ensure_base_model(compose(["experiment=smoke", f"cache_dir={fedmoe_cache}"]),
                              progress=False)

@@ -24,8 +24,9 @@ from tests.helpers.runs import REPO
 # Heavy libraries and fedmoe's model, data and training code: the round's work imports
 # them (in the warm worker, once), never the glue a message's process runs first.
 HEAVY = ("torch", "transformers", "peft", "datasets", "flwr_datasets", "ray", "wandb",
-         "matplotlib", "pandas", "safetensors", "fedmoe.task", "fedmoe.checkpoints",
-         "fedmoe.data", "fedmoe.prune", "fedmoe.fl.client_task", "fedmoe.fl.strategy")
+         "matplotlib", "pandas", "safetensors", "fedmoe.train", "fedmoe.client",
+         "fedmoe.checkpoints", "fedmoe.data", "fedmoe.prune", "fedmoe.fl.client_task",
+         "fedmoe.fl.strategy")
 
 
 def test_the_clientapp_module_imports_no_heavy_library():

@@ -20,10 +20,10 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe.checkpoints import load_model
+from fedmoe.client.state import PersonalStore
 from fedmoe.fl import client_app
 from fedmoe.fl.bridge import compose, to_run_config
 from fedmoe.fl.server_app import initial_arrays
-from fedmoe.fl.state import PersonalStore
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
 

@@ -24,11 +24,11 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedmoe.client.state import PersonalStore
 from fedmoe.fl import client_app
 from fedmoe.fl.aggregate import cap_weights, reference_norm
 from fedmoe.fl.bridge import compose, to_run_config
 from fedmoe.fl.server_app import initial_arrays
-from fedmoe.fl.state import PersonalStore
 from fedmoe.fl.strategy import MAX_UPDATE_NORM, FedMoE
 from tests.helpers.records import serverapp_identity
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from fedmoe.client.guards import Refused
 from fedmoe.fl.bridge import compose, device_config, to_run_config
 from fedmoe.fl.policy import check_send_policy, device_overrides, send_roles
 from fedmoe.moe.families import Role
-from fedmoe.task.guards import Refused
 
 
 def test_allowed_overrides_pass_and_the_servers_paths_are_dropped():

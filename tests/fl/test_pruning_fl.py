@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from fedmoe.fl.state import PersonalStore
+from fedmoe.client.state import PersonalStore
 from tests.helpers.runs import FAST, simulate
 
 pytestmark = pytest.mark.slow

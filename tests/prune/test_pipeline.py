@@ -20,7 +20,7 @@ from fedmoe.prune import (
     prune_model,
     routed_mb,
 )
-from fedmoe.task.train import lm_loss
+from fedmoe.train.loop import lm_loss
 from tests.helpers.models import tiny_model
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "prune"

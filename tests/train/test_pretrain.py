@@ -17,7 +17,7 @@ import torch
 from fedmoe.checkpoints import load_model
 from fedmoe.data import DOMAINS, load_data
 from fedmoe.moe.models import count_parameters
-from fedmoe.task.pretrain import (
+from fedmoe.train.pretrain import (
     SUMMARY_FILE,
     base_checkpoint_dir,
     ensure_base_model,

@@ -7,8 +7,8 @@ import torch
 
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
-from fedmoe.task.expert_lora import merged_expert_weights
-from fedmoe.task.lora import apply_lora
+from fedmoe.train.expert_lora import merged_expert_weights
+from fedmoe.train.lora import apply_lora
 from tests.helpers.models import tiny_model
 
 ALL = ["router", "shared_expert", "routed_experts"]

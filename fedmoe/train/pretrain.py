@@ -37,7 +37,7 @@ from fedmoe.checkpoints import load_model
 from fedmoe.data import load_data, tokenize_blocks, train_tokenizer, unigram_perplexity
 from fedmoe.data.corpus import domain_versions
 from fedmoe.moe.models import check_model_path, count_parameters
-from fedmoe.task.train import evaluate_lm, train_lm
+from fedmoe.train.loop import evaluate_lm, train_lm
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from fedmoe.fl.state import PersonalStateError, PersonalStore
+from fedmoe.client.state import PersonalStateError, PersonalStore
 from tests.helpers.runs import FAST, child_env
 
 
@@ -37,7 +37,7 @@ def test_no_state_is_none_and_corrupt_state_names_the_file(tmp_path):
 def test_failed_write_keeps_the_last_good_state(tmp_path, monkeypatch):
     store = PersonalStore(tmp_path)
     store.save({"a": torch.ones(2)}, {"rounds": 1})
-    import fedmoe.fl.state as state
+    import fedmoe.client.state as state
 
     def boom(path, data):  # the tensors file is written with Path.write_bytes
         with open(path, "wb") as f:
@@ -58,7 +58,7 @@ _CLIENT = textwrap.dedent("""
     import json, sys, hashlib
     import numpy as np
     from fedmoe.fl.bridge import compose
-    from fedmoe.task.local import LocalClient
+    from fedmoe.client.local import LocalClient
     cfg = compose(json.loads(sys.argv[1]))
     client = LocalClient(cfg, 1, cfg.fl.base_model, sys.argv[2])
     if sys.argv[3] == "fit":

@@ -28,7 +28,7 @@ from pathlib import Path
 from fedmoe.memory import PeakMemory, tree_pss
 from fedmoe.fl.bridge import compose
 from fedmoe.fl.server_app import initial_arrays
-from fedmoe.task.local import LocalClient
+from fedmoe.client.local import LocalClient
 
 ckpt, cache, state, out = sys.argv[1:5]
 cfg = compose(["experiment=smoke", "model=olmoe_1b_7b", f"model.path={ckpt}",
@@ -59,7 +59,7 @@ Path(out).write_text(json.dumps({"peak": peak.peak_bytes, "baseline": baseline, 
 def olmoe_shaped(tmp_path_factory, fedmoe_cache):
     """The 2-layer OLMoE-1B-7B-shaped bf16 checkpoint with the smoke tokenizer."""
     from fedmoe.fl.bridge import compose
-    from fedmoe.task.pretrain import ensure_base_model
+    from fedmoe.train.pretrain import ensure_base_model
     bench = load_script("bench_model_scale")
     root = tmp_path_factory.mktemp("olmoe_shaped")
     smoke = ensure_base_model(compose(["experiment=smoke", f"cache_dir={fedmoe_cache}"]),

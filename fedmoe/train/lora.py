@@ -1,6 +1,6 @@
 """LoRA on a MoE model, built from parameter roles (arXiv 2106.09685).
 
-- routed experts: fedmoe's per-expert factors (:mod:`fedmoe.task.expert_lora`), computed on
+- routed experts: fedmoe's per-expert factors (:mod:`fedmoe.train.expert_lora`), computed on
   the routed tokens only -- PEFT's ``target_parameters`` would fold ``W + BA`` over every
   expert of a layer on each forward;
 - the shared expert: PEFT LoRA on its Linear layers (``target_modules``);
@@ -24,7 +24,7 @@ from torch import nn
 
 from fedmoe.moe.adapter import MoEAdapter, normalize_name
 from fedmoe.moe.families import Role
-from fedmoe.task.expert_lora import IMPLEMENTATION, add_expert_lora
+from fedmoe.train.expert_lora import IMPLEMENTATION, add_expert_lora
 
 # PEFT 0.21 maps target names ending in gate_proj/up_proj/down_proj to the fused routed-expert
 # tensors for these families, so their shared-expert Linears cannot be LoRA targets: the
@@ -126,7 +126,7 @@ def _replace(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def _float32_master(model: nn.Module) -> None:
     """Trainable tensors in float32 (optimizer steps on a bf16 tensor lose small updates);
-    forwards of a bf16/fp16 model run under autocast (`fedmoe.task.train.autocast_for`)."""
+    forwards of a bf16/fp16 model run under autocast (`fedmoe.train.loop.autocast_for`)."""
     for p in model.parameters():
         if p.requires_grad and not p.is_meta and p.dtype != torch.float32:
             p.data = p.data.float()

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedmoe.client.local import LocalClient
 from fedmoe.fl.bridge import compose
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.prune import export_checkpoint, keep_experts
 from fedmoe.prune.masked import KEEP_ATTR, RoutingRestriction
-from fedmoe.task.local import LocalClient
-from fedmoe.task.train import lm_loss
+from fedmoe.train.loop import lm_loss
 from tests.helpers.models import tiny_model
 
 KEPT = [[0, 2, 5, 7], [1, 3, 4, 6], [0, 3, 4, 5]]  # two per DeepSeek group (0-3, 4-7)
@@ -73,7 +73,7 @@ def test_export_of_a_view_equals_export_of_the_sliced_model(tmp_path):
 
 @pytest.fixture(scope="module")
 def smoke_cfg(fedmoe_cache, tmp_path_factory):
-    from fedmoe.task.pretrain import ensure_base_model
+    from fedmoe.train.pretrain import ensure_base_model
 
     cfg = compose(["experiment=smoke", f"cache_dir={fedmoe_cache}", "train=lora",
                    "prune=default", "prune.keep=0.5", "train.device=cpu", "fl.num_rounds=2"])
@@ -127,7 +127,7 @@ def test_personal_state_is_megabytes_of_lora_factors(smoke_cfg, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_training_and_evaluation_equal_cpu(smoke_cfg, tmp_path):
     # The same client, round and data on both devices: the model lives where train.device says
-    from fedmoe.task import local
+    from fedmoe.train import local
 
     cfg, base = smoke_cfg
     results = {}

@@ -99,7 +99,7 @@ def autocast_for(model: nn.Module) -> AbstractContextManager:
     """Autocast to the model's low-precision dtype when its weights are bf16/fp16.
 
     The frozen base stays in the checkpoint's dtype while trainable tensors are float32
-    (``fedmoe.task.lora``): under autocast matmuls run in the base dtype on any device and
+    (``fedmoe.train.lora``): under autocast matmuls run in the base dtype on any device and
     the loss, softmax and optimizer state stay in float32.
     """
     dtype = weight_dtype(model)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedmoe.task.train import evaluate_lm, lm_loss, train_lm
+from fedmoe.train.loop import evaluate_lm, lm_loss, train_lm
 from tests.helpers.models import tiny_model
 
 

@@ -1,4 +1,4 @@
-"""Session fixtures for the task tests: the smoke pretraining, shared with every other test."""
+"""Session fixtures for the training tests: the smoke pretraining, shared with every other test."""
 
 from __future__ import annotations
 

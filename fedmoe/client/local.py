@@ -23,7 +23,8 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fedmoe.checkpoints import load_model, resolve_device
-from fedmoe.fl.state import PersonalStore
+from fedmoe.client.guards import check_global, check_trained, kept_personal
+from fedmoe.client.state import PersonalStore
 from fedmoe.memory import release_free_memory
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
@@ -35,9 +36,8 @@ from fedmoe.prune.card import client_card
 from fedmoe.prune.masked import RoutingRestriction
 from fedmoe.prune.pipeline import plan_pruning
 from fedmoe.prune.scores import compute_scores
-from fedmoe.task.guards import check_global, check_trained, kept_personal
-from fedmoe.task.lora import apply_lora
-from fedmoe.task.train import autocast_for, evaluate_lm, set_trainable, train_lm, weight_dtype
+from fedmoe.train.loop import autocast_for, evaluate_lm, set_trainable, train_lm, weight_dtype
+from fedmoe.train.lora import apply_lora
 
 
 @dataclass
