@@ -9,12 +9,10 @@ import logging
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe.fl.aggregate import cap_weights, reference_norm
 from fedmoe.fl.strategy import FedMoE, FedMoEAdam
-from tests.fl.test_strategy import (
+from tests.helpers.records import (
     A_ROUTER,
     A_SHARED,
     B_ROUTER,
@@ -31,12 +29,7 @@ from tests.fl.test_strategy import (
     start_round,
 )
 
-
-@pytest.fixture(autouse=True)
-def serverapp_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 def good(instruction: Message, client: int, examples: int = 2) -> Message:
