@@ -42,45 +42,6 @@ RUN_CONFIG_FILE = "run_config.toml"
 LOCAL_ADDRESS = ":local:"
 
 
-# --- pre-flight checks of a run's config ---------------------------------------------------
-# fedmoe.config.validate checks `fedmoe <command>` configs; it is not used here because two of
-# its rules fit simulation only: fl.fraction_evaluate=0 (Flower: no federated evaluation) is
-# refused, and fl.min_*_nodes <= data.num_clients is required (devices with their own
-# data-path need no partitions). These checks cover what a deployment can get wrong.
-
-def check_config(cfg) -> None:
-    """Reject a config that cannot run, before anything starts or trains.
-
-    Launchers call it before ``flwr run``; the ServerApp calls it before building anything.
-    It is :func:`fedmoe.config.validate` (the schemas, ranges and cross-group rules that
-    ``fedmoe simulate`` checks: unknown families, roles, strategies, rules, scores, top-k
-    outside ``1..num_experts``, out-of-range ``fl`` numbers, misspelt keys) for a deployment,
-    whose nodes are the SuperNodes that connect rather than ``data.num_clients``, plus what
-    only a run needs: the edge cache policy and DP's full-size updates.
-
-    Raises
-    ------
-    ValueError
-        Naming the config key, the value and what is allowed.
-    """
-    from fedmoe.config import validate
-    from fedmoe.prune import pruning_enabled
-
-    validate(cfg, simulated=False)
-    dp, prune = cfg.strategy.get("dp"), cfg.get("prune")
-    if dp is not None and dp.enabled and prune is not None and pruning_enabled(prune):
-        raise ValueError("strategy.dp.enabled=true needs full-size updates from every client, "
-                         "but pruning is on (prune.*): clients send the router rows of their "
-                         "kept experts only; turn one of them off")
-    edge = cfg.get("edge")
-    if edge is not None and edge.get("policy") is not None:
-        from fedmoe.config import EDGE_POLICIES
-
-        if edge.policy not in EDGE_POLICIES:
-            raise ValueError(f"edge.policy={edge.policy!r} is unknown; one of "
-                             f"{list(EDGE_POLICIES)}")
-
-
 # --- TLS certificates and SuperNode keys ---------------------------------------------------
 
 
