@@ -21,7 +21,8 @@ from pathlib import Path
 
 from fedmoe.config import validate
 from fedmoe.fl.bridge import compose
-from fedmoe.fl.deploy import LocalFederation, stage_app
+from fedmoe.launch.control import stage_app
+from fedmoe.launch.federation import LocalFederation
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -20,7 +20,8 @@ from _common import flwr_home
 
 from fedmoe.config import validate
 from fedmoe.fl.bridge import compose
-from fedmoe.fl.deploy import RUN_CONFIG_FILE, flwr_env, write_run_config
+from fedmoe.launch.commands import flwr_env
+from fedmoe.launch.flower_config import RUN_CONFIG_FILE, write_run_config
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmoe.fl.deploy import LocalFederation, stage_app
+from fedmoe.launch.control import stage_app
+from fedmoe.launch.federation import LocalFederation
 from tests.helpers.runs import REPO
 
 

@@ -1,9 +1,9 @@
 """fedmoe on real Flower 1.42 processes on 127.0.0.1: `flwr run` against a SuperLink and
 SuperNodes (TLS and node authentication on, as the launchers default), under faults.
 
-Every process is started by :class:`fedmoe.fl.deploy.LocalFederation` and stopped by its pid
-at teardown. Rounds are tiny (one local step on 8 blocks); most of each round is Flower
-starting a fresh ClientApp process per message (torch and transformers imports).
+Every process is started by :class:`fedmoe.launch.federation.LocalFederation` and stopped
+by its pid at teardown. Rounds are tiny (one local step on 8 blocks); most of each round is
+Flower starting a fresh ClientApp process per message (torch and transformers imports).
 """
 
 from __future__ import annotations
@@ -19,16 +19,11 @@ import pytest
 
 from fedmoe.checkpoints import load_model
 from fedmoe.fl.bridge import compose
-from fedmoe.fl.deploy import (
-    Control,
-    LocalFederation,
-    Service,
-    flwr_env,
-    free_port,
-    start_run,
-    superlink_command,
-    write_superlink_connection,
-)
+from fedmoe.launch.commands import flwr_env, superlink_command
+from fedmoe.launch.control import Control, start_run
+from fedmoe.launch.federation import LocalFederation
+from fedmoe.launch.flower_config import write_superlink_connection
+from fedmoe.launch.processes import Service, free_port
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
 from tests.helpers.runs import FAST
