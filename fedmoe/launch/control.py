@@ -112,15 +112,6 @@ class Control:
         response = self.client.ListNodes(ListNodesRequest())
         return {int(info.node_id): info.status for info in response.nodes_info}
 
-    def logs(self, run_id: int) -> str:
-        """What the run's ServerApp has logged so far (``flwr log <run-id> --show``)."""
-        from flwr.proto.control_pb2 import StreamLogsRequest
-
-        for response in self.client.StreamLogs(StreamLogsRequest(run_id=run_id,
-                                                                  after_timestamp=0.0)):
-            return response.log_output
-        return ""
-
     def close(self) -> None:
         self.client.close()
 

@@ -111,30 +111,6 @@ class LocalFederation:
         self.nodes.append(node)
         return node
 
-    def restart_node(self, name: str, node_config: Mapping[str, str | int | float | bool],
-                     timeout: float = 180.0) -> Service:
-        """Start SuperNode ``name`` again (same keys, same node config) after a crash.
-
-        Flower 1.42 refuses to activate an authenticated node whose previous session it still
-        counts as online (until 2 heartbeat intervals, 2 x 30 s, after its last heartbeat):
-        it prints Flower exit code 305 and exits. This retries until the node is admitted.
-        """
-        keys = self.node_keys(name, register=False) if self.auth else None
-        deadline = time.monotonic() + timeout
-        while True:
-            node = self.start_node(name, node_config, keys=keys)
-            try:
-                node.wait_for(r"SuperNode ID: \d+", timeout=max(deadline - time.monotonic(), 1),
-                              since=node.log_start)
-                return node
-            except RuntimeError:  # exited: not admitted (yet)
-                self.nodes.remove(node)
-                node.stop()
-                if (time.monotonic() > deadline
-                        or "Failed to activate" not in node.log(since_start=True)):
-                    raise
-                time.sleep(3.0)
-
     def wait_for_nodes(self, count: int, timeout: float = 120.0) -> None:
         """Wait until ``count`` SuperNodes are online."""
         deadline = time.monotonic() + timeout
