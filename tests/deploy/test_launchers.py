@@ -144,6 +144,7 @@ def test_app_bundle_holds_the_package_and_configs_only(tmp_path):
             "pyproject.toml"} <= set(names)
     assert {n.split("/")[0] for n in names} <= {"fedmoe", "conf", "pyproject.toml",
                                                 "README.md", ".info"}
+    assert not [n for n in names if n.startswith("fedmoe/launch/")]  # launchers only
 
 
 @pytest.mark.slow
@@ -154,7 +155,8 @@ def test_flwr_packs_the_repository_under_its_limit():
     fab = build_fab_from_disk(REPO)
     names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
     assert len(fab) < 2 * 2**20
-    assert not [n for n in names if n.startswith((".venv", ".cache", "outputs", "tests"))]
+    assert not [n for n in names if n.startswith((".venv", ".cache", "outputs", "tests",
+                                                  "fedmoe/launch/"))]
 
 
 def test_make_certs_script_writes_certs_and_keys(tmp_path):
