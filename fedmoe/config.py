@@ -371,17 +371,20 @@ OmegaConf.register_new_resolver("fedmoe.dirname", short_dirname, replace=True)
 # --- validation -------------------------------------------------------------------------------
 
 
-def validate(cfg: DictConfig, simulated: bool = True) -> None:
+def validate(cfg: DictConfig, deployment: bool = False) -> None:
     """Check every group ``cfg`` holds against its schema, its ranges and the cross-group rules.
+
+    Every ``fedmoe`` command calls it before any work; the deployment launchers
+    (``scripts/deploy``) before ``flwr run``, and the ServerApp before it builds anything.
 
     Parameters
     ----------
     cfg : DictConfig
         A composed config of any command (groups that are absent are skipped).
-    simulated : bool
-        The run is a simulation of ``data.num_clients`` nodes, so the ``fl.min_*_nodes`` may
-        not exceed it. False for a deployment, where the SuperNodes that connect are the
-        clients and ``data.num_clients`` only sizes the partitions.
+    deployment : bool
+        The run's nodes are the SuperNodes that connect, and ``data.num_clients`` only sizes
+        the partitions. False: a simulation of ``data.num_clients`` nodes, so the
+        ``fl.min_*_nodes`` may not exceed it.
 
     Raises
     ------
@@ -390,7 +393,7 @@ def validate(cfg: DictConfig, simulated: bool = True) -> None:
     """
     errors = _schema_errors(cfg)
     if not errors:  # ranges assume the types are right
-        errors += _range_errors(cfg) + _cross_group_errors(cfg, simulated)
+        errors += _range_errors(cfg) + _cross_group_errors(cfg, deployment)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -500,7 +503,7 @@ def _range_errors(cfg: DictConfig) -> list[str]:
     return errors
 
 
-def _cross_group_errors(cfg: DictConfig, simulated: bool = True) -> list[str]:
+def _cross_group_errors(cfg: DictConfig, deployment: bool = False) -> list[str]:
     errors = []
     if "model" in cfg:
         errors += _top_k_errors(cfg.model)
@@ -512,16 +515,28 @@ def _cross_group_errors(cfg: DictConfig, simulated: bool = True) -> list[str]:
     if "train" in cfg and "graft" in cfg.train.trainable and cfg.train.method != "full":
         errors.append(f"train.trainable names 'graft' with train.method={cfg.train.method}: "
                       "grafted experts train in full (train.method=full)")
-    if simulated and "fl" in cfg and "data" in cfg:
+    if not deployment and "fl" in cfg and "data" in cfg:
         # The Simulation Engine starts data.num_clients nodes; the server would wait forever.
         for key in ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes"):
             if cfg.fl[key] > cfg.data.num_clients:
                 errors.append(f"fl.{key}={cfg.fl[key]}: must be <= data.num_clients="
                               f"{cfg.data.num_clients} (the number of simulated clients)")
+    if _dp_with_pruning(cfg):
+        errors.append("strategy.dp.enabled=true needs full-size updates from every client, "
+                      "but pruning is on (prune.*): clients send the router rows of their "
+                      "kept experts only; turn one of them off")
     if "pretraining" in cfg and cfg.pretraining.warmup_steps > cfg.pretraining.steps:
         errors.append(f"pretraining.warmup_steps={cfg.pretraining.warmup_steps}: must be <= "
                       f"pretraining.steps={cfg.pretraining.steps}")
     return errors
+
+
+def _dp_with_pruning(cfg: DictConfig) -> bool:
+    if not OmegaConf.select(cfg, "strategy.dp.enabled", default=False) or "prune" not in cfg:
+        return False
+    from fedmoe.prune import pruning_enabled  # torch: imported only when DP is on
+
+    return pruning_enabled(cfg.prune)
 
 
 def _top_k_errors(model: DictConfig) -> list[str]:

@@ -46,7 +46,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmoe.fl.bridge import compose
-from fedmoe.fl.deploy import LocalFederation, stage_app
+from fedmoe.launch.control import stage_app
+from fedmoe.launch.federation import LocalFederation
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["experiment=smoke", "fl.export=false"]

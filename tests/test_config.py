@@ -72,6 +72,20 @@ def test_every_problem_is_listed_at_once():
     assert "strategy.rule" in str(error.value) and "data.partition" in str(error.value)
 
 
+@pytest.mark.parametrize("deployment", [False, True])
+def test_dp_with_pruning_is_refused_in_simulation_and_deployment(deployment):
+    with pytest.raises(ConfigError, match=r"strategy.dp.enabled=true needs full-size updates"):
+        validate(compose(["strategy.dp.enabled=true", "prune.keep=0.5"]), deployment=deployment)
+    validate(compose(["strategy.dp.enabled=true"]), deployment=deployment)  # DP alone: fine
+
+
+def test_a_deployment_may_wait_for_more_nodes_than_partitions():
+    overrides = ["data.num_clients=2", "fl.min_available_nodes=5"]
+    with pytest.raises(ConfigError, match="the number of simulated clients"):
+        validate(compose(overrides))
+    validate(compose(overrides), deployment=True)  # its nodes are the SuperNodes that connect
+
+
 def test_hf_data_needs_a_path():
     with pytest.raises(ConfigError, match="data.path is required"):
         validate(compose(["data=hf"]))

@@ -19,7 +19,7 @@ loaded after the token as in Flower's own process.
 The wrapper exits with the SuperNode (and the SuperNode with it when stopped by signal); the
 SuperExec's Runtime API calls are authenticated with a fresh secret shared with the SuperNode
 through a 0600 file (Flower's own subprocess mode runs without one). The fedmoe launchers
-(``fedmoe.fl.deploy.supernode_command``) start SuperNodes this way unless told not to.
+(``fedmoe.launch.commands.supernode_command``) start SuperNodes this way unless told not to.
 """
 
 from __future__ import annotations

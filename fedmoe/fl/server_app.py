@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from fedmoe.artifacts import RESULTS_FILE, write_json
 from fedmoe.client.local import aggregated_names, expert_rows, prepare_model, trainable_names
+from fedmoe.config import validate
 from fedmoe.fl import checkpoint
 from fedmoe.fl.bridge import config_from_run_config
 from fedmoe.fl.codec import encode_record, wire_nbytes
-from fedmoe.fl.deploy import check_config
 from fedmoe.fl.progress import ProgressGrid
 from fedmoe.fl.results import client_entries, round_entry
 from fedmoe.fl.rounds import RoundRules
@@ -178,7 +178,9 @@ def _runtime_config(cfg, run_id: int):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    check_config(config_from_run_config(context.run_config))  # before anything is built
+    # Before anything is built: `flwr run .` gets here unchecked. The node-count rule is the
+    # launcher's (`fedmoe simulate` checked it; a deployment's nodes are who connects).
+    validate(config_from_run_config(context.run_config), deployment=True)
     cfg = _runtime_config(config_from_run_config(context.run_config), context.run_id)
     arrays, rows, trainable_bytes, wire_dtypes = initial_arrays(cfg)
     payload = int(sum(wire_nbytes(a) for a in encode_record(

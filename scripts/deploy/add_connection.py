@@ -14,7 +14,7 @@ from pathlib import Path
 
 from _common import flwr_home
 
-from fedmoe.fl.deploy import write_superlink_connection
+from fedmoe.launch.flower_config import write_superlink_connection
 
 
 def main() -> None:

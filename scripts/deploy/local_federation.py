@@ -19,8 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedmoe.config import validate
 from fedmoe.fl.bridge import compose
-from fedmoe.fl.deploy import LocalFederation, check_config, stage_app
+from fedmoe.launch.control import stage_app
+from fedmoe.launch.federation import LocalFederation
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     overrides = list(args.overrides)
     cfg = compose(overrides)
-    check_config(cfg)  # before anything is created
+    validate(cfg, deployment=True)  # before anything is created
     root = (args.root or Path(tempfile.mkdtemp(prefix="fedmoe_federation_"))).resolve()
     base = cfg.fl.base_model or cfg.model.path
     if not base:

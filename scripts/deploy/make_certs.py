@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedmoe.fl.deploy import generate_supernode_keys, generate_tls_certificates
+from fedmoe.launch.certs import generate_supernode_keys, generate_tls_certificates
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from _common import flwr_home
 
-from fedmoe.fl.deploy import flwr_env, register_supernode
+from fedmoe.launch.commands import flwr_env
+from fedmoe.launch.control import register_supernode
 
 
 def main() -> None:

@@ -18,8 +18,10 @@ from pathlib import Path
 
 from _common import flwr_home
 
+from fedmoe.config import validate
 from fedmoe.fl.bridge import compose
-from fedmoe.fl.deploy import RUN_CONFIG_FILE, check_config, flwr_env, write_run_config
+from fedmoe.launch.commands import flwr_env
+from fedmoe.launch.flower_config import RUN_CONFIG_FILE, write_run_config
 
 
 def main() -> None:
@@ -29,7 +31,7 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true", help="follow the ServerApp's log")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. fl.num_rounds=3")
     args = parser.parse_args()
-    check_config(compose(args.overrides))
+    validate(compose(args.overrides), deployment=True)
     home = flwr_home()
     run_config = write_run_config(home / RUN_CONFIG_FILE, args.overrides)
     cmd = ["flwr", "run", str(args.app), args.connection, "--run-config", str(run_config)]

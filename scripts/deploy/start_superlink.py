@@ -17,7 +17,8 @@ from pathlib import Path
 
 from _common import flwr_home
 
-from fedmoe.fl.deploy import TlsFiles, flwr_env, superlink_command
+from fedmoe.launch.certs import TlsFiles
+from fedmoe.launch.commands import flwr_env, superlink_command
 
 
 def main() -> None:

@@ -36,7 +36,8 @@ from pathlib import Path
 
 from _common import flwr_home
 
-from fedmoe.fl.deploy import flwr_env, stop_tree, supernode_command
+from fedmoe.launch.commands import flwr_env, supernode_command
+from fedmoe.launch.processes import stop_tree
 
 # What flower-supernode prints (then exits) when the SuperLink refuses to activate it.
 REFUSED = "Failed to activate SuperNode"

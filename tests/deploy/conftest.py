@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fedmoe.fl.deploy import LocalFederation, stage_app
+from fedmoe.launch.control import stage_app
+from fedmoe.launch.federation import LocalFederation
+from tests.helpers.federation import server_app_log
 from tests.helpers.runs import REPO
 
 
@@ -45,7 +47,7 @@ def dump_logs(fed: LocalFederation, run_id: int | None = None) -> str:
              for s in [fed.superlink, *fed.nodes] if s is not None]
     if run_id is not None:
         try:
-            parts.append(f"--- ServerApp\n{fed.control.logs(run_id)[-4000:]}")
+            parts.append(f"--- ServerApp\n{server_app_log(fed.control, run_id)[-4000:]}")
         except Exception as e:  # a diagnostic only: never hide the real failure
             parts.append(f"--- ServerApp log unavailable: {e}")
     return "\n".join(parts)

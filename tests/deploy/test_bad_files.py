@@ -18,7 +18,7 @@ from fedmoe.data.files import read_text_rows
 from fedmoe.data.hf import load_text_dataset
 from fedmoe.data.load import load_data
 from fedmoe.fl.bridge import compose
-from fedmoe.fl.deploy import generate_supernode_keys, generate_tls_certificates
+from fedmoe.launch.certs import generate_supernode_keys, generate_tls_certificates
 
 # --- key files ------------------------------------------------------------------------------
 

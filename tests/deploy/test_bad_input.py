@@ -19,8 +19,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from safetensors.torch import save_file
 
 from fedmoe.client.state import PREV_TENSORS, STATE_ID, PersonalStateError, PersonalStore
+from fedmoe.config import validate
 from fedmoe.fl.bridge import compose, to_run_config
-from fedmoe.fl.deploy import check_config
 from fedmoe.fl.strategy import FedMoE
 from tests.helpers.records import ROUTER
 
@@ -225,16 +225,16 @@ def test_meta_written_before_state_ids_still_loads(tmp_path):
 ])
 def test_invalid_config_is_rejected_naming_the_key(overrides, message):
     with pytest.raises(ValueError) as error:
-        check_config(compose(["experiment=smoke", *overrides]))
+        validate(compose(["experiment=smoke", *overrides]), deployment=True)
     assert message in str(error.value)
 
 
 def test_every_experiment_passes_the_checks():
     for experiment in ("smoke", "demo"):
-        check_config(compose([f"experiment={experiment}"]))
+        validate(compose([f"experiment={experiment}"]), deployment=True)
     # a deployment: more devices than partitions, no federated evaluation
-    check_config(compose(["experiment=smoke", "fl.min_available_nodes=10",
-                          "fl.fraction_evaluate=0"]))
+    validate(compose(["experiment=smoke", "fl.min_available_nodes=10",
+                      "fl.fraction_evaluate=0"]), deployment=True)
 
 
 def test_server_app_rejects_a_bad_config_before_building_anything(monkeypatch):
@@ -260,4 +260,4 @@ def test_server_app_rejects_a_bad_config_before_building_anything(monkeypatch):
 ])
 def test_deployment_checks_include_the_simulation_schemas(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        check_config(compose(["experiment=smoke", *overrides]))
+        validate(compose(["experiment=smoke", *overrides]), deployment=True)

@@ -1,9 +1,9 @@
 """fedmoe on real Flower 1.42 processes on 127.0.0.1: `flwr run` against a SuperLink and
 SuperNodes (TLS and node authentication on, as the launchers default), under faults.
 
-Every process is started by :class:`fedmoe.fl.deploy.LocalFederation` and stopped by its pid
-at teardown. Rounds are tiny (one local step on 8 blocks); most of each round is Flower
-starting a fresh ClientApp process per message (torch and transformers imports).
+Every process is started by :class:`fedmoe.launch.federation.LocalFederation` and stopped
+by its pid at teardown. Rounds are tiny (one local step on 8 blocks); most of each round is
+Flower starting a fresh ClientApp process per message (torch and transformers imports).
 """
 
 from __future__ import annotations
@@ -19,18 +19,14 @@ import pytest
 
 from fedmoe.checkpoints import load_model
 from fedmoe.fl.bridge import compose
-from fedmoe.fl.deploy import (
-    Control,
-    LocalFederation,
-    Service,
-    flwr_env,
-    free_port,
-    start_run,
-    superlink_command,
-    write_superlink_connection,
-)
+from fedmoe.launch.commands import flwr_env, superlink_command
+from fedmoe.launch.control import Control, start_run
+from fedmoe.launch.federation import LocalFederation
+from fedmoe.launch.flower_config import write_superlink_connection
+from fedmoe.launch.processes import Service, free_port
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
+from tests.helpers.federation import restart_node, server_app_log
 from tests.helpers.runs import FAST
 
 from .conftest import dump_logs
@@ -95,7 +91,7 @@ def test_flwr_run_on_a_local_simulation_superlink_with_dp(tmp_path, base_model, 
                            federation_config="num-supernodes=2")
         control = Control(f"127.0.0.1:{port}", None)
         status = control.wait_for_run(run_id, 300)
-        logs = control.logs(run_id)
+        logs = server_app_log(control, run_id)
     finally:
         superlink.stop()
     # Assert
@@ -145,7 +141,7 @@ def secure(tmp_path_factory, base_model, app_dir, fedmoe_cache):
         status = fed.wait(second, 600)
         yield SimpleNamespace(fed=fed, root=root, run_dir=run_dir, audit=audit, data=data,
                               intruder=intruder, runs=(first, second), status=status,
-                              logs=fed.control.logs(second))
+                              logs=server_app_log(fed.control, second))
     finally:
         fed.stop()
 
@@ -249,9 +245,9 @@ def test_slow_and_crashed_nodes_miss_their_round_only(tmp_path, make_federation,
     before_crash = sha256(personal)
     nodes[2].wait_for(r"Receiving: train message[\s\S]*Receiving: train message", 300)
     nodes[2].stop(kill=True)
-    fed.restart_node("node2", configs[2], timeout=240)
+    restart_node(fed, "node2", configs[2], timeout=240)
     status = fed.wait(run_id, 600)
-    logs = fed.control.logs(run_id)
+    logs = server_app_log(fed.control, run_id)
     # Assert
     assert status == ("finished:completed", ""), dump_logs(fed, run_id)
     rounds = {r["round"]: r for r in read_json(run_dir / "results.json")["rounds"]}

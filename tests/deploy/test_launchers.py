@@ -26,21 +26,11 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.common.config import parse_config_args
 
 from fedmoe.fl.bridge import overrides_from_run_config
-from fedmoe.fl.deploy import (
-    Control,
-    Service,
-    TlsFiles,
-    free_port,
-    generate_supernode_keys,
-    generate_tls_certificates,
-    node_config_arg,
-    stage_app,
-    superlink_command,
-    supernode_command,
-    wait_for_port,
-    write_run_config,
-    write_superlink_connection,
-)
+from fedmoe.launch.certs import TlsFiles, generate_supernode_keys, generate_tls_certificates
+from fedmoe.launch.commands import node_config_arg, superlink_command, supernode_command
+from fedmoe.launch.control import Control, stage_app
+from fedmoe.launch.flower_config import write_run_config, write_superlink_connection
+from fedmoe.launch.processes import Service, free_port, wait_for_port
 from tests.helpers.runs import REPO, child_env
 
 SCRIPTS = REPO / "scripts" / "deploy"
@@ -154,6 +144,7 @@ def test_app_bundle_holds_the_package_and_configs_only(tmp_path):
             "pyproject.toml"} <= set(names)
     assert {n.split("/")[0] for n in names} <= {"fedmoe", "conf", "pyproject.toml",
                                                 "README.md", ".info"}
+    assert not [n for n in names if n.startswith("fedmoe/launch/")]  # launchers only
 
 
 @pytest.mark.slow
@@ -164,7 +155,8 @@ def test_flwr_packs_the_repository_under_its_limit():
     fab = build_fab_from_disk(REPO)
     names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
     assert len(fab) < 2 * 2**20
-    assert not [n for n in names if n.startswith((".venv", ".cache", "outputs", "tests"))]
+    assert not [n for n in names if n.startswith((".venv", ".cache", "outputs", "tests",
+                                                  "fedmoe/launch/"))]
 
 
 def test_make_certs_script_writes_certs_and_keys(tmp_path):

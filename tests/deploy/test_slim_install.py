@@ -20,8 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedmoe.fl.deploy import Service, flwr_env, free_port
 from fedmoe.install import create_venv, importable, pip
+from fedmoe.launch.commands import flwr_env
+from fedmoe.launch.processes import Service, free_port
 from tests.helpers.runs import FAST, REPO
 
 from .conftest import dump_logs
