@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fedmoe.fl.bridge import compose
-from fedmoe.train import local
+from fedmoe.client import local
 
 
 def test_blocks_read_back_from_disk_equal_the_tokenized_ones(smoke_base, monkeypatch,

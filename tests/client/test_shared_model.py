@@ -127,7 +127,7 @@ def test_personal_state_is_megabytes_of_lora_factors(smoke_cfg, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_training_and_evaluation_equal_cpu(smoke_cfg, tmp_path):
     # The same client, round and data on both devices: the model lives where train.device says
-    from fedmoe.train import local
+    from fedmoe.client import local
 
     cfg, base = smoke_cfg
     results = {}
