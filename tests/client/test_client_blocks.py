@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from fedmoe.fl.bridge import compose
 from fedmoe.client import local
+from fedmoe.fl.bridge import compose
 
 
 def test_blocks_read_back_from_disk_equal_the_tokenized_ones(smoke_base, monkeypatch,
