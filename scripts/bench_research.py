@@ -240,7 +240,9 @@ def units(by_seed: dict[int, dict], key: str = "final_ppl") -> dict[tuple[str, s
 
 def matched(a: dict, b: dict) -> tuple[dict, dict]:
     """Both settings restricted to the units they share (a run still missing is left out)."""
-    common = a.keys() & b.keys()
+    # In a's order, not a set's: the bootstrap draws units by position, and a set of
+    # string tuples is ordered by hash, which changes with every process (PYTHONHASHSEED).
+    common = [u for u in a if u in b]
     return {u: a[u] for u in common}, {u: b[u] for u in common}
 
 
@@ -254,9 +256,11 @@ def relative_difference(a: dict, b: dict):
 
 
 def upload_mb(results: dict) -> float:
-    """Bytes uploaded per accepted client per round, in MB (2**20), mean over rounds."""
-    rounds = results["rounds"]
-    return float(np.mean([r["bytes_up"] / max(len(r["accepted"]), 1) for r in rounds]) / 2**20)
+    """Bytes uploaded per accepted client per round, in MB (2**20), mean over rounds
+    (:mod:`fedmoe.reporting.metrics`)."""
+    from fedmoe.reporting.metrics import MB, run_metrics
+
+    return run_metrics(results).bytes_up_per_client_round / MB
 
 
 def strategy_table(runs: dict[str, dict[int, dict]]) -> list[dict]:

@@ -4,8 +4,10 @@ differences, win rates, upload, pruning and routing summaries, and which runs co
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,3 +148,26 @@ def test_a_recorded_run_without_its_exports_is_named_before_the_analysis(bench, 
     assert str(tmp_path / "natural" / "fedmoe" / "seed1" / ".bench_done") in message
     assert (tmp_path / "natural" / "fedmoe" / "seed1" / ".bench_done").is_file()
 
+
+
+def test_the_report_is_the_same_in_every_process(tmp_path):
+    # Prepare: per-client differences that vary, so the intervals have width and depend on
+    # which units the bootstrap draws (a constant difference would hide the order)
+    out = tmp_path / "record"
+    for seed in (0, 1):
+        write_run(out, "fedmoe", seed, [10.0, 20.0, 30.0, 12.0], up_mb=1.5)
+        write_run(out, "local", seed, [11.0 + seed, 20.5, 33.0, 12.1 + seed], up_mb=0.0)
+    script = Path(__file__).parents[1] / "scripts" / "bench_research.py"
+    reports = []
+    # Execute: the report twice, under two string-hash seeds (set and dict-key order of tuples)
+    for hash_seed in ("1", "2"):
+        subprocess.run([sys.executable, str(script), "--out", str(out), "--variants", "natural",
+                        "--report-only"], check=True, capture_output=True,
+                       env=os.environ | {"PYTHONHASHSEED": hash_seed})
+        reports.append((out / "research.json").read_text())
+    # Assert: the same intervals, digit for digit
+    local = next(r for r in json.loads(reports[0])["natural"]["strategies"]
+                 if r["strategy"] == "local")
+    low, high = local["fedmoe_vs_pct_ci"]
+    assert low < high  # the intervals have width
+    assert reports[0] == reports[1]

@@ -90,13 +90,14 @@ def run_metrics(results: Mapping[str, Any]) -> RunMetrics:
         clients_compared=len(pairs),
         train_loss=_number(rounds[-1].get("train_loss")) if rounds else None,
         rounds=len(rounds),
-        bytes_down=sum(int(r["bytes_down"]) for r in rounds),
-        bytes_up=sum(int(r["bytes_up"]) for r in rounds),
+        bytes_down=sum(_bytes(r, "bytes_down") for r in rounds),
+        bytes_up=sum(_bytes(r, "bytes_up") for r in rounds),
         bytes_up_per_client_round=(statistics.fmean(
-            r["bytes_up"] / n for r, n in zip(rounds, accepted, strict=True)) if rounds
+            _bytes(r, "bytes_up") / n for r, n in zip(rounds, accepted, strict=True)) if rounds
             else None),
         bytes_per_client_round=(statistics.fmean(
-            (r["bytes_up"] + r["bytes_down"]) / n for r, n in zip(rounds, accepted, strict=True))
+            (_bytes(r, "bytes_up") + _bytes(r, "bytes_down")) / n
+            for r, n in zip(rounds, accepted, strict=True))
             if rounds else None),
         seconds_per_round=statistics.fmean(seconds) if seconds else None,
         wall_seconds=_number(results.get("wall_seconds")),
@@ -107,9 +108,14 @@ def cumulative_mb(results: Mapping[str, Any]) -> list[float]:
     """MB moved (down + up) by the end of each round."""
     total, series = 0.0, []
     for entry in results.get("rounds") or []:
-        total += (entry["bytes_down"] + entry["bytes_up"]) / MB
+        total += (_bytes(entry, "bytes_down") + _bytes(entry, "bytes_up")) / MB
         series.append(total)
     return series
+
+
+def _bytes(entry: Mapping[str, Any], key: str) -> int:
+    """A round's byte count (0 when the entry has none: a round that moved nothing that way)."""
+    return int(entry.get(key) or 0)
 
 
 def _is_number(x: Any) -> bool:
