@@ -119,19 +119,9 @@ class Service:
 
 def stop_all(services: Sequence[Service | None], timeout: float = 10.0) -> None:
     """Stop many services at once: terminate every process tree, then wait for all."""
-    trees = []
-    for service in services:
-        if service is not None and service.proc is not None:
-            try:
-                root = psutil.Process(service.proc.pid)
-                trees += [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-    for p in trees:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
+    trees = [p for service in services if service is not None and service.proc is not None
+             for p in _tree(service.proc.pid)]
+    _signal(trees, kill=False)
     psutil.wait_procs(trees, timeout=timeout)
     for service in services:
         if service is not None:
@@ -140,23 +130,29 @@ def stop_all(services: Sequence[Service | None], timeout: float = 10.0) -> None:
 
 def stop_tree(pid: int, timeout: float = 10.0, kill: bool = False) -> None:
     """Terminate (or kill) process ``pid`` and all its descendants, each by its own pid."""
+    procs = _tree(pid)
+    _signal(procs, kill=kill)
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    _signal(alive, kill=True)
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    """Process ``pid`` and its descendants (empty when it is gone)."""
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return
+        return []
+
+
+def _signal(procs: Sequence[psutil.Process], kill: bool) -> None:
+    """SIGKILL (``kill``) or SIGTERM each of ``procs`` by its own pid; gone ones are skipped."""
     for p in procs:
         try:
             p.kill() if kill else p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=timeout)
 
 
 def wait_for_port(host: str, port: int, timeout: float) -> None:
