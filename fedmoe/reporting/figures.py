@@ -322,12 +322,15 @@ def plot_js_matrix(js: Mapping, path: str | Path, title: str = "Jensen-Shannon d
     """The layer-mean JS divergence between every pair (the ``pairwise_js`` result)."""
     names, mean = js["names"], np.asarray(js["mean"])
     fig, ax = _figure(figsize=(1.1 * len(names) + 2.5, 0.9 * len(names) + 1.5))
-    image = ax.imshow(mean, cmap="magma", vmin=0, vmax=max(float(np.nanmax(mean)), 1e-9))
+    vmax = max(float(np.nanmax(mean)), 1e-9)
+    image = ax.imshow(mean, cmap="magma", vmin=0, vmax=vmax)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     for i in range(len(names)):
         for j in range(len(names)):
-            ax.text(j, i, f"{mean[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+            # white on the dark cells, black on the bright ones (magma turns pale near vmax)
+            color = "k" if mean[i, j] > 0.6 * vmax else "w"
+            ax.text(j, i, f"{mean[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color)
     fig.colorbar(image, ax=ax, label="bits")
     ax.set_title(title)
     return _save(fig, path)
