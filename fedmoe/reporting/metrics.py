@@ -40,7 +40,7 @@ def spread(values: Iterable[float]) -> dict[str, float]:
 def final_ppl_by_client(results: Mapping[str, Any]) -> dict[str, float]:
     """Client id -> final held-out perplexity, for every client that reported one."""
     return {cid: float(c["final_ppl"]) for cid, c in (results.get("clients") or {}).items()
-            if _is_number(c.get("final_ppl"))}
+            if is_number(c.get("final_ppl"))}
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,8 @@ def run_metrics(results: Mapping[str, Any]) -> RunMetrics:
     ppl = final_ppl_by_client(results)
     clients = (results.get("clients") or {}).values()
     pairs = [(float(c["base_ppl"]), float(c["final_ppl"])) for c in clients
-             if _is_number(c.get("base_ppl")) and c["base_ppl"] > 0
-             and _is_number(c.get("final_ppl"))]
+             if is_number(c.get("base_ppl")) and c["base_ppl"] > 0
+             and is_number(c.get("final_ppl"))]
     rounds = results.get("rounds") or []
     accepted = [max(len(r.get("accepted") or []), 1) for r in rounds]
     seconds = [s for s in (_number(r.get("wall_seconds")) for r in rounds) if s is not None]
@@ -118,9 +118,10 @@ def _bytes(entry: Mapping[str, Any], key: str) -> int:
     return int(entry.get(key) or 0)
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
+    """A real number (bool is not one), as results.json holds them."""
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 def _number(x: Any) -> float | None:
-    return float(x) if _is_number(x) else None
+    return float(x) if is_number(x) else None

@@ -24,7 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fedmoe.artifacts import MODEL_DIR, RESULTS_FILE, client_dirs
-from fedmoe.reporting.metrics import run_metrics, spread
+from fedmoe.reporting.metrics import is_number, run_metrics, spread
 
 log = logging.getLogger(__name__)
 # Keys of an eval reply that are not client statistics.
@@ -254,12 +254,12 @@ def round_metrics(entry: Mapping[str, Any], cumulative: dict[str, int],
     row |= _drop_none({"train/loss": entry.get("train_loss"),
                        "ppl/weighted": entry.get("eval_ppl")})
     for key, value in (train_metrics or {}).items():
-        if key not in ("num-examples", "client-id", "train_loss") and _is_number(value):
+        if key not in ("num-examples", "client-id", "train_loss") and is_number(value):
             row[f"train/{key}"] = float(value)
     row |= _ppl_metrics(entry.get("eval_ppl_by_client", {}))
     row |= _client_stats({str(c): m for c, m in (eval_by_client or {}).items()})
     for key, value in entry.items():  # round-level keys added later (e.g. by pruning)
-        if key not in _ROUND_KEYS and _is_number(value):
+        if key not in _ROUND_KEYS and is_number(value):
             row[f"{_namespace(key)}/{key}"] = float(value)
     return row
 
@@ -277,10 +277,10 @@ def _client_stats(eval_by_client: Mapping[str, Mapping]) -> dict[str, float]:
         if kept:  # experts_kept.<layer> -> one number per client
             per_key.setdefault("experts_kept", {})[client] = float(sum(kept))
         for key, value in metrics.items():
-            if key not in _NOT_STATS and not key.startswith("experts_kept.") and _is_number(value):
+            if key not in _NOT_STATS and not key.startswith("experts_kept.") and is_number(value):
                 per_key.setdefault(key, {})[client] = float(value)
     row = {}
-    base = [float(m["base_ppl"]) for m in eval_by_client.values() if _is_number(m.get("base_ppl"))]
+    base = [float(m["base_ppl"]) for m in eval_by_client.values() if is_number(m.get("base_ppl"))]
     if base:
         row["ppl/base_mean"] = statistics.fmean(base)
     for key, values in per_key.items():
@@ -321,12 +321,12 @@ def client_table(results: Mapping[str, Any]) -> tuple[list[str], list[list]]:
         row: dict[str, Any] = {"client": int(cid)}
         for key, value in entry.items():
             if isinstance(value, Mapping):
-                row |= {f"{key}.{k}": v for k, v in value.items() if _is_number(v)}
+                row |= {f"{key}.{k}": v for k, v in value.items() if is_number(v)}
                 if key == "experts_kept" and value:
                     row["experts_kept"] = sum(value.values())
-            elif _is_number(value):
+            elif is_number(value):
                 row[key] = value
-        if _is_number(row.get("final_ppl")) and _is_number(row.get("base_ppl")):
+        if is_number(row.get("final_ppl")) and is_number(row.get("base_ppl")):
             row["ppl_ratio"] = row["final_ppl"] / row["base_ppl"]
         flat[cid] = row
     columns: list[str] = []
@@ -337,10 +337,6 @@ def client_table(results: Mapping[str, Any]) -> tuple[list[str], list[list]]:
 
 def _namespace(key: str) -> str:
     return "prune" if key.startswith(_PRUNE_PREFIXES) else "eval"
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 def _drop_none(d: dict) -> dict:
