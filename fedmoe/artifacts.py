@@ -11,9 +11,9 @@ A federated run directory (``run_dir``) holds::
                                   expert_counts_by_round {round: {layer: counts}}
         model/                    its pruned export, when the run prunes (fedmoe.prune.export)
 
-This module is a leaf (``json`` and ``pathlib`` only): the writers (the personal store, the
-ServerApp) and every reader (figures, W&B, the analyses, ``fedmoe prune``'s summary) take the
-names from here.
+This module is a leaf (standard library only): the writers (the personal store, the server
+checkpoint, the ServerApp) and every reader (figures, W&B, the analyses, ``fedmoe prune``'s
+summary) take the names, and the one atomic write, from here.
 """
 
 from __future__ import annotations
@@ -73,11 +73,22 @@ def expert_counts_by_round(state_root: str | Path) -> dict[int, dict[int, dict[s
     return dict(sorted(by_round.items()))
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (a temporary file in the same folder, then a rename)."""
-    path = Path(path)
+def atomic_write(path: Path, write) -> None:
+    """Run ``write(tmp)`` on a temporary file next to ``path``, fsync it, rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (:func:`atomic_write`)."""
+    text = json.dumps(data, indent=2, default=str)
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))

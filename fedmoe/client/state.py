@@ -20,10 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import struct
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from fedmoe.artifacts import META_FILE
+from fedmoe.artifacts import META_FILE, atomic_write
 from fedmoe.errors import PersonalStateError
 
 TENSORS = "personal.safetensors"
@@ -43,21 +41,6 @@ STATE_ID = "_state_id"
 SHA256 = "_sha256"  # meta.json key: sha256 of the tensors file
 
 logger = logging.getLogger(__name__)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Run ``write(tmp)`` on a temporary file next to ``path``, fsync it, rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class PersonalStore:

@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file, save_file
 
-from fedmoe.client.state import atomic_write
+from fedmoe.artifacts import atomic_write
 from fedmoe.fl.strategy import RoundLog
 
 logger = logging.getLogger(__name__)
