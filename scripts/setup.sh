@@ -20,11 +20,19 @@ pipq install "torch==2.13.0" || pipq install "torch>=2.4,<3"
 # free cores). Only the library Python loads is built (no multimodal library, tools, examples,
 # tests or server). pip keeps the wheel it builds in its cache (`pip cache dir`, wheels/), so a
 # machine compiles once: keep that directory between CI runs. The cache is keyed by version,
-# not by CMAKE_ARGS, and the build targets this CPU (-march=native): do not share it between
-# machines of different CPUs (`pip cache remove llama_cpp_python` forces a rebuild).
+# not by CMAKE_ARGS or CFLAGS, and the build targets this CPU (-march=native): do not share it
+# between machines of different CPUs (`pip cache remove llama_cpp_python` forces a rebuild).
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF \
 -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+# No AMX: on a VM whose CPU lists amx_tile but whose hypervisor does not enable the tile state,
+# -march=native builds ggml's AMX kernels and the first q8_0 matmul dies of SIGILL at
+# `ldtilecfg` (seen on this project's 2-core Xeon machines). An explicit -mno-* wins over
+# -march=native in GCC and Clang whatever the order; AVX-512 stays.
+if [ "$(uname -m)" = x86_64 ]; then
+  export CFLAGS="${CFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  export CXXFLAGS="${CXXFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
 pipq install "llama-cpp-python==0.3.36"
 pipq install -e ".[dev]"
 .venv/bin/python -c "import fedmoe, flwr, torch, transformers, peft, hydra, wandb, gguf, llama_cpp"

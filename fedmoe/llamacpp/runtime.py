@@ -46,11 +46,15 @@ def quantize(source: str | Path, out: str | Path, quant: str, threads: int | Non
 
 
 def load(path: str | Path, n_ctx: int = 0, threads: int | None = None,
-         logits_all: bool = False) -> llama_cpp.Llama:
+         logits_all: bool = False, f32_cache: bool = False) -> llama_cpp.Llama:
     """The GGUF model at ``path`` on the CPU, quiet; ``n_ctx``: tokens of context (0: the
     model's), ``threads``: llama.cpp's (None: its default), ``logits_all``: keep every
-    position's logits in ``.scores`` after ``eval``. Close it (``close()``) when done."""
+    position's logits in ``.scores`` after ``eval``; ``f32_cache``: keys and values cached in
+    f32, not llama.cpp's f16 (whose rounding moves logits by up to ~4e-3: for comparing an
+    f32 model with transformers). Close it (``close()``) when done."""
     kwargs = {"n_threads": threads, "n_threads_batch": threads} if threads else {}
+    if f32_cache:
+        kwargs |= {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, verbose=False,
                            logits_all=logits_all, **kwargs)
 

@@ -65,7 +65,8 @@ def _compare(model_dir: Path, gguf_path: Path) -> list[tuple[list[int], list[int
     one loaded from the same export."""
     model, tokenizer = load_checkpoint_dir(model_dir)
     rows = []
-    with closing(runtime.load(gguf_path, n_ctx=64, threads=1, logits_all=True)) as llm:
+    llm = runtime.load(gguf_path, n_ctx=64, threads=1, logits_all=True, f32_cache=True)
+    with closing(llm):
         for prompt in PROMPTS:
             ids = tokenizer(prompt).input_ids
             ours, hf = runtime.greedy(llm, ids, NEW_TOKENS).tokens, _hf_greedy(model, ids)
