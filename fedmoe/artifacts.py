@@ -6,10 +6,10 @@ A federated run directory (``run_dir``) holds::
     clients/                      fl.state_dir: one folder per client, never sent anywhere
       client_0003/
         personal.safetensors      the client's personal tensors (fedmoe.client.state.PersonalStore)
-        meta.json                 small metadata: rounds, kept expert ids, base_ppl,
-                                  expert_counts {layer: selections per expert},
-                                  expert_counts_by_round {round: {layer: counts}}
-        model/                    its pruned export, when the run prunes (fedmoe.prune.export)
+        meta.json                 small metadata (:class:`ClientMeta`): rounds, kept expert
+                                  ids, base_ppl, routing statistics, expert counts
+        model/                    its export, when the run exports (fedmoe.prune.export):
+          fedmoe_experts.json     what transformers does not keep (:class:`ExpertsInfo`)
 
 This module is a leaf (standard library only): the writers (the personal store, the server
 checkpoint, the ServerApp) and every reader (figures, W&B, the analyses, ``fedmoe prune``'s
@@ -18,9 +18,11 @@ summary) take the names, and the one atomic write, from here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,103 @@ RESULTS_FILE = "results.json"
 CLIENTS_DIR = "clients"
 META_FILE = "meta.json"
 MODEL_DIR = "model"
+EXPERTS_FILE = "fedmoe_experts.json"
 _CLIENT_PREFIX = "client_"
+
+
+@dataclass
+class ClientMeta:
+    """A client's ``meta.json``: what its personal tensors do not say. Layer keys are strings,
+    as JSON keeps them; expert ids are ORIGINAL ids (before any pruning)."""
+
+    rounds: int = 0
+    """Rounds this client trained in."""
+    last_round: int | None = None
+    """The server round it last trained in."""
+    base_ppl: float | None = None
+    """Held-out perplexity of the shared starting point, before any local step (what
+    personalization is measured against)."""
+    routed_mb_before: float | None = None
+    """MB of routed experts it held before pruning."""
+    graft_source: dict[str, int] | None = None
+    """FLEx (arXiv 2506.00965): layer -> the expert copied into its personal graft."""
+    kept: dict[str, list[int]] | None = None
+    """Layer -> the routed experts it holds, once pruned (``None``: all of them)."""
+    scores: dict[str, list[float]] | None = None
+    """Layer -> the pruning score of each held expert, at the last pruning."""
+    score: str | None = None
+    """The pruning score used (``prune.score``)."""
+    routed_mb_after: float | None = None
+    """MB of routed experts it holds after pruning."""
+    pruned_at: int | None = None
+    """The server round it last pruned in."""
+    routing_stats: dict | None = None
+    """Running routing statistics (:meth:`fedmoe.prune.RoutingStats.to_dict`)."""
+    expert_counts: dict[str, list[int]] = field(default_factory=dict)
+    """Layer -> selections of each expert over all its local training."""
+    expert_counts_by_round: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    """Round -> that round's ``{layer: selections per expert}``."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Keys this version does not know (a state written by another version), kept as they
+    are so a save never loses them."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClientMeta:
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "extra" and getattr(self, f.name) is not None}
+        return self.extra | data
+
+    def kept_ids(self) -> dict[int, list[int]]:
+        """:attr:`kept` with int layer keys (empty: every expert held)."""
+        return {int(k): [int(i) for i in v] for k, v in (self.kept or {}).items()}
+
+
+@dataclass
+class ExpertsInfo:
+    """An export's ``fedmoe_experts.json``: which experts of the original model it holds, and
+    why (written by :func:`fedmoe.prune.export_checkpoint`; read by the edge runtime, the
+    analyses and the GGUF export). Layer keys are ints here, strings in the file."""
+
+    family: str
+    """The model family (``model_type``)."""
+    num_experts_original: int
+    """Routed experts per layer before any pruning."""
+    kept: dict[int, list[int]]
+    """Layer -> the ORIGINAL ids of the experts the export holds, in its order."""
+    scores: dict[int, list[float]] | None = None
+    """Layer -> the pruning score of each held expert (``None``: not pruned by score)."""
+    routing_stats: dict | None = None
+    """Routing statistics of the export's own experts (a client's per-layer counts and TCESS,
+    or :meth:`fedmoe.prune.RoutingStats.to_dict`); ``None``: none recorded."""
+
+    @classmethod
+    def read(cls, model_dir: str | Path) -> ExpertsInfo:
+        """The file in ``model_dir``; :class:`ValueError` naming it when it is not one."""
+        path = Path(model_dir) / EXPERTS_FILE
+        data = json.loads(path.read_text())
+        try:
+            return cls(family=str(data["family"]),
+                       num_experts_original=int(data["num_experts_original"]),
+                       kept={int(k): [int(e) for e in v] for k, v in data["kept"].items()},
+                       scores=None if data.get("scores") is None
+                       else {int(k): [float(x) for x in v] for k, v in data["scores"].items()},
+                       routing_stats=data.get("routing_stats"))
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not a fedmoe export's expert record (family, "
+                             f"num_experts_original, kept per layer): {e!r}") from e
+
+    def write(self, model_dir: str | Path) -> None:
+        data = {"family": self.family, "num_experts_original": int(self.num_experts_original),
+                "kept": {str(i): [int(e) for e in ids] for i, ids in sorted(self.kept.items())},
+                "scores": None if self.scores is None
+                else {str(i): [float(x) for x in s] for i, s in sorted(self.scores.items())},
+                "routing_stats": self.routing_stats}
+        (Path(model_dir) / EXPERTS_FILE).write_text(json.dumps(data, indent=1))
 
 
 def client_dir_name(client_id: int) -> str:
@@ -51,24 +149,29 @@ def client_dirs(state_root: str | Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def client_metas(state_root: str | Path) -> dict[int, dict[str, Any]]:
+def read_meta(path: str | Path) -> ClientMeta:
+    """A ``meta.json`` file as :class:`ClientMeta`."""
+    return ClientMeta.from_dict(json.loads(Path(path).read_text()))
+
+
+def client_metas(state_root: str | Path) -> dict[int, ClientMeta]:
     """Client id -> its ``meta.json``, for every client that has one."""
-    return {cid: json.loads((path / META_FILE).read_text())
+    return {cid: read_meta(path / META_FILE)
             for cid, path in client_dirs(state_root).items() if (path / META_FILE).is_file()}
 
 
 def expert_counts(state_root: str | Path) -> dict[int, dict[str, list[int]]]:
     """Client id -> ``{layer: selections per expert}`` over all its local training; clients
     that never trained (no counts) are left out."""
-    return {cid: {str(k): list(v) for k, v in meta["expert_counts"].items()}
-            for cid, meta in client_metas(state_root).items() if meta.get("expert_counts")}
+    return {cid: {str(k): list(v) for k, v in meta.expert_counts.items()}
+            for cid, meta in client_metas(state_root).items() if meta.expert_counts}
 
 
 def expert_counts_by_round(state_root: str | Path) -> dict[int, dict[int, dict[str, list[int]]]]:
     """Round -> client id -> that round's ``{layer: selections per expert}``, rounds in order."""
     by_round: dict[int, dict[int, dict[str, list[int]]]] = {}
     for cid, meta in client_metas(state_root).items():
-        for r, usage in (meta.get("expert_counts_by_round") or {}).items():
+        for r, usage in meta.expert_counts_by_round.items():
             by_round.setdefault(int(r), {})[cid] = usage
     return dict(sorted(by_round.items()))
 

@@ -52,10 +52,6 @@ from fedmoe.moe.models import DTYPES, build_config, check_model_path, plain, val
 
 log = logging.getLogger(__name__)
 
-# What a fedmoe export adds to a save_pretrained folder: experts kept per layer (original ids),
-# routing statistics, family (written by fedmoe.prune.export, read by the edge and analysis).
-EXPERTS_FILE = "fedmoe_experts.json"
-
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 

@@ -31,9 +31,9 @@ from fedmoe.analysis.specialization import (
     specialization_over_rounds,
     usage_from_routing,
 )
+from fedmoe.artifacts import EXPERTS_FILE, ExpertsInfo
 from fedmoe.checkpoints import load_checkpoint_dir
 from fedmoe.moe.adapter import MoEAdapter
-from fedmoe.prune.export import EXPERTS_FILE, load_experts_info
 from fedmoe.reporting import figures
 
 log = logging.getLogger(__name__)
@@ -132,13 +132,13 @@ def client_pruning(model_dir: str | Path, keep: Mapping[int, int]) -> dict | Non
     path = Path(model_dir)
     if not (path / EXPERTS_FILE).is_file():
         return None
-    info = load_experts_info(path)
-    held = {layer: len(ids) for layer, ids in info["kept"].items()}
-    original = int(info.get("num_experts_original") or max(held.values(), default=0))
+    info = ExpertsInfo.read(path)
+    held = {layer: len(ids) for layer, ids in info.kept.items()}
+    original = info.num_experts_original
     if held and max(held.values()) < original:
         return {"source": "pruned export", "num_experts_original": original,
                 "kept": {layer: list(range(n)) for layer, n in held.items()}}
-    stats = info.get("routing_stats") or {}
+    stats = info.routing_stats or {}
     kept, score = {}, None
     for layer, k in keep.items():
         rec = stats.get(str(layer)) or {}

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from fedmoe.artifacts import ClientMeta
 from fedmoe.checkpoints import load_model, resolve_device
 from fedmoe.client.guards import check_global, check_trained, kept_personal
 from fedmoe.client.state import PersonalStore
@@ -313,16 +314,16 @@ class LocalClient:
 
     # ---- model assembly ------------------------------------------------------------------
     @torch.no_grad()
-    def assemble(self, global_arrays: dict[str, torch.Tensor | np.ndarray]) -> dict:
+    def assemble(self, global_arrays: dict[str, torch.Tensor | np.ndarray]) -> ClientMeta:
         """The shared model reset, then global tensors, then personal ones; routing
         restricted to the experts this client holds."""
         check_global(global_arrays, self.model,
                      aggregated_names(self.model, self.adapter, self.cfg))
         saved = self.store.load()
-        tensors, meta = saved if saved else ({}, {"rounds": 0})
+        tensors, meta = saved if saved else ({}, ClientMeta())
         self._saved_names = list(tensors)
         self.shared.reset()
-        kept = {int(k): [int(i) for i in v] for k, v in (meta.get("kept") or {}).items()}
+        kept = meta.kept_ids()
         self.held = self._all_experts() | kept
         self.shared.restriction.set(kept)
         for name, value in global_arrays.items():
@@ -382,22 +383,22 @@ class LocalClient:
         begun = time.perf_counter()
         meta = self.assemble(global_arrays)
         assembled = time.perf_counter()
-        if "base_ppl" not in meta:
+        if meta.base_ppl is None:
             # Before any local step the model is the shared starting point: remember how well
             # it does on this client's held-out data, to report what personalization gained.
-            meta["base_ppl"] = self._held_out()["ppl"]
-            meta["routed_mb_before"] = self._routed_mb()
-        if grafts(self.adapter) and "graft_source" not in meta:
-            meta["graft_source"] = self._graft()
+            meta.base_ppl = self._held_out()["ppl"]
+            meta.routed_mb_before = self._routed_mb()
+        if grafts(self.adapter) and meta.graft_source is None:
+            meta.graft_source = self._graft()
         start = time.perf_counter()
         with capture_routing(self.model, self.adapter, router_probs=False) as trace:
             result = self._train(server_round)
         trace = held_layout(trace, self.held)
         stats = self._routing_stats(meta)
         stats.update(trace)  # frequency and TCESS accumulate from training: no extra pass
-        meta = _merge_routing(meta, trace, self.held, server_round)
-        meta |= {"rounds": meta["rounds"] + 1, "last_round": server_round}
-        meta |= self._maybe_prune(server_round, stats)
+        _merge_routing(meta, trace, self.held, server_round)
+        meta.rounds, meta.last_round = meta.rounds + 1, server_round
+        self._maybe_prune(meta, server_round, stats)
         personal, outgoing = self.personal_tensors(), self.outgoing()
         check_trained(result.steps, result.skipped, personal, outgoing)  # else nothing saved
         self.store.save(personal, meta)
@@ -411,7 +412,7 @@ class LocalClient:
                         "train_seconds": trained - start,
                         "personal_mb": sum(t.numel() * t.element_size()
                                            for t in personal.values()) / 2**20},
-            "experts": meta.get("kept"),
+            "experts": meta.kept,
         }
         if evaluate:
             out["evaluation"] = self._evaluation(meta)
@@ -442,23 +443,24 @@ class LocalClient:
             progress=f"client {self.client_id}" if self.cfg.verbose else False,
         )
 
-    def _routing_stats(self, meta: dict) -> RoutingStats:
+    def _routing_stats(self, meta: ClientMeta) -> RoutingStats:
         prune = self.cfg.get("prune")
-        if meta.get("routing_stats"):
-            return RoutingStats.from_dict(meta["routing_stats"])
+        if meta.routing_stats:
+            return RoutingStats.from_dict(meta.routing_stats)
         return RoutingStats(prune.get("tcess_k") if prune else None)
 
     def _routed_mb(self) -> float:
         sizes = expert_mb(self.adapter)
         return sum(sizes[i] * len(ids) for i, ids in self.held.items())
 
-    def _maybe_prune(self, server_round: int, stats: RoutingStats) -> dict:
-        """Prune the routed experts when the schedule says so; the meta entries to keep."""
+    def _maybe_prune(self, meta: ClientMeta, server_round: int, stats: RoutingStats) -> None:
+        """Prune the routed experts when the schedule says so; ``meta`` records the outcome."""
         prune = self.cfg.get("prune")
         budget = (budget_for_round(prune, server_round, self.adapter)
                   if pruning_enabled(prune) else None)
         if budget is None:
-            return {"routing_stats": stats.to_dict()}
+            meta.routing_stats = stats.to_dict()
+            return
         with autocast_for(self.model):
             report = plan_pruning(self.model, self.data.train, prune, stats, budget=budget,
                                   held=self.held)
@@ -466,10 +468,10 @@ class LocalClient:
         self.held = self.held | held
         self.shared.restriction.set(self.held)
         new_stats = report["stats"] or RoutingStats(prune.get("tcess_k"))
-        return {"kept": {str(k): [int(i) for i in v] for k, v in self.held.items()},
-                "scores": {str(k): [float(x) for x in v] for k, v in report["scores"].items()},
-                "score": report["score"], "routed_mb_after": report["mb_after"],
-                "pruned_at": server_round, "routing_stats": new_stats.to_dict()}
+        meta.kept = {str(k): [int(i) for i in v] for k, v in self.held.items()}
+        meta.scores = {str(k): [float(x) for x in v] for k, v in report["scores"].items()}
+        meta.score, meta.routed_mb_after = report["score"], report["mb_after"]
+        meta.pruned_at, meta.routing_stats = server_round, new_stats.to_dict()
 
     def evaluate(self, global_arrays: dict[str, torch.Tensor | np.ndarray],
                  server_round: int = 0) -> dict:
@@ -484,36 +486,37 @@ class LocalClient:
             self.export(meta, metrics)
         return metrics
 
-    def _evaluation(self, meta: dict) -> dict:
+    def _evaluation(self, meta: ClientMeta) -> dict:
         """Held-out metrics of the model as it stands, with what personalization changed."""
         ev = self._held_out()
         # A client that never trained holds no personal state: its model is the shared one.
-        base_ppl = meta.get("base_ppl", ev["ppl"])
+        base_ppl = ev["ppl"] if meta.base_ppl is None else meta.base_ppl
         metrics = {"num-examples": int(self.data.validation.shape[0]),
                    "client-id": self.client_id, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"],
                    "base_ppl": float(base_ppl), "routed_mb": self._routed_mb(),
-                   "routed_mb_before": float(meta.get("routed_mb_before", self._routed_mb())),
+                   "routed_mb_before": float(self._routed_mb() if meta.routed_mb_before is None
+                                             else meta.routed_mb_before),
                    "personal_mb": self.personal_mb()}
         return metrics | {f"experts_kept.{layer}": len(ids) for layer, ids in self.held.items()}
 
-    def export(self, meta: dict, metrics: dict | None = None) -> Path | None:
+    def export(self, meta: ClientMeta, metrics: dict | None = None) -> Path | None:
         """The personalized model as a standard HF checkpoint in ``<state dir>/model``."""
         out = self.store.directory / "model"
         kept = self.held
         release_free_memory()  # the evaluation's buffers: the export's peak comes on top
-        counts = meta.get("expert_counts", {})
+        counts = meta.expert_counts
         # Per layer: selections of each expert the model holds, in the exported model's order
         # (what an edge cache pins by), and by original id (what analysis compares).
         routing = {str(layer): {"counts": [counts.get(str(layer), [])[i] for i in ids],
                                 "counts_by_original_id": counts.get(str(layer), [])}
                    for layer, ids in kept.items() if str(layer) in counts}
-        if meta.get("routing_stats"):  # TCESS of the held experts, in the model's order
-            for layer, score in RoutingStats.from_dict(meta["routing_stats"]).tcess().items():
+        if meta.routing_stats:  # TCESS of the held experts, in the model's order
+            for layer, score in RoutingStats.from_dict(meta.routing_stats).tcess().items():
                 if str(layer) in routing and len(score) == len(kept[layer]):
                     routing[str(layer)]["tcess"] = score.tolist()
         try:
             export_checkpoint(self.model, _tokenizer(self.checkpoint), out, kept=kept,
-                              select=kept, scores=meta.get("scores"), routing_stats=routing,
+                              select=kept, scores=meta.scores, routing_stats=routing,
                               card=client_card(self.cfg, self.client_id, self.checkpoint, metrics))
         except ValueError as e:  # e.g. unequal expert counts per layer: no single HF config
             logging.getLogger(__name__).warning("client %d: no export: %s", self.client_id, e)
@@ -543,11 +546,12 @@ def held_layout(trace: RoutingTrace, held: dict[int, list[int]]) -> RoutingTrace
     return out
 
 
-def _merge_routing(meta: dict, trace, kept: dict[int, list[int]], server_round: int) -> dict:
+def _merge_routing(meta: ClientMeta, trace, kept: dict[int, list[int]],
+                   server_round: int) -> None:
     """Add this round's per-layer expert selection counts to the running totals and to the
     per-round history, indexed by ORIGINAL expert id (so counts of a pruned client stay
     comparable with everyone's, and specialization can be followed round by round)."""
-    totals = dict(meta.get("expert_counts", {}))
+    totals = dict(meta.expert_counts)
     this_round = {}
     for rec in trace:
         ids = kept[rec.layer]
@@ -559,5 +563,5 @@ def _merge_routing(meta: dict, trace, kept: dict[int, list[int]], server_round: 
         totals[str(rec.layer)] = [a + b for a, b in zip(old + [0] * (size - len(old)), counts,
                                                         strict=True)]
         this_round[str(rec.layer)] = counts
-    history = dict(meta.get("expert_counts_by_round", {})) | {str(server_round): this_round}
-    return meta | {"expert_counts": totals, "expert_counts_by_round": history}
+    meta.expert_counts = totals
+    meta.expert_counts_by_round = meta.expert_counts_by_round | {str(server_round): this_round}

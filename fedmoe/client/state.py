@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from fedmoe.artifacts import META_FILE, atomic_write
+from fedmoe.artifacts import META_FILE, ClientMeta, atomic_write
 from fedmoe.errors import PersonalStateError
 
 TENSORS = "personal.safetensors"
@@ -66,7 +66,7 @@ class PersonalStore:
     def exists(self) -> bool:
         return self.meta_path.exists() or (self.directory / PREV_META).exists()
 
-    def save(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    def save(self, tensors: dict[str, torch.Tensor], meta: ClientMeta) -> None:
         """Keep the current state as the previous one (when readable), then write tensors and
         metadata, each atomically (metadata last marks completion)."""
         if _pair_ok(self.tensors_path, self.meta_path):
@@ -78,11 +78,11 @@ class PersonalStore:
         plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         data = save(plain, metadata={STATE_ID: state_id})
         atomic_write(self.tensors_path, lambda tmp: Path(tmp).write_bytes(data))
-        text = json.dumps(meta | {STATE_ID: state_id, SHA256: hashlib.sha256(data).hexdigest()},
-                          indent=1, sort_keys=True)
+        ties = {STATE_ID: state_id, SHA256: hashlib.sha256(data).hexdigest()}
+        text = json.dumps(meta.to_dict() | ties, indent=1, sort_keys=True)
         atomic_write(self.meta_path, lambda tmp: Path(tmp).write_text(text))
 
-    def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+    def load(self) -> tuple[dict[str, torch.Tensor], ClientMeta] | None:
         """The saved state, ``None`` if there is none yet.
 
         An unreadable current state falls back to the previous one (logged, naming the
@@ -97,7 +97,7 @@ class PersonalStore:
         if prev is None:
             raise PersonalStateError(f"{error}; no readable previous state either ({prev_error})")
         logger.warning("%s; using the last good state %s (round %s)", error,
-                       self.directory / PREV_TENSORS, prev[1].get("last_round", "?"))
+                       self.directory / PREV_TENSORS, prev[1].last_round)
         return prev
 
 
@@ -112,7 +112,9 @@ def _read_pair(tensors_path: Path, meta_path: Path) -> tuple[tuple | None, str |
         return None, f"missing personal-state file {meta_path}"
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON object expected, not {type(meta).__name__}")
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         return None, f"corrupt personal-state file {meta_path}: {e}"
     try:
         data = tensors_path.read_bytes()
@@ -131,7 +133,7 @@ def _read_pair(tensors_path: Path, meta_path: Path) -> tuple[tuple | None, str |
     bad = next((k for k, v in tensors.items() if not torch.isfinite(v).all()), None)
     if bad is not None:
         return None, f"personal-state file {tensors_path} holds non-finite values in '{bad}'"
-    return (tensors, meta), None
+    return (tensors, ClientMeta.from_dict(meta)), None
 
 
 def _header_metadata(data: bytes) -> dict:

@@ -17,7 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import TextStreamer
 
-from fedmoe.checkpoints import EXPERTS_FILE, load_checkpoint_dir
+from fedmoe.artifacts import EXPERTS_FILE
+from fedmoe.checkpoints import load_checkpoint_dir
 from fedmoe.edge.bench import KEYS, bench_model, contender_configs, print_table
 from fedmoe.edge.offload import EdgeConfig, offload
 from fedmoe.edge.runtime import (

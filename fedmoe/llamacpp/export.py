@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from fedmoe.artifacts import EXPERTS_FILE, ExpertsInfo
 from fedmoe.config import ConfigError
 from fedmoe.moe.families import family_spec
 
@@ -248,11 +249,10 @@ def check_expert_counts(model_dir: Path) -> None:
     """One expert count in every MoE layer (``fedmoe_experts.json``), or a refusal naming the
     layers. fedmoe's HF export never writes a model whose layers differ; this keeps a
     hand-made checkpoint from failing deep inside the loader."""
-    info = model_dir / "fedmoe_experts.json"
+    info = model_dir / EXPERTS_FILE
     if not info.is_file():
         return
-    kept = json.loads(info.read_text()).get("kept") or {}
-    counts = {int(layer): len(ids) for layer, ids in kept.items()}
+    counts = {layer: len(ids) for layer, ids in ExpertsInfo.read(model_dir).kept.items()}
     if len(set(counts.values())) > 1:
         raise GGUFExportError(
             f"{info}: MoE layers keep different numbers of experts {counts}; a GGUF model has "
@@ -323,12 +323,11 @@ def _add_provenance(writer: gguf.GGUFWriter, model_dir: Path) -> None:
 
     card = read_card(model_dir).data if (model_dir / CARD_FILE).is_file() else None
     writer.add_name(getattr(card, "model_name", None) or model_dir.resolve().name)
-    info = model_dir / "fedmoe_experts.json"
-    if info.is_file():
-        data = json.loads(info.read_text())
-        writer.add_string("fedmoe.kept_experts", json.dumps(data.get("kept", {})))
-        if data.get("num_experts_original") is not None:
-            writer.add_uint32("fedmoe.num_experts_original", int(data["num_experts_original"]))
+    if (model_dir / EXPERTS_FILE).is_file():
+        info = ExpertsInfo.read(model_dir)
+        writer.add_string("fedmoe.kept_experts",
+                          json.dumps({str(k): v for k, v in info.kept.items()}))
+        writer.add_uint32("fedmoe.num_experts_original", info.num_experts_original)
 
 
 # --- tokenizer -------------------------------------------------------------------------------

@@ -9,14 +9,13 @@
 """
 
 from fedmoe.prune.budget import check_budget, expert_mb, plan_keep, pruning_enabled, routed_mb
-from fedmoe.prune.export import EXPERTS_FILE, export_checkpoint, load_experts_info
+from fedmoe.prune.export import export_checkpoint
 from fedmoe.prune.masked import masked_routing
 from fedmoe.prune.pipeline import budget_for_round, prune_model
 from fedmoe.prune.scores import SCORES, RoutingStats, compute_scores
 from fedmoe.prune.slicing import keep_experts, kept_experts
 
 __all__ = [
-    "EXPERTS_FILE",
     "SCORES",
     "RoutingStats",
     "budget_for_round",
@@ -26,7 +25,6 @@ __all__ = [
     "export_checkpoint",
     "keep_experts",
     "kept_experts",
-    "load_experts_info",
     "masked_routing",
     "plan_keep",
     "prune_model",

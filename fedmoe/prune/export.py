@@ -8,7 +8,7 @@ the ORIGINAL ids of each layer's kept experts, their scores and routing statisti
 A PEFT model is exported merged (LoRA folded into the weights of a copy; the live model is
 untouched) and its unmerged adapter goes to ``adapter/``: it loads with
 ``PeftModel.from_pretrained`` onto the base model pruned to the same experts
-(``keep_experts(base, fedmoe_experts.json["kept"])`` on an unpruned base).
+(``keep_experts(base, ExpertsInfo.read(path).kept)`` on an unpruned base).
 
 HF configs hold ONE expert count per model, so a model whose MoE layers keep different
 numbers of experts (a ``prune.max_mb`` budget) is refused rather than padded: padding
@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.core_model_loading import revert_weight_conversion
 
-from fedmoe.checkpoints import EXPERTS_FILE
+from fedmoe.artifacts import ExpertsInfo
 from fedmoe.moe.adapter import MoEAdapter, normalize_name
 from fedmoe.moe.families import Role
 from fedmoe.prune.card import CARD_FILE, model_card
@@ -130,9 +130,9 @@ def export_checkpoint(
     try:
         _write(model, tokenizer, tmp, adapter, kept, select, scores, routing_stats,
                max_shard_bytes)
-        info = load_experts_info(tmp)
-        model_card(family=info["family"], kept=info["kept"],
-                   num_experts_original=info["num_experts_original"],
+        info = ExpertsInfo.read(tmp)
+        model_card(family=info.family, kept=info.kept,
+                   num_experts_original=info.num_experts_original,
                    **(card or {})).save(tmp / CARD_FILE)
         _replace_dir(tmp, out)
     except BaseException:
@@ -161,16 +161,15 @@ def _write(model: nn.Module, tokenizer: Any, tmp: Path, adapter: MoEAdapter,
         tokenizer.save_pretrained(tmp)
     if isinstance(routing_stats, RoutingStats):
         routing_stats = routing_stats.to_dict()
-    info = {
-        "family": adapter.spec.model_type,
-        "num_experts_original": getattr(adapter.config, "fedmoe_num_experts_original", None)
+    ExpertsInfo(
+        family=adapter.spec.model_type,
+        num_experts_original=getattr(adapter.config, "fedmoe_num_experts_original", None)
         or adapter.num_experts,
-        "kept": {str(i): [int(e) for e in ids] for i, ids in sorted(kept.items())},
-        "scores": None if scores is None
-        else {str(i): np.asarray(s, dtype=np.float64).tolist() for i, s in sorted(scores.items())},
-        "routing_stats": routing_stats,
-    }
-    (tmp / EXPERTS_FILE).write_text(json.dumps(info, indent=1))
+        kept=kept,
+        scores=None if scores is None
+        else {int(i): np.asarray(s, dtype=np.float64).tolist() for i, s in scores.items()},
+        routing_stats=routing_stats,
+    ).write(tmp)
 
 
 def _export_config(base: nn.Module, adapter: MoEAdapter, kept: dict[int, list[int]],
@@ -375,10 +374,3 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_experts_info(path: str | Path) -> dict[str, Any]:
-    """The ``fedmoe_experts.json`` of an exported checkpoint, layer keys as ints."""
-    info = json.loads((Path(path) / EXPERTS_FILE).read_text())
-    info["kept"] = {int(k): v for k, v in info["kept"].items()}
-    if info.get("scores") is not None:
-        info["scores"] = {int(k): np.asarray(v) for k, v in info["scores"].items()}
-    return info

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from fedmoe.analysis.notebook import SMOKE_OVERRIDES
+from fedmoe.artifacts import ExpertsInfo
 from fedmoe.cli import main as fedmoe_main
-from fedmoe.prune.export import load_experts_info
 
 
 @pytest.mark.slow
@@ -17,8 +17,8 @@ def test_analyze_judges_retrieval_against_the_clients_own_pruning(smoke_run, fed
                                                                    tmp_path):
     # Prepare: client 0's export, with the routing statistics it gathered while training
     model_dir = smoke_run.dir / "clients" / "client_0000" / "model"
-    info = load_experts_info(model_dir)
-    assert all("tcess" in rec for rec in info["routing_stats"].values())
+    info = ExpertsInfo.read(model_dir)
+    assert all("tcess" in rec for rec in info.routing_stats.values())
     # Execute
     fedmoe_main(["analyze", *SMOKE_OVERRIDES, "analysis.sections=[retrieval,specialization]",
                  f"model_dir={model_dir}", f"run_dir={smoke_run.dir}", f"cache_dir={fedmoe_cache}",

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 
+from fedmoe.artifacts import ClientMeta
 from fedmoe.client.state import PersonalStateError, PersonalStore
 from tests.helpers.runs import FAST, child_env
 
@@ -18,9 +19,9 @@ from tests.helpers.runs import FAST, child_env
 def test_save_load_round_trip(tmp_path):
     store = PersonalStore(tmp_path / "c0")
     tensors = {"a": torch.randn(3, 4), "b": torch.arange(5)}
-    store.save(tensors, {"rounds": 2})
+    store.save(tensors, ClientMeta(rounds=2))
     loaded, meta = store.load()
-    assert meta == {"rounds": 2}
+    assert meta == ClientMeta(rounds=2)
     assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
     assert sorted(os.listdir(tmp_path / "c0")) == ["meta.json", "personal.safetensors"]
 
@@ -28,7 +29,7 @@ def test_save_load_round_trip(tmp_path):
 def test_no_state_is_none_and_corrupt_state_names_the_file(tmp_path):
     store = PersonalStore(tmp_path)
     assert store.load() is None
-    store.save({"a": torch.ones(2)}, {"rounds": 1})
+    store.save({"a": torch.ones(2)}, ClientMeta(rounds=1))
     store.tensors_path.write_bytes(store.tensors_path.read_bytes()[:20])  # truncated
     with pytest.raises(PersonalStateError, match="personal.safetensors"):
         store.load()
@@ -36,7 +37,7 @@ def test_no_state_is_none_and_corrupt_state_names_the_file(tmp_path):
 
 def test_failed_write_keeps_the_last_good_state(tmp_path, monkeypatch):
     store = PersonalStore(tmp_path)
-    store.save({"a": torch.ones(2)}, {"rounds": 1})
+    store.save({"a": torch.ones(2)}, ClientMeta(rounds=1))
     import fedmoe.client.state as state
 
     def boom(path, data):  # the tensors file is written with Path.write_bytes
@@ -46,9 +47,9 @@ def test_failed_write_keeps_the_last_good_state(tmp_path, monkeypatch):
 
     monkeypatch.setattr(state.Path, "write_bytes", boom)
     with pytest.raises(OSError, match="disk full"):
-        store.save({"a": torch.zeros(2)}, {"rounds": 2})
+        store.save({"a": torch.zeros(2)}, ClientMeta(rounds=2))
     tensors, meta = PersonalStore(tmp_path).load()
-    assert meta["rounds"] == 1 and torch.equal(tensors["a"], torch.ones(2))
+    assert meta.rounds == 1 and torch.equal(tensors["a"], torch.ones(2))
     # No temporary file left; the state being replaced was kept as the previous one
     assert sorted(os.listdir(tmp_path)) == ["meta.json", "meta.prev.json",
                                             "personal.prev.safetensors", "personal.safetensors"]

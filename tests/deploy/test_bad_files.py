@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from fedmoe.artifacts import ClientMeta
 from fedmoe.checkpoints import load_model
 from fedmoe.client.state import PersonalStore
 from fedmoe.data.files import read_text_rows
@@ -45,8 +46,8 @@ def test_key_files_are_rewritten_owner_only_whatever_their_old_mode(tmp_path):
 
 def two_saves(directory: Path) -> PersonalStore:
     store = PersonalStore(directory)
-    store.save({"experts": torch.ones(64)}, {"rounds": 1, "last_round": 1})
-    store.save({"experts": torch.full((64,), 2.0)}, {"rounds": 2, "last_round": 2})
+    store.save({"experts": torch.ones(64)}, ClientMeta(rounds=1, last_round=1))
+    store.save({"experts": torch.full((64,), 2.0)}, ClientMeta(rounds=2, last_round=2))
     return store
 
 
@@ -60,16 +61,16 @@ def test_a_flipped_byte_in_the_tensors_falls_back_to_the_previous_state(tmp_path
     with caplog.at_level(logging.WARNING, logger="fedmoe.client.state"):
         tensors, meta = PersonalStore(tmp_path).load()
     # Assert: the round-1 state, and the warning names the damaged file
-    assert meta["rounds"] == 1 and torch.equal(tensors["experts"], torch.ones(64))
+    assert meta.rounds == 1 and torch.equal(tensors["experts"], torch.ones(64))
     assert f"{store.tensors_path}: its sha256 differs" in caplog.text
 
 
 def test_non_finite_personal_tensors_on_disk_count_as_unreadable(tmp_path, caplog):
     store = two_saves(tmp_path)
-    store.save({"experts": torch.full((64,), float("nan"))}, {"rounds": 3, "last_round": 3})
+    store.save({"experts": torch.full((64,), float("nan"))}, ClientMeta(rounds=3, last_round=3))
     with caplog.at_level(logging.WARNING, logger="fedmoe.client.state"):
         _, meta = PersonalStore(tmp_path).load()
-    assert meta["rounds"] == 2
+    assert meta.rounds == 2
     assert "holds non-finite values in 'experts'" in caplog.text
 
 

@@ -18,6 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from safetensors.torch import save_file
 
+from fedmoe.artifacts import ClientMeta
 from fedmoe.client.state import PREV_TENSORS, STATE_ID, PersonalStateError, PersonalStore
 from fedmoe.config import validate
 from fedmoe.fl.bridge import compose, to_run_config
@@ -132,8 +133,8 @@ def test_non_finite_evaluate_metric_is_skipped_and_logged(caplog):
 def saved_twice(tmp_path) -> PersonalStore:
     """A store holding round 1 (as the previous state) and round 2 (current)."""
     store = PersonalStore(tmp_path)
-    store.save({"experts": torch.ones(4)}, {"rounds": 1, "last_round": 1})
-    store.save({"experts": torch.full((4,), 2.0)}, {"rounds": 2, "last_round": 2})
+    store.save({"experts": torch.ones(4)}, ClientMeta(rounds=1, last_round=1))
+    store.save({"experts": torch.full((4,), 2.0)}, ClientMeta(rounds=2, last_round=2))
     return store
 
 
@@ -152,7 +153,7 @@ def test_corrupt_state_falls_back_to_the_last_good_one_naming_the_file(tmp_path,
     with caplog.at_level(logging.WARNING, logger="fedmoe.client.state"):
         tensors, meta = store.load()
     # Assert: round 1's state, a warning naming the bad file and the one used instead
-    assert meta == {"rounds": 1, "last_round": 1}
+    assert meta == ClientMeta(rounds=1, last_round=1)
     assert torch.equal(tensors["experts"], torch.ones(4))
     bad = store.meta_path if damage == "garbage meta" else store.tensors_path
     assert str(bad) in caplog.text and PREV_TENSORS in caplog.text
@@ -166,7 +167,7 @@ def test_a_pair_torn_by_a_crash_is_detected(tmp_path):
     # Execute
     tensors, meta = store.load()
     # Assert: never round 3's experts with round 2's metadata
-    assert meta["rounds"] == 1 and torch.equal(tensors["experts"], torch.ones(4))
+    assert meta.rounds == 1 and torch.equal(tensors["experts"], torch.ones(4))
 
 
 def test_saving_over_a_corrupt_state_keeps_the_good_previous_one(tmp_path):
@@ -174,11 +175,11 @@ def test_saving_over_a_corrupt_state_keeps_the_good_previous_one(tmp_path):
     store = saved_twice(tmp_path)
     store.tensors_path.write_bytes(b"broken")
     # Execute: the client trained again from round 1's state and saves round 2 anew
-    store.save({"experts": torch.full((4,), 5.0)}, {"rounds": 2, "last_round": 3})
+    store.save({"experts": torch.full((4,), 5.0)}, ClientMeta(rounds=2, last_round=3))
     store.tensors_path.write_bytes(b"broken again")
     tensors, meta = store.load()
     # Assert: the corrupt file never became the "previous" state
-    assert meta["last_round"] == 1 and torch.equal(tensors["experts"], torch.ones(4))
+    assert meta.last_round == 1 and torch.equal(tensors["experts"], torch.ones(4))
 
 
 def test_no_readable_state_at_all_names_both_files(tmp_path):
@@ -198,7 +199,7 @@ def test_meta_written_before_state_ids_still_loads(tmp_path):
     store = PersonalStore(tmp_path)
     save_file({"experts": torch.ones(2)}, store.tensors_path)
     store.meta_path.write_text(json.dumps({"rounds": 4}))
-    assert store.load()[1] == {"rounds": 4}
+    assert store.load()[1] == ClientMeta(rounds=4)
 
 
 # --- configs ------------------------------------------------------------------------------

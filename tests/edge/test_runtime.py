@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmoe.checkpoints import EXPERTS_FILE
+from fedmoe.artifacts import EXPERTS_FILE
 from fedmoe.edge.runtime import check_counts, load_routing_counts
 from fedmoe.moe.routing import capture_routing
 from fedmoe.prune import RoutingStats

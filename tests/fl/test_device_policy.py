@@ -124,7 +124,7 @@ def test_a_config_training_fewer_roles_never_shrinks_the_personal_state(
     # Assert: every routed-expert tensor is still there, as it was
     assert not reply.has_error(), reply.error
     second, meta = PersonalStore(trained / "state" / "client_0000").load()
-    assert meta["rounds"] == 2
+    assert meta.rounds == 2
     for name, value in first.items():
         if ROUTED in name:
             assert torch.equal(second[name], value), name
@@ -256,5 +256,5 @@ def test_training_that_diverges_saves_and_sends_nothing(trained, base_model, glo
     assert reply.error.reason.startswith("diverged: ")
     assert digest(state_file(trained)) == before
     tensors, meta = PersonalStore(trained / "state" / "client_0000").load()
-    assert meta["rounds"] == 1
+    assert meta.rounds == 1
     assert all(torch.isfinite(v).all() for v in tensors.values())

@@ -143,7 +143,7 @@ def test_one_attacker_cannot_move_the_global_far_from_the_honest_mean(federation
     assert not any(r.has_error() for r in out), [r.error for r in out if r.has_error()]
     for node in HONEST_NODES:
         tensors, meta = PersonalStore(state / f"client_{node - 1:04d}").load()
-        assert meta["last_round"] == 2
+        assert meta.last_round == 2
         assert all(torch.isfinite(v).all() for v in tensors.values())
 
 

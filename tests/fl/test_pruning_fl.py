@@ -7,6 +7,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
+from fedmoe.artifacts import ClientMeta
 from fedmoe.client.state import PersonalStore
 from tests.helpers.runs import FAST, simulate
 
@@ -18,7 +19,7 @@ def test_disjoint_expert_subsets_train_together(tmp_path, fedmoe_cache):
     state = tmp_path / "state"
     for c in range(4):
         kept = {str(layer): list(range(4 * c, 4 * c + 4)) for layer in range(4)}
-        PersonalStore(state / f"client_{c:04d}").save({}, {"rounds": 0, "kept": kept})
+        PersonalStore(state / f"client_{c:04d}").save({}, ClientMeta(kept=kept))
     # Execute
     run = simulate(tmp_path, fedmoe_cache, *FAST, f"fl.state_dir={state}", "fl.num_rounds=1")
     # Assert: every reply accepted; each carries only its own 4 router rows and its ids

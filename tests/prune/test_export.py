@@ -12,15 +12,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig
 
+from fedmoe.artifacts import EXPERTS_FILE, ExpertsInfo
 from fedmoe.data import train_tokenizer
 from fedmoe.moe.adapter import MoEAdapter
-from fedmoe.prune import (
-    EXPERTS_FILE,
-    RoutingStats,
-    export_checkpoint,
-    keep_experts,
-    load_experts_info,
-)
+from fedmoe.prune import RoutingStats, export_checkpoint, keep_experts
 from fedmoe.prune.budget import expert_mb
 from tests.helpers.models import TINY_FAMILIES, tiny_model
 from tests.helpers.prune import input_ids, mask_routers
@@ -98,11 +93,11 @@ def test_plain_transformers_load_gives_the_pruned_logits(exported, family):
 
 def test_experts_file_keeps_original_ids_scores_and_stats(exported):
     root, _, _ = exported
-    info = load_experts_info(root / "qwen3_moe")
-    assert info["kept"] == {0: [0, 2, 5, 7], 1: [1, 3, 4, 6], 2: [0, 3, 4, 5]}
-    np.testing.assert_array_equal(info["scores"][1], np.arange(4.0))
-    assert info["routing_stats"]["layers"]["1"]["tokens"] == 1
-    assert info["num_experts_original"] == 8 and info["family"] == "qwen3_moe"
+    info = ExpertsInfo.read(root / "qwen3_moe")
+    assert info.kept == {0: [0, 2, 5, 7], 1: [1, 3, 4, 6], 2: [0, 3, 4, 5]}
+    np.testing.assert_array_equal(info.scores[1], np.arange(4.0))
+    assert info.routing_stats["layers"]["1"]["tokens"] == 1
+    assert info.num_experts_original == 8 and info.family == "qwen3_moe"
     assert (root / "qwen3_moe" / "tokenizer.json").exists()
     assert (root / "qwen3_moe" / EXPERTS_FILE).exists()
     assert not list(root.glob(".*tmp-*")), "temporary export directories left behind"
@@ -113,7 +108,7 @@ def test_peft_export_merges_lora_and_keeps_a_loadable_adapter(exported, family):
     # Prepare
     root, memory, loaded = exported
     base = tiny_model(family)
-    keep_experts(base, load_experts_info(root / f"peft_{family}")["kept"])
+    keep_experts(base, ExpertsInfo.read(root / f"peft_{family}").kept)
     # Execute
     reloaded = PeftModel.from_pretrained(base, root / f"peft_{family}" / "adapter").eval()
     # Assert
@@ -158,7 +153,7 @@ def test_unequal_counts_are_refused_and_exports_replace_atomically(tmp_path: Pat
     export_checkpoint(model, None, tmp_path / "out")
     assert not (tmp_path / "out" / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert load_experts_info(tmp_path / "out")["kept"] == {i: list(range(8)) for i in range(3)}
+    assert ExpertsInfo.read(tmp_path / "out").kept == {i: list(range(8)) for i in range(3)}
 
 
 @pytest.mark.parametrize("family", ["olmoe", "mixtral", "deepseek_v3", "granitemoeshared"])
