@@ -43,8 +43,6 @@ app = ClientApp(mods=[error_reply_mod, audit_mod])
 #                      trust domain, as `fedmoe simulate`); default: only fedmoe.fl.policy's
 #                      allowlist, and its paths come from this node config alone
 #   audit-dir          log every message in and out here (fedmoe.fl.mods.audit_mod)
-#   debug-delay-s      TEST HOOK, not for real devices: sleep this long before training, in
-#   debug-delay-round  round debug-delay-round only (0: every round), to simulate a slow device
 #   warm-worker        true: run the messages in a long-lived worker process of this node that
 #                      keeps the model and data between rounds (fedmoe.fl.worker)
 #   warm-worker-idle-s seconds without a message before that worker exits (default 900)

@@ -9,7 +9,6 @@ Everything here takes and returns picklable Flower records, so both paths run th
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -46,7 +45,6 @@ def _handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     arrays = decode_record(content.array_records.get("arrays", ArrayRecord()))
     if kind == "evaluate":
         return RecordDict({"metrics": MetricRecord(client.evaluate(arrays, server_round))})
-    _debug_delay(context, server_round)
     out = client.fit(arrays, server_round, evaluate=bool(config.get("evaluate", False)))
     # The base checkpoint's dtype: bf16 travels as 2 bytes. Flower's DP clipping mod reads
     # the arrays as numpy, so with DP they go as float32.
@@ -80,16 +78,6 @@ def _client_id(context: Context) -> int:
     log.warning("node config has no partition-id: client id taken from node id %s",
                 context.node_id)
     return int(context.node_id % 1_000_000)
-
-
-def _debug_delay(context: Context, server_round: int) -> None:
-    """TEST HOOK (node config ``debug-delay-s``, ``debug-delay-round``): a slow device."""
-    delay = float(context.node_config.get("debug-delay-s", 0) or 0)
-    only = int(context.node_config.get("debug-delay-round", 0) or 0)
-    if delay > 0 and only in (0, server_round):
-        log.warning("debug-delay-s: sleeping %.1f s before training round %d", delay,
-                    server_round)
-        time.sleep(delay)
 
 
 def _client(context: Context) -> LocalClient:

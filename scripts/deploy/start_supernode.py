@@ -18,8 +18,6 @@ worker process between rounds (Flower starts a fresh ClientApp process per messa
 fedmoe/fl/worker.py); ``--warm-worker-idle-s`` is how long it stays without a message.
 ``--prestart`` (on unless ``--no-prestart``) keeps the next ClientApp process started, its
 imports done, before its message arrives (fedmoe/fl/prestart.py).
-``--debug-delay-s`` is a test hook (sleep before training) and must not be used on a real
-device.
 
 After a crash the SuperLink refuses the same key for up to 60 s (its previous session still
 counts as online); ``--retry-activation`` keeps trying that long.
@@ -57,8 +55,6 @@ def node_config(args: argparse.Namespace) -> dict:
     config["warm-worker"] = args.warm_worker
     if args.warm_worker:
         config["warm-worker-idle-s"] = args.warm_worker_idle_s
-    if args.debug_delay_s:
-        config |= {"debug-delay-s": args.debug_delay_s, "debug-delay-round": args.debug_delay_round}
     return config
 
 
@@ -88,8 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the next ClientApp process started ahead of its message "
                              "(fedmoe/fl/prestart.py; default: on)")
     parser.add_argument("--retry-activation", type=float, default=90.0, metavar="SECONDS")
-    parser.add_argument("--debug-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
-    parser.add_argument("--debug-delay-round", type=int, default=0, help=argparse.SUPPRESS)
     return parser
 
 

@@ -26,7 +26,7 @@ from fedmoe.launch.flower_config import write_superlink_connection
 from fedmoe.launch.processes import Service, free_port
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.moe.families import Role
-from tests.helpers.federation import restart_node, server_app_log
+from tests.helpers.federation import restart_node, server_app_log, stage_slow_app
 from tests.helpers.runs import FAST
 
 from .conftest import dump_logs
@@ -219,17 +219,17 @@ def test_device_data_stays_on_the_device(secure):
 # --- faults: a slow node, a crashed node and its restart --------------------------------
 
 
-def test_slow_and_crashed_nodes_miss_their_round_only(tmp_path, make_federation, base_model,
-                                                     app_dir):
-    """Round 1: node1 sleeps past the round timeout (test hook) and is dropped. Round 2:
-    node2 is killed after receiving its instruction; the round completes with the others.
-    Then node2 restarts on its state dir and, in round 3, trains from its experts on disk."""
+def test_slow_and_crashed_nodes_miss_their_round_only(tmp_path, make_federation, base_model):
+    """Round 1: node1 takes longer than the round timeout (the test's slow-device ClientApp)
+    and is dropped. Round 2: node2 is killed after receiving its instruction; the round
+    completes with the others. Then node2 restarts on its state dir and, in round 3, trains
+    from its experts on disk."""
     # Prepare
     timeout = 60
     fed = make_federation(tmp_path)
     run_dir = tmp_path / "run"
     configs = [{"partition-id": i, "state-dir": str(tmp_path / f"s{i}")} for i in range(3)]
-    configs[1] |= {"debug-delay-s": timeout + 5, "debug-delay-round": 1}
+    configs[1] |= {"test-delay-s": timeout + 5, "test-delay-round": 1}
     overrides = [*FAST, f"fl.base_model={base_model}", f"run_dir={run_dir}", "fl.num_rounds=3",
                  "fl.fraction_evaluate=0", f"fl.round_timeout={timeout}",
                  # every round waits for and samples all 3 nodes (round 3: the restarted one;
@@ -240,7 +240,7 @@ def test_slow_and_crashed_nodes_miss_their_round_only(tmp_path, make_federation,
     fed.wait_for_nodes(3)
     personal = tmp_path / "s2" / "client_0002" / "personal.safetensors"
     # Execute
-    run_id = fed.run(app_dir, overrides)
+    run_id = fed.run(stage_slow_app(tmp_path / "app"), overrides)
     wait_for_file(run_dir / "server_state" / "round_1.json", 400, fed, run_id)
     before_crash = sha256(personal)
     nodes[2].wait_for(r"Receiving: train message[\s\S]*Receiving: train message", 300)

@@ -46,19 +46,6 @@ def test_client_id_from_partition_id_else_from_the_node_id(caplog):
     assert "no partition-id" in caplog.text
 
 
-def test_debug_delay_hook_sleeps_in_its_round_only(monkeypatch):
-    # Prepare
-    slept = []
-    monkeypatch.setattr(client_task.time, "sleep", slept.append)
-    slow = context({"partition-id": 1, "debug-delay-s": 2.5, "debug-delay-round": 2})
-    # Execute
-    for server_round in (1, 2, 3):
-        client_task._debug_delay(slow, server_round)
-    client_task._debug_delay(context({"partition-id": 0}), 2)
-    # Assert
-    assert slept == [2.5]
-
-
 def train_message(global_value: float, clipping_norm: float | None) -> Message:
     config = {"server-round": 1} | ({"clipping_norm": clipping_norm} if clipping_norm else {})
     content = RecordDict({"arrays": ArrayRecord({"w": Array(np.full(4, global_value, np.float32))}),

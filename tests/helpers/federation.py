@@ -1,14 +1,18 @@
-"""What only the deployment tests do to a LocalFederation: read the ServerApp's log, restart a
-SuperNode they crashed."""
+"""What only the deployment tests do to a LocalFederation: read the ServerApp's log, run an
+app with a slow node, restart a SuperNode they crashed."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
-from fedmoe.launch.control import Control
+from fedmoe.launch.control import Control, stage_app
 from fedmoe.launch.federation import LocalFederation
 from fedmoe.launch.processes import Service
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def server_app_log(control: Control, run_id: int) -> str:
@@ -19,6 +23,23 @@ def server_app_log(control: Control, run_id: int) -> str:
                                                                  after_timestamp=0.0)):
         return response.log_output
     return ""
+
+
+def stage_slow_app(dst: Path) -> Path:
+    """The Flower App as :func:`~fedmoe.launch.control.stage_app` stages it, with
+    :mod:`tests.helpers.slow_device` as its ClientApp: a node whose node config sets
+    ``test-delay-s`` is that much slower in round ``test-delay-round``."""
+    app = stage_app(REPO, dst)
+    shutil.copy2(Path(__file__).with_name("slow_device.py"), app / "slow_device.py")
+    pyproject = app / "pyproject.toml"
+    text = pyproject.read_text()
+    for line, new in (('clientapp = "fedmoe.fl.client_app:app"', 'clientapp = "slow_device:app"'),
+                      ("fab-include = [", 'fab-include = ["slow_device.py", ')):
+        if line not in text:
+            raise AssertionError(f"{pyproject}: no {line!r} to change")
+        text = text.replace(line, new)
+    pyproject.write_text(text)
+    return app
 
 
 def restart_node(fed: LocalFederation, name: str,
