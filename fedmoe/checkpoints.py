@@ -44,6 +44,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from fedmoe.config import TRAIN_DEVICES as DEVICES
 from fedmoe.config import ConfigError
 from fedmoe.moe.adapter import role_of_name
 from fedmoe.moe.families import Role, family_spec
@@ -51,8 +52,6 @@ from fedmoe.moe.graft import add_grafts
 from fedmoe.moe.models import DTYPES, build_config, check_model_path, plain, validate_config
 
 log = logging.getLogger(__name__)
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 # --- devices -------------------------------------------------------------------------------

@@ -23,25 +23,28 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from fedmoe.fl.aggregate import RULES
-from fedmoe.fl.objective import OBJECTIVES
 from fedmoe.moe.families import FAMILIES, ROLES
 
-# Mirrors of constants whose modules import datasets/flwr-datasets (seconds at startup);
-# tests/test_config.py checks that they agree with fedmoe.data.
+# The values a choice key may take: their one home. The modules that act on them import them
+# from here (fedmoe.data.partition, .load, .instruct, fedmoe.prune.scores, fedmoe.checkpoints,
+# fedmoe.fl.strategy), so validating a config never imports datasets, torch or Flower.
 PARTITIONS = ("natural", "dirichlet", "iid")
 DATA_NAMES = ("embedded", "hf")
 STRATEGY_NAMES = ("fedmoe", "fedavg", "local", "fedmoe_sub", "flex",  # conf/strategy/*.yaml
                   "fedavg_lora")
 SERVER_OPTS = ("adam", "yogi")
 TRAIN_METHODS = ("full", "lora")
-TRAIN_DEVICES = ("auto", "cpu", "cuda", "mps")  # fedmoe.checkpoints.DEVICES
+TRAIN_DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("float32", "float16", "bfloat16")
 LOGGERS = ("none", "wandb")
 LOGGER_MODES = ("auto", "offline", "online", "disabled")
 PRUNE_SCORES = ("frequency", "tcess", "reap", "reconstruction", "random")
-PROMPT_TEMPLATES = ("alpaca", "chat")  # fedmoe.data.instruct.TEMPLATES
+PROMPT_TEMPLATES = ("alpaca", "chat")
 EDGE_POLICIES = ("lru", "lfu", "static", "consistency", "belady", "none")
+RULES = ("mean", "median", "trimmed_mean")  # strategy.rule: fedmoe.fl.aggregate
+OBJECTIVES = ("final/ppl_mean", "final/ppl_worst", "final/ppl_ratio", "final/base_ppl_mean",
+              "final/clients_improved", "comm/total_bytes_up", "comm/total_bytes_down",
+              "wall_seconds")  # sweep.objective: fedmoe.fl.objective
 
 
 def _choices(name: str, values: Iterable[str]) -> type[Enum]:

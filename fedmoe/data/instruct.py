@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from fedmoe.config import PROMPT_TEMPLATES as TEMPLATES
 from fedmoe.data.lm import tokenize_blocks
 
 if TYPE_CHECKING:
     from fedmoe.data.lm import Rows
 
-TEMPLATES: tuple[str, ...] = ("alpaca", "chat")
 IGNORE_INDEX = -100  # positions the loss skips (torch's cross_entropy default)
 INSTRUCTION_FIELDS: tuple[str, ...] = ("instruction", "input", "output")
 

@@ -7,11 +7,10 @@ from typing import Any
 
 import datasets
 
+from fedmoe.config import DATA_NAMES
 from fedmoe.data.corpus import build_corpus
 from fedmoe.data.files import DEFAULT_DOMAIN, SPLITS, split_of
 from fedmoe.data.hf import load_text_dataset
-
-DATA_NAMES: tuple[str, ...] = ("embedded", "hf")
 
 
 def split_by_hash(ds: datasets.Dataset, validation: float = 0.1,

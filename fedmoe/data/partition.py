@@ -27,7 +27,8 @@ from flwr_datasets.partitioner import (
     Partitioner,
 )
 
-SCHEMES: tuple[str, ...] = ("natural", "dirichlet", "iid")
+from fedmoe.config import PARTITIONS as SCHEMES
+
 _CLIENT_COLUMN = "client_id"
 
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-RULES = ("mean", "median", "trimmed_mean")
+from fedmoe.config import RULES
 
 Held = dict[int, list[int]]
 MetricValue = int | float | list[int] | list[float]

@@ -12,12 +12,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from fedmoe.config import OBJECTIVES
 from fedmoe.reporting.tracking import summary_metrics
 
 # Keys of summary_metrics that make sense to minimize or maximize.
-OBJECTIVES = ("final/ppl_mean", "final/ppl_worst", "final/ppl_ratio", "final/base_ppl_mean",
-              "final/clients_improved", "comm/total_bytes_up", "comm/total_bytes_down",
-              "wall_seconds")
 
 
 def check_objective(key: str) -> None:

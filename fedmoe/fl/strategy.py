@@ -31,6 +31,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
 
+from fedmoe.config import SERVER_OPTS
 from fedmoe.fl.aggregate import (
     RULES,
     Held,
@@ -53,7 +54,6 @@ EXPERTS_RECORD = "experts"
 # A train reply's held-out evaluation of the model just trained (fedmoe.fl.client_task).
 EVALUATION_RECORD = "evaluation"
 CLIENT_ID = "client-id"
-SERVER_OPTS = ("adam", "yogi")
 STRATEGY_NAMES = ("fedmoe",)
 # Defaults of the safeguards against a hostile reply (see FedMoE's parameters).
 MAX_UPDATE_NORM = 10.0

@@ -38,11 +38,10 @@ import torch
 from torch import nn
 
 from fedmoe.checkpoints import model_device
+from fedmoe.config import PRUNE_SCORES as SCORES
 from fedmoe.moe.adapter import MoEAdapter, MoELayer
 from fedmoe.moe.routing import RoutingTrace, capture_routing
 from fedmoe.prune.masked import masked_routing
-
-SCORES: tuple[str, ...] = ("frequency", "tcess", "reap", "reconstruction", "random")
 
 
 def check_score(score: str) -> None:

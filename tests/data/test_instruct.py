@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from fedmoe.data import client_datasets, load_data, train_tokenizer
 from fedmoe.data.instruct import (
     IGNORE_INDEX,
-    TEMPLATES,
     alpaca_prompt,
     instruction_blocks,
     prompt_and_response,
@@ -145,12 +144,6 @@ def test_the_tokenizers_chat_template_splits_user_turn_from_answer(tokenizer):
                       "<|assistant|>\n")
     assert response == f"{record['output']}<|end|>\n"
     assert labels[0, :len(p)].eq(IGNORE_INDEX).all() and labels[0, len(p):].ne(-100).all()
-
-
-def test_the_config_schema_mirrors_the_templates():
-    from fedmoe import config
-
-    assert config.PROMPT_TEMPLATES == TEMPLATES
 
 
 def test_chat_without_a_chat_template_names_the_key(tokenizer):
