@@ -48,13 +48,12 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from fedmoe.checkpoints import load_model
+from fedmoe.checkpoints import load_model, resolve_base_model
 from fedmoe.client.local import ClientBlocks, client_blocks, prepare_model
 from fedmoe.fl.bridge import compose
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.prune import SCORES, compute_scores, keep_experts, plan_keep, routed_mb
 from fedmoe.train.loop import evaluate_lm, set_trainable, train_lm
-from fedmoe.train.pretrain import ensure_base_model
 
 KEEPS = (1.0, 0.75, 0.5, 0.25)
 MODES = ("personalized", "global")
@@ -390,7 +389,7 @@ def main() -> None:
         seconds[name] = time.perf_counter() - start - sum(seconds.values())
 
     cfg = run_config(args.overrides, args.quick, args.run_dir)
-    checkpoint = ensure_base_model(cfg)
+    checkpoint = Path(resolve_base_model(cfg))  # fl.base_model of the run, else pretrained
     clients = load_clients(cfg, checkpoint, steps, args.run_dir)
     lap("clients")
     scores = tuple(args.scores.split(","))

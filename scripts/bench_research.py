@@ -35,8 +35,9 @@ Then, from the finished runs:
 Every step is skipped when its output exists, so the command resumes where it stopped (a
 ``fedmoe simulate`` run that was cut short resumes from its last round checkpoint; one that
 exited non-zero is run again and does not count until it succeeds). The runs go to
-``benchmarks/research``, whose results, configs and reports git keeps: a fresh clone prints
-the tables of the runs done so far and continues the others (``--out <folder>`` starts over).
+``benchmarks/research``, whose results, configs, reports and base model (``base_model/``) git
+keeps: a fresh clone prints the tables of the runs done so far and continues the others on the
+same base model (``--out <folder>`` starts over).
 
     python scripts/bench_research.py                        # everything (hours on 2 cores)
     python scripts/bench_research.py --variants natural     # the natural split only
@@ -76,6 +77,10 @@ REFERENCE = "fedmoe"
 PRUNE_GOAL, PRUNE_WIN_GOAL = 0.03, 0.8
 SEGMENT, CACHE_SHARE = 16, 0.25
 DONE = ".bench_done"  # written once `fedmoe simulate` exited 0
+# The record's own copy of the base model every run starts from (git keeps it, 25 MB): a fresh
+# machine continues on it. Pretraining is not bit-reproducible across CPUs (AVX2 vs AVX-512
+# sums), so a record without its copy cannot be continued on another kind of machine.
+BASE_DIR = "base_model"
 # The default --out: git keeps its small files (benchmarks/research/.gitignore), so the tables
 # and the runs already done travel with the code and a fresh clone continues the rest.
 RECORD = Path(__file__).resolve().parent.parent / "benchmarks" / "research"
@@ -86,35 +91,53 @@ def run_dir(out: Path, variant: str, strategy: str, seed: int) -> Path:
     return out / variant / strategy / f"seed{seed}"
 
 
-def check_base(out: Path, extra: list[str]) -> dict:
-    """Pretrain (or find) the base model every run starts from, and hold it to the record's:
+def check_base(out: Path, extra: list[str]) -> list[str]:
+    """Find (or pretrain) the base model every run starts from and hold it to the record's:
     runs on another base are another benchmark. The first call writes ``<out>/base.json``
-    (checkpoint name, sha256 of its weights, held-out perplexity)."""
-    import hashlib
+    (checkpoint name, sha256 of its weights, held-out perplexity) and copies the model to
+    ``<out>/base_model``; the override returned points every run at that copy."""
+    import shutil
 
     from fedmoe.fl.bridge import compose
-    from fedmoe.train.pretrain import SUMMARY_FILE, ensure_base_model
+    from fedmoe.train.pretrain import ensure_base_model
 
-    base = ensure_base_model(compose([*SETTING, *extra]))
+    kept = out / BASE_DIR
+    base = kept if kept.is_dir() else ensure_base_model(compose([*SETTING, *extra]))
+    mine = describe_base(base)
+    record = out / "base.json"
+    if record.is_file():
+        theirs = json.loads(record.read_text())
+        if theirs["sha256"] != mine["sha256"]:
+            sys.exit(f"{base}: not the base model of the runs in {out} ({theirs['checkpoint']}, "
+                     f"sha256 {theirs['sha256'][:12]}, ppl {theirs['ppl']:.3f}; this one: "
+                     f"{mine['checkpoint']}, {mine['sha256'][:12]}, ppl {mine['ppl']:.3f}; "
+                     f"pretrained with {theirs['threads']} threads there), and the record keeps "
+                     f"no {BASE_DIR}/ to continue on: use another --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(mine, indent=2))
+    if not kept.is_dir():
+        tmp = out / f".{BASE_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(base, tmp)
+        tmp.rename(kept)
+    return [f"fl.base_model={kept}"]
+
+
+def describe_base(base: Path) -> dict:
+    """Folder name (fedmoe's cache names it by the pretraining config), sha256 of the weights
+    and held-out perplexity of a pretrained base model folder."""
+    import hashlib
+
+    from fedmoe.train.pretrain import SUMMARY_FILE
+
     summary = json.loads((base / SUMMARY_FILE).read_text())
     digest = hashlib.sha256()
     for weights in sorted(base.glob("*.safetensors")):
         digest.update(weights.read_bytes())
-    mine = {"checkpoint": base.name, "sha256": digest.hexdigest(),
+    return {"checkpoint": base.name, "sha256": digest.hexdigest(),
             "ppl": summary["overall"]["ppl"], "unigram_ppl": summary["overall"]["unigram_ppl"],
             "threads": summary.get("threads"), "train_seconds": summary.get("train_seconds")}
-    record = out / "base.json"
-    if record.is_file():
-        theirs = json.loads(record.read_text())
-        if (theirs["checkpoint"], theirs["sha256"]) != (mine["checkpoint"], mine["sha256"]):
-            sys.exit(f"{base}: not the base model of the runs in {out} ({theirs['checkpoint']}, "
-                     f"sha256 {theirs['sha256'][:12]}, ppl {theirs['ppl']:.3f}; this one: "
-                     f"{mine['checkpoint']}, {mine['sha256'][:12]}, ppl {mine['ppl']:.3f}; "
-                     f"pretrained with {theirs['threads']} threads there): use another --out")
-        return theirs
-    out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(mine, indent=2))
-    return mine
 
 
 def exports(out: Path, variant: str, seed: int) -> Path:
@@ -173,14 +196,13 @@ def consistency(out: Path, variant: str, seed: int) -> bool:
     from omegaconf import OmegaConf
 
     from fedmoe.analysis.collect import collect_routing
-    from fedmoe.checkpoints import load_model
+    from fedmoe.checkpoints import load_model, resolve_base_model
     from fedmoe.client.local import client_blocks
     from fedmoe.fl.bridge import compose
-    from fedmoe.train.pretrain import ensure_base_model
 
     run = exports(out, variant, seed)
     cfg = compose(yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()))
-    checkpoint = ensure_base_model(cfg, progress=False)
+    checkpoint = resolve_base_model(cfg, progress=False)  # the run's fl.base_model
     data_yaml = OmegaConf.to_yaml(cfg.data, resolve=True)
     base = load_model(cfg.model, checkpoint=checkpoint).eval()
     rows = []
@@ -428,13 +450,14 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     failed = []
     if not args.report_only:
+        extra = list(args.overrides)
         if any(not (run_dir(out, v, s, seed) / DONE).is_file()
                for v in variants for s in strategies for seed in seeds):
-            check_base(out, args.overrides)  # only when a run is still to do
+            extra += check_base(out, args.overrides)  # only when a run is still to do
         for variant in variants:
             for seed in seeds:  # a seed's every run and analysis before the next seed
                 for strategy in strategies:
-                    if not simulate(out, variant, strategy, seed, args.overrides):
+                    if not simulate(out, variant, strategy, seed, extra):
                         failed.append(f"{variant}/{strategy}/seed{seed}")
                 if (run_dir(out, variant, REFERENCE, seed) / DONE).is_file():
                     consistency(out, variant, seed)

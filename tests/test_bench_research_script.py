@@ -89,7 +89,8 @@ def git(cwd: Path, *args: str) -> str:
                           check=True, capture_output=True, text=True).stdout
 
 
-def test_the_record_in_git_keeps_what_the_report_reads_and_nothing_heavy(bench, tmp_path):
+def test_the_record_in_git_keeps_what_the_report_reads_its_base_model_and_no_run_weights(
+        bench, tmp_path):
     # Prepare: a record with what a real run also leaves there: checkpoints, exports, logs
     out = tmp_path / "repo" / "benchmarks" / "research"
     write_record(out)
@@ -104,6 +105,9 @@ def test_the_record_in_git_keeps_what_the_report_reads_and_nothing_heavy(bench, 
     for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
         (run / ".hydra" / name).write_text("seed: 0\n")
     (out / "natural" / "seed0.log").write_text("log")
+    (out / "base_model").mkdir()
+    for name in ("model.safetensors", "config.json", "pretrain.json", "tokenizer.json"):
+        (out / "base_model" / name).write_bytes(b"x")
     bench.main(["--out", str(out), "--variants", "natural", "--report-only"])
     repo = tmp_path / "repo"
     git(repo, "init", "-q")
@@ -127,8 +131,10 @@ def test_the_record_in_git_keeps_what_the_report_reads_and_nothing_heavy(bench, 
             "benchmarks/research/research.json", "benchmarks/research/research.md",
             "benchmarks/research/research_natural_client_gains.png"} <= kept
     assert prefix + "fedavg/seed0/results.json" in kept  # a failed run's results (not done)
-    assert not any(k.endswith((".safetensors", ".log")) or "/clients/" in k or
-                   "server_state" in k for k in kept)
+    assert {f"benchmarks/research/base_model/{name}" for name in
+            ("model.safetensors", "config.json", "pretrain.json", "tokenizer.json")} <= kept
+    assert not any(k.endswith((".safetensors", ".log")) and "/base_model/" not in k or
+                   "/clients/" in k or "server_state" in k for k in kept)
     assert json.loads((clone / "research.json").read_text()) == json.loads(before)
 
 
@@ -171,3 +177,23 @@ def test_the_report_is_the_same_in_every_process(tmp_path):
     low, high = local["fedmoe_vs_pct_ci"]
     assert low < high  # the intervals have width
     assert reports[0] == reports[1]
+
+
+def test_the_record_keeps_its_base_model_and_holds_a_continuation_to_it(bench, tmp_path,
+                                                                       smoke_base):
+    # Prepare: a record whose base model copy is kept (as the first run leaves it)
+    shutil.copytree(smoke_base, tmp_path / "base_model")
+    # Execute: the first call records it; the runs are pointed at the copy
+    extra = bench.check_base(tmp_path, [])
+    recorded = json.loads((tmp_path / "base.json").read_text())
+    # Assert
+    assert extra == [f"fl.base_model={tmp_path / 'base_model'}"]
+    assert recorded["sha256"] == bench.describe_base(smoke_base)["sha256"]
+    assert recorded["ppl"] > 1
+    # A record of another base model is refused in one line, naming both
+    (tmp_path / "base.json").write_text(json.dumps(recorded | {"sha256": "0" * 64}))
+    with pytest.raises(SystemExit) as stop:
+        bench.check_base(tmp_path, [])
+    message = str(stop.value)
+    assert "\n" not in message and "not the base model of the runs" in message
+    assert recorded["sha256"][:12] in message
