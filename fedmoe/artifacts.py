@@ -72,9 +72,29 @@ class ClientMeta:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClientMeta:
+        """The metadata in ``data``; :class:`ValueError` naming the key whose value has the
+        wrong type (the personal store then counts the file as corrupt)."""
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in data.items() if k in known},
+        meta = cls(**{k: v for k, v in data.items() if k in known},
                    extra={k: v for k, v in data.items() if k not in known})
+        mappings = {k: getattr(meta, k) for k in ("kept", "expert_counts",
+                                                   "expert_counts_by_round")}
+        bad = [k for k, v in mappings.items()
+               if not isinstance(v, dict) and (k != "kept" or v is not None)]
+        if not bad:
+            counts = [*(meta.kept or {}).values(), *meta.expert_counts.values()]
+            checks = {
+                "rounds": _is_int(meta.rounds),
+                "last_round": meta.last_round is None or _is_int(meta.last_round),
+                "kept/expert_counts": all(isinstance(v, list) and all(map(_is_int, v))
+                                          for v in counts),
+                "expert_counts_by_round": all(isinstance(v, dict) for v in
+                                              meta.expert_counts_by_round.values()),
+            }
+            bad = [key for key, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"wrong type of {', '.join(bad)}")
+        return meta
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -108,8 +128,8 @@ class ExpertsInfo:
     def read(cls, model_dir: str | Path) -> ExpertsInfo:
         """The file in ``model_dir``; :class:`ValueError` naming it when it is not one."""
         path = Path(model_dir) / EXPERTS_FILE
-        data = json.loads(path.read_text())
         try:
+            data = json.loads(path.read_text())
             return cls(family=str(data["family"]),
                        num_experts_original=int(data["num_experts_original"]),
                        kept={int(k): [int(e) for e in v] for k, v in data["kept"].items()},
@@ -127,6 +147,10 @@ class ExpertsInfo:
                 else {str(i): [float(x) for x in s] for i, s in sorted(self.scores.items())},
                 "routing_stats": self.routing_stats}
         (Path(model_dir) / EXPERTS_FILE).write_text(json.dumps(data, indent=1))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def client_dir_name(client_id: int) -> str:

@@ -133,7 +133,11 @@ def _read_pair(tensors_path: Path, meta_path: Path) -> tuple[tuple | None, str |
     bad = next((k for k, v in tensors.items() if not torch.isfinite(v).all()), None)
     if bad is not None:
         return None, f"personal-state file {tensors_path} holds non-finite values in '{bad}'"
-    return (tensors, ClientMeta.from_dict(meta)), None
+    try:
+        typed = ClientMeta.from_dict(meta)
+    except ValueError as e:
+        return None, f"corrupt personal-state file {meta_path}: {e}"
+    return (tensors, typed), None
 
 
 def _header_metadata(data: bytes) -> dict:

@@ -91,3 +91,20 @@ def test_client_restart_resumes_personal_experts_bit_for_bit(tmp_path, fedmoe_ca
     # Assert: the routed experts the new process holds are the trained ones, bit for bit
     assert trained and restarted == trained
     assert all(".mlp.experts." in name for name in trained)
+
+
+@pytest.mark.parametrize(("key", "value"), [("rounds", "7"), ("kept", {"0": ["x"]}),
+                                            ("kept", [1, 2]), ("expert_counts", None),
+                                            ("last_round", True)])
+def test_a_meta_json_of_the_wrong_types_falls_back_to_the_previous_state(tmp_path, key, value):
+    # Prepare: two good saves, then the current meta.json rewritten with one mistyped key
+    # (its state id and checksum left as they were, as a hand edit would)
+    store = PersonalStore(tmp_path)
+    store.save({"a": torch.ones(2)}, ClientMeta(rounds=1, last_round=1))
+    store.save({"a": torch.zeros(2)}, ClientMeta(rounds=2, last_round=2))
+    data = json.loads(store.meta_path.read_text())
+    store.meta_path.write_text(json.dumps(data | {key: value}))
+    # Execute
+    tensors, meta = store.load()
+    # Assert: the last good state, not a TypeError in the middle of a round
+    assert meta == ClientMeta(rounds=1, last_round=1) and torch.equal(tensors["a"], torch.ones(2))
