@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from fedmoe.fl.backend import backend_config
+from fedmoe.launch.processes import free_port
 
 TINY = ["experiment=smoke", "data.num_clients=2", "fl.num_rounds=1", "train.local_steps=1",
         "data.max_train_blocks_per_client=4", "data.max_eval_blocks_per_client=4",
@@ -61,18 +61,12 @@ def test_joining_a_cluster_leaves_its_dashboard_alone():
     assert config["init_args"]["logging_level"] == "INFO"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head():
     """A Ray head on 127.0.0.1 (2 CPUs, no dashboard) in its own session and temp dir, so no
     other Ray on this machine finds it; stopped by its process group within 30 s."""
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths
-    port = _free_port()
+    port = free_port()
     ray = Path(sys.executable).with_name("ray")
     head = subprocess.Popen(
         [str(ray), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
