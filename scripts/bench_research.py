@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -57,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 SETTING = ["experiment=research"]
+PRUNE_KEEP = 0.5  # share of the routed experts a pruned client keeps
 # Only fedmoe's clients export their models (the pruning and routing steps read them).
 STRATEGIES: dict[str, list[str]] = {
     "fedmoe": ["strategy=fedmoe"],
@@ -65,7 +67,7 @@ STRATEGIES: dict[str, list[str]] = {
     "fedavg_lora": ["strategy=fedavg_lora", "fl.export=false"],
     "flex": ["strategy=flex", "fl.export=false"],
     "fedmoe_sub": ["strategy=fedmoe_sub", "fl.export=false"],
-    "fedmoe_pruned": ["strategy=fedmoe", "prune=default", "prune.keep=0.5",
+    "fedmoe_pruned": ["strategy=fedmoe", "prune=default", f"prune.keep={PRUNE_KEEP}",
                       "prune.at_round=2", "fl.export=false"],
 }
 VARIANTS: dict[str, list[str]] = {
@@ -177,7 +179,7 @@ def prune_bench(out: Path, variant: str, seed: int, recover_steps: int) -> bool:
     target.mkdir(parents=True, exist_ok=True)
     script = Path(__file__).with_name("bench_pruning.py")
     cmd = [sys.executable, str(script), "--run-dir", str(exports(out, variant, seed)),
-           "--scores", "tcess,frequency", "--keeps", "0.5", "--random-seeds", "1",
+           "--scores", "tcess,frequency", "--keeps", str(PRUNE_KEEP), "--random-seeds", "1",
            "--recover", "personalized/tcess,global/tcess", "--recover-steps",
            str(recover_steps), "--out", str(target)]
     print(f"[{time.strftime('%H:%M:%S')}] {variant}/pruning/seed{seed}", flush=True)
@@ -334,7 +336,7 @@ def plot_gains(runs: dict[str, dict[int, dict]], path: Path) -> Path | None:
 
 
 def pruning_summary(out: Path, variant: str, runs: dict[str, dict[int, dict]]) -> dict:
-    from fedmoe.reporting.stats import win_rate
+    from fedmoe.reporting.stats import bootstrap_ci, crossed, win_rate
 
     summary: dict = {}
     if "fedmoe_pruned" in runs and REFERENCE in runs:
@@ -345,11 +347,17 @@ def pruning_summary(out: Path, variant: str, runs: dict[str, dict[int, dict]]) -
                                              "units": cost.n,
                                              "goal_met": cost.mean <= 100 * PRUNE_GOAL}
     personal, pooled, cost_pct = {}, {}, []
+    coverage: dict[str, dict] = {"personalized": {}, "global": {}}
     for seed in SEEDS:
         path = out / variant / "pruning" / f"seed{seed}" / "bench_pruning.json"
         if not path.is_file():
             continue
-        for r in json.loads(path.read_text())["recovered"]:
+        record = json.loads(path.read_text())
+        for r in record.get("rows", []):
+            if (r["score"] == "tcess" and r["keep"] == PRUNE_KEEP and r["mode"] in coverage
+                    and math.isfinite(r.get("coverage", math.nan))):
+                coverage[r["mode"]][(str(seed), str(r["client"]))] = r["coverage"]
+        for r in record["recovered"]:
             unit = (str(seed), str(r["client"]))
             (personal if r["mode"] == "personalized" else pooled)[unit] = r["ppl"]
             if r["mode"] == "personalized":
@@ -361,6 +369,11 @@ def pruning_summary(out: Path, variant: str, runs: dict[str, dict[int, dict]]) -
                                                 "units": wins.n,
                                                 "goal_met": wins.mean >= PRUNE_WIN_GOAL}
         summary["recovered_cost_pct_vs_unpruned_same_steps"] = float(np.mean(cost_pct))
+    for mode, values in coverage.items():
+        if values:  # why pruning costs what it does: how much routing the kept half carries
+            c = bootstrap_ci(list(values.values()), clusters=crossed(list(values)))
+            summary[f"{mode}_coverage"] = {"mean": c.mean, "ci": [c.low, c.high],
+                                           "units": c.n}
     return summary
 
 
@@ -417,6 +430,12 @@ def markdown(variant: str, table: list[dict], pruning: dict, routing: dict) -> s
             lines.append(f"| personalized beats global TCESS after recovery, share of clients "
                          f"| {fmt_ci(c['share'], c['ci'])} | >= 0.8 "
                          f"({'met' if c['goal_met'] else 'missed'}) |")
+        for mode in ("personalized", "global"):
+            if f"{mode}_coverage" in pruning:
+                c = pruning[f"{mode}_coverage"]
+                lines.append(f"| share of the client's routing choices that land on its "
+                             f"{mode} TCESS half, before pruning | {fmt_ci(c['mean'], c['ci'])} "
+                             f"| (1.0: the other half unused; 0.5: uniform routing) |")
     if routing:
         lines += ["", "| routing on the client's own domain | base | personalized | "
                   "difference [95% CI] |", "|---|---|---|---|"]
@@ -437,7 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RECORD,
                         help="where the runs go (default: the record kept in git, which the "
                              "command continues; another folder reruns everything)")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="the runs to do (the report covers every run in --out)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--recover-steps", type=int, default=32,
@@ -463,10 +483,11 @@ def main(argv: list[str] | None = None) -> None:
                     consistency(out, variant, seed)
                     if not prune_bench(out, variant, seed, args.recover_steps):
                         failed.append(f"{variant}/pruning/seed{seed}")
+    # The report covers the whole record, whatever subset this command ran.
     report: dict = {}
     text = []
-    for variant in variants:
-        runs = load_runs(out, variant, tuple(seeds))
+    for variant in VARIANTS:
+        runs = load_runs(out, variant, SEEDS)
         if not runs:
             continue
         table = strategy_table(runs)

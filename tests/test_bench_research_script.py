@@ -37,7 +37,8 @@ def write_run(out: Path, strategy: str, seed: int, ppl: list[float], up_mb: floa
 def write_record(out: Path) -> None:
     """local is 10% worse than fedmoe on every client of both seeds; fedavg's one run failed
     (results.json without the done marker); a personalized-vs-global pruning file where
-    personalized wins on 3 of 4 clients; routing where personalization adds 0.1."""
+    personalized wins on 3 of 4 clients and its kept half carries 0.8 of the routing (global:
+    0.6); routing where personalization adds 0.1."""
     for seed in (0, 1):
         write_run(out, "fedmoe", seed, [10.0, 20.0], up_mb=1.5)
         write_run(out, "local", seed, [11.0, 22.0], up_mb=0.0)
@@ -48,7 +49,13 @@ def write_record(out: Path) -> None:
                  for c, (pers, glob) in enumerate([(10.1, 10.5), (10.2, 10.4), (10.3, 10.9),
                                                    (10.8, 10.6)])
                  for m, p in (("personalized", pers), ("global", glob))]
-    (pruning / "bench_pruning.json").write_text(json.dumps({"recovered": recovered}))
+    rows = [{"client": c, "score": "tcess", "mode": m, "keep": 0.5, "coverage": cov}
+            for c in range(2) for m, cov in (("personalized", 0.8), ("global", 0.6))]
+    rows += [{"client": 0, "score": "frequency", "mode": "personalized", "keep": 0.5,
+              "coverage": 0.1}, {"client": 0, "score": "tcess", "mode": "personalized",
+                                 "keep": 1.0, "coverage": 1.0}]
+    (pruning / "bench_pruning.json").write_text(json.dumps({"recovered": recovered,
+                                                            "rows": rows}))
     routing = out / "natural" / "consistency"
     routing.mkdir(parents=True)
     (routing / "seed0.json").write_text(json.dumps([
@@ -60,8 +67,8 @@ def test_report_pairs_clients_across_seeds_and_skips_failed_runs(bench, tmp_path
     # Prepare
     write_record(tmp_path)
 
-    # Execute
-    bench.main(["--out", str(tmp_path), "--variants", "natural", "--report-only"])
+    # Execute: a report asked for another variant still covers the whole record
+    bench.main(["--out", str(tmp_path), "--variants", "dirichlet", "--report-only"])
 
     # Assert
     report = json.loads((tmp_path / "research.json").read_text())["natural"]
@@ -79,6 +86,8 @@ def test_report_pairs_clients_across_seeds_and_skips_failed_runs(bench, tmp_path
     beats = report["pruning"]["personalized_beats_global"]
     assert beats["share"] == pytest.approx(0.75) and beats["units"] == 4
     assert not beats["goal_met"]
+    assert report["pruning"]["personalized_coverage"]["mean"] == pytest.approx(0.8)
+    assert report["pruning"]["global_coverage"]["mean"] == pytest.approx(0.6)
     assert report["routing"]["srp"]["difference"] == pytest.approx(0.1)
     assert "| local | 2 |" in (tmp_path / "research.md").read_text()
     assert (tmp_path / "research_natural_client_gains.png").stat().st_size > 0
