@@ -206,3 +206,17 @@ def test_the_record_keeps_its_base_model_and_holds_a_continuation_to_it(bench, t
     message = str(stop.value)
     assert "\n" not in message and "not the base model of the runs" in message
     assert recorded["sha256"][:12] in message
+
+
+def test_the_readmes_research_tables_are_rows_of_the_recorded_reports(bench):
+    # The README's numbers are copied from a record's research.md; a rerun of the report
+    # (or a hand edit) that changes a number must show here, not drift silently.
+    readme = (bench.RECORD.parents[1] / "README.md").read_text()
+    section = readme.split("## Research benchmark", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines()
+            if line.startswith("| ") and any(ch.isdigit() for ch in line)]
+    recorded = {line for report in bench.RECORD.parent.glob("*/research.md")
+                for line in report.read_text().splitlines()}
+    # Assert
+    assert len(rows) >= 20  # the strategy, pruning and routing tables of both splits
+    assert [row for row in rows if row not in recorded] == []
