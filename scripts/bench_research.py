@@ -76,6 +76,7 @@ VARIANTS: dict[str, list[str]] = {
 }
 SEEDS = (0, 1, 2)
 REFERENCE = "fedmoe"
+BASE, BASE_KEY = "base (no training)", "base_ppl"  # the table's first row: the starting point
 PRUNE_GOAL, PRUNE_WIN_GOAL = 0.03, 0.8
 SEGMENT, CACHE_SHARE = 16, 0.25
 DONE = ".bench_done"  # written once `fedmoe simulate` exited 0
@@ -288,23 +289,29 @@ def upload_mb(results: dict) -> float:
 
 
 def strategy_table(runs: dict[str, dict[int, dict]]) -> list[dict]:
+    """One row per strategy, and first the base model every run starts from (``base``: each
+    client's held-out perplexity before any training, as the fedmoe runs measured it)."""
     from fedmoe.reporting.stats import bootstrap_ci, crossed, win_rate
 
-    rows = []
     reference = units(runs.get(REFERENCE, {}))
+    settings: dict[str, tuple[dict, list[int], list[float], float]] = {}
+    base = {seed: r for seed, r in runs.get(REFERENCE, {}).items() if per_client(r, BASE_KEY)}
+    if base:
+        settings[BASE] = (units(base, BASE_KEY), sorted(base),
+                          [max(per_client(r, BASE_KEY).values()) for r in base.values()], 0.0)
     for strategy, by_seed in runs.items():
-        if strategy == "fedmoe_pruned":
-            continue
-        ppl = units(by_seed)
+        if strategy != "fedmoe_pruned":
+            settings[strategy] = (units(by_seed), sorted(by_seed),
+                                  [max(per_client(r).values()) for r in by_seed.values()],
+                                  float(np.mean([upload_mb(r) for r in by_seed.values()])))
+    rows = []
+    for strategy, (ppl, seeds, worst, upload) in settings.items():
         mean = bootstrap_ci(list(ppl.values()), clusters=crossed(ppl))
-        worst = [max(per_client(r).values()) for r in by_seed.values()]
-        row = {"strategy": strategy, "seeds": sorted(by_seed),
+        row = {"strategy": strategy, "seeds": seeds,
                "ppl_mean": mean.mean, "ppl_mean_ci": [mean.low, mean.high],
-               "ppl_worst": float(np.mean(worst)),
-               "upload_mb_per_client_round": float(np.mean([upload_mb(r)
-                                                            for r in by_seed.values()]))}
+               "ppl_worst": float(np.mean(worst)), "upload_mb_per_client_round": upload}
         if strategy != REFERENCE and reference:
-            ours, theirs = matched(reference, units(by_seed))
+            ours, theirs = matched(reference, ppl)
             if ours:
                 diff, wins = relative_difference(ours, theirs), win_rate(ours, theirs)
                 row |= {"units": len(ours), "fedmoe_vs_pct": diff.mean,

@@ -23,10 +23,13 @@ def bench():
 
 
 def write_run(out: Path, strategy: str, seed: int, ppl: list[float], up_mb: float,
-              done: bool = True) -> None:
+              done: bool = True, base: list[float] | None = None) -> None:
     run = out / "natural" / strategy / f"seed{seed}"
     run.mkdir(parents=True)
-    results = {"clients": {str(c): {"final_ppl": p} for c, p in enumerate(ppl)},
+    clients = {str(c): {"final_ppl": p} for c, p in enumerate(ppl)}
+    for c, b in enumerate(base or []):
+        clients[str(c)]["base_ppl"] = b
+    results = {"clients": clients,
                "rounds": [{"bytes_up": up_mb * MB * len(ppl), "accepted": list(range(len(ppl)))}
                           for _ in range(2)]}
     (run / "results.json").write_text(json.dumps(results))
@@ -35,12 +38,13 @@ def write_run(out: Path, strategy: str, seed: int, ppl: list[float], up_mb: floa
 
 
 def write_record(out: Path) -> None:
-    """local is 10% worse than fedmoe on every client of both seeds; fedavg's one run failed
+    """local is 10% worse than fedmoe on every client of both seeds, and fedmoe moved one
+    client from the base by -20%, the other by +25%; fedavg's one run failed
     (results.json without the done marker); a personalized-vs-global pruning file where
     personalized wins on 3 of 4 clients and its kept half carries 0.8 of the routing (global:
     0.6); routing where personalization adds 0.1."""
     for seed in (0, 1):
-        write_run(out, "fedmoe", seed, [10.0, 20.0], up_mb=1.5)
+        write_run(out, "fedmoe", seed, [10.0, 20.0], up_mb=1.5, base=[12.5, 16.0])
         write_run(out, "local", seed, [11.0, 22.0], up_mb=0.0)
     write_run(out, "fedavg", 0, [1.0, 1.0], up_mb=9.0, done=False)
     pruning = out / "natural" / "pruning" / "seed0"
@@ -73,7 +77,11 @@ def test_report_pairs_clients_across_seeds_and_skips_failed_runs(bench, tmp_path
     # Assert
     report = json.loads((tmp_path / "research.json").read_text())["natural"]
     rows = {r["strategy"]: r for r in report["strategies"]}
-    assert set(rows) == {"fedmoe", "local"}  # the failed fedavg run does not count
+    assert set(rows) == {"fedmoe", "local", bench.BASE}  # the failed fedavg run does not count
+    base = rows[bench.BASE]  # the starting point, from the base_ppl the fedmoe runs measured
+    assert base["ppl_mean"] == pytest.approx(14.25) and base["ppl_worst"] == 16.0
+    assert base["fedmoe_vs_pct"] == pytest.approx(2.5) and base["fedmoe_wins"] == 0.5
+    assert base["upload_mb_per_client_round"] == 0.0
     local = rows["local"]
     assert local["units"] == 4
     assert local["fedmoe_vs_pct"] == pytest.approx(100 * (10 / 11 - 1))
