@@ -304,12 +304,17 @@ def strategy_table(runs: dict[str, dict[int, dict]]) -> list[dict]:
             settings[strategy] = (units(by_seed), sorted(by_seed),
                                   [max(per_client(r).values()) for r in by_seed.values()],
                                   float(np.mean([upload_mb(r) for r in by_seed.values()])))
+    start = settings.get(BASE, ({},))[0]
     rows = []
     for strategy, (ppl, seeds, worst, upload) in settings.items():
         mean = bootstrap_ci(list(ppl.values()), clusters=crossed(ppl))
         row = {"strategy": strategy, "seeds": seeds,
                "ppl_mean": mean.mean, "ppl_mean_ci": [mean.low, mean.high],
                "ppl_worst": float(np.mean(worst)), "upload_mb_per_client_round": upload}
+        trained, untrained = matched(ppl, start)
+        if strategy != BASE and trained:
+            row["better_than_base"] = float(np.mean([trained[u] < untrained[u]
+                                                     for u in trained]))
         if strategy != REFERENCE and reference:
             ours, theirs = matched(reference, ppl)
             if ours:
@@ -417,14 +422,15 @@ def markdown(variant: str, table: list[dict], pruning: dict, routing: dict) -> s
     lines = [f"### {variant} split", "",
              "| strategy | seeds | mean client ppl [95% CI] | worst client ppl (mean over "
              "seeds) | fedmoe vs it, % [95% CI] | fedmoe better, share of clients [95% CI] "
-             "| MB up / client / round |",
-             "|---|---|---|---|---|---|---|"]
+             "| better than the base, share of clients | MB up / client / round |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in table:
         vs = fmt_ci(r["fedmoe_vs_pct"], r["fedmoe_vs_pct_ci"]) if "fedmoe_vs_pct" in r else "-"
         wins = fmt_ci(r["fedmoe_wins"], r["fedmoe_wins_ci"]) if "fedmoe_wins" in r else "-"
+        improved = f"{r['better_than_base']:.2f}" if "better_than_base" in r else "-"
         lines.append(f"| {r['strategy']} | {len(r['seeds'])} | "
                      f"{fmt_ci(r['ppl_mean'], r['ppl_mean_ci'])} | {r['ppl_worst']:.2f} | {vs} "
-                     f"| {wins} | {r['upload_mb_per_client_round']:.3f} |")
+                     f"| {wins} | {improved} | {r['upload_mb_per_client_round']:.3f} |")
     if pruning:
         lines += ["", "| pruning at 50% kept | value [95% CI] | goal |", "|---|---|---|"]
         if "federated_cost_pct" in pruning:

@@ -81,7 +81,9 @@ def test_report_pairs_clients_across_seeds_and_skips_failed_runs(bench, tmp_path
     base = rows[bench.BASE]  # the starting point, from the base_ppl the fedmoe runs measured
     assert base["ppl_mean"] == pytest.approx(14.25) and base["ppl_worst"] == 16.0
     assert base["fedmoe_vs_pct"] == pytest.approx(2.5) and base["fedmoe_wins"] == 0.5
-    assert base["upload_mb_per_client_round"] == 0.0
+    assert base["upload_mb_per_client_round"] == 0.0 and "better_than_base" not in base
+    assert rows["fedmoe"]["better_than_base"] == 0.5  # client 0 of each seed
+    assert rows["local"]["better_than_base"] == 0.5  # against the base of the same client
     local = rows["local"]
     assert local["units"] == 4
     assert local["fedmoe_vs_pct"] == pytest.approx(100 * (10 / 11 - 1))
