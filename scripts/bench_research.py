@@ -34,10 +34,11 @@ Then, from the finished runs:
 
 Every step is skipped when its output exists, so the command resumes where it stopped (a
 ``fedmoe simulate`` run that was cut short resumes from its last round checkpoint; one that
-exited non-zero is run again and does not count until it succeeds). The runs go to
-``benchmarks/research``, whose results, configs, reports and base model (``base_model/``) git
-keeps: a fresh clone prints the tables of the runs done so far and continues the others on the
-same base model (``--out <folder>`` starts over).
+exited non-zero is run again and does not count until it succeeds). The runs go to the
+variant's record, ``benchmarks/research`` (natural) or ``benchmarks/research-dirichlet``,
+whose results, configs, reports and base model (``base_model/``) git keeps: a fresh clone
+prints the tables of the runs done so far and continues the others on the same base model
+(``--out <folder>`` starts over, every variant in that folder).
 
     python scripts/bench_research.py                        # everything (hours on 2 cores)
     python scripts/bench_research.py --variants natural     # the natural split only
@@ -84,9 +85,12 @@ DONE = ".bench_done"  # written once `fedmoe simulate` exited 0
 # machine continues on it. Pretraining is not bit-reproducible across CPUs (AVX2 vs AVX-512
 # sums), so a record without its copy cannot be continued on another kind of machine.
 BASE_DIR = "base_model"
-# The default --out: git keeps its small files (benchmarks/research/.gitignore), so the tables
-# and the runs already done travel with the code and a fresh clone continues the rest.
+# The default --out of each variant: git keeps their small files (the records' .gitignore), so
+# the tables and the runs already done travel with the code and a fresh clone continues the
+# rest. The Dirichlet variant has a record of its own: it was begun on another kind of CPU,
+# with the base model kept (the first record's Dirichlet runs, 2 seeds, are superseded).
 RECORD = Path(__file__).resolve().parent.parent / "benchmarks" / "research"
+RECORDS = {"natural": RECORD, "dirichlet": RECORD.with_name("research-dirichlet")}
 
 
 # ---- runs ---------------------------------------------------------------------------------
@@ -461,42 +465,28 @@ def markdown(variant: str, table: list[dict], pruning: dict, routing: dict) -> s
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*",
-                        help="Hydra overrides after experiment=research, for every run (a "
-                             "changed setting is a different benchmark: use another --out)")
-    parser.add_argument("--out", type=Path, default=RECORD,
-                        help="where the runs go (default: the record kept in git, which the "
-                             "command continues; another folder reruns everything)")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="the runs to do (the report covers every run in --out)")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    parser.add_argument("--recover-steps", type=int, default=32,
-                        help="local steps after pruning in the personalized-vs-global pairs "
-                             "(the federated clients recover for 2 rounds x 16 steps)")
-    parser.add_argument("--report-only", action="store_true")
-    args = parser.parse_args(argv)
-    out = args.out.resolve()
-    variants, strategies = args.variants.split(","), args.strategies.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")]
+def run_record(out: Path, variants: list[str], strategies: list[str], seeds: list[int],
+               overrides: list[str], recover_steps: int) -> list[str]:
+    """Every missing run and analysis of ``variants`` in the record ``out``; what failed."""
     failed = []
-    if not args.report_only:
-        extra = list(args.overrides)
-        if any(not (run_dir(out, v, s, seed) / DONE).is_file()
-               for v in variants for s in strategies for seed in seeds):
-            extra += check_base(out, args.overrides)  # only when a run is still to do
-        for variant in variants:
-            for seed in seeds:  # a seed's every run and analysis before the next seed
-                for strategy in strategies:
-                    if not simulate(out, variant, strategy, seed, extra):
-                        failed.append(f"{variant}/{strategy}/seed{seed}")
-                if (run_dir(out, variant, REFERENCE, seed) / DONE).is_file():
-                    consistency(out, variant, seed)
-                    if not prune_bench(out, variant, seed, args.recover_steps):
-                        failed.append(f"{variant}/pruning/seed{seed}")
-    # The report covers the whole record, whatever subset this command ran.
+    extra = list(overrides)
+    if any(not (run_dir(out, v, s, seed) / DONE).is_file()
+           for v in variants for s in strategies for seed in seeds):
+        extra += check_base(out, overrides)  # only when a run is still to do
+    for variant in variants:
+        for seed in seeds:  # a seed's every run and analysis before the next seed
+            for strategy in strategies:
+                if not simulate(out, variant, strategy, seed, extra):
+                    failed.append(f"{variant}/{strategy}/seed{seed}")
+            if (run_dir(out, variant, REFERENCE, seed) / DONE).is_file():
+                consistency(out, variant, seed)
+                if not prune_bench(out, variant, seed, recover_steps):
+                    failed.append(f"{variant}/pruning/seed{seed}")
+    return failed
+
+
+def write_report(out: Path) -> None:
+    """The tables of every run in the record ``out``, whatever subset a command ran."""
     report: dict = {}
     text = []
     for variant in VARIANTS:
@@ -514,6 +504,40 @@ def main(argv: list[str] | None = None) -> None:
     (out / "research.md").write_text("\n".join(text))
     (out / "research.json").write_text(json.dumps(report, indent=2))
     print(f"saved {out / 'research.json'} and {out / 'research.md'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*",
+                        help="Hydra overrides after experiment=research, for every run (a "
+                             "changed setting is a different benchmark: use another --out)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the runs go (default: each variant's record kept in git, "
+                             "which the command continues; another folder reruns everything)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="the runs to do (a report covers every run in its record)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--recover-steps", type=int, default=32,
+                        help="local steps after pruning in the personalized-vs-global pairs "
+                             "(the federated clients recover for 2 rounds x 16 steps)")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    variants, strategies = args.variants.split(","), args.strategies.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    records: dict[Path, list[str]] = {}
+    for variant in variants:
+        out = (args.out or RECORDS[variant]).resolve()
+        records.setdefault(out, []).append(variant)
+    failed = []
+    for out, its_variants in records.items():
+        if not args.report_only:
+            failed += run_record(out, its_variants, strategies, seeds, args.overrides,
+                                 args.recover_steps)
+        write_report(out)
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
 

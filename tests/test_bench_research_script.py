@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.runs import REPO
 from tests.helpers.scripts import load_script
 
 MB = 2**20
@@ -230,3 +231,25 @@ def test_the_readmes_research_tables_are_rows_of_the_recorded_reports(bench):
     # Assert
     assert len(rows) >= 20  # the strategy, pruning and routing tables of both splits
     assert [row for row in rows if row not in recorded] == []
+
+
+def test_each_variants_record_reproduces_its_committed_report(bench, tmp_path, monkeypatch):
+    # The committed tables are what the script computes from the committed runs (no hand
+    # edit), and with no --out each variant's report goes to its own record.
+    tracked = git(REPO, "ls-files", "--", *(str(r.relative_to(REPO))
+                                            for r in bench.RECORDS.values())).split()
+    for name in tracked:
+        if "/base_model/" not in name and not name.endswith(".png"):
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / name, tmp_path / name)
+    copies = {v: tmp_path / r.relative_to(REPO) for v, r in bench.RECORDS.items()}
+    monkeypatch.setattr(bench, "RECORDS", copies)
+    for copy in copies.values():
+        (copy / "research.md").unlink()
+    # Execute
+    bench.main(["--report-only"])
+    # Assert
+    for variant, record in bench.RECORDS.items():
+        committed = (REPO / record.relative_to(tmp_path) / "research.md").read_text()
+        assert (record / "research.md").read_text() == committed
+        assert f"### {variant} split" in committed
