@@ -15,32 +15,43 @@ from pathlib import Path
 import psutil
 
 
-def _ephemeral_low() -> int:
-    """The lowest port the kernel hands out as an outgoing connection's source port."""
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out as outgoing connections' source ports (inclusive)."""
     try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default; macOS and Windows start higher (49152)
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; macOS and Windows use 49152-65535
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` now, chosen below the kernel's ephemeral range.
+_handed_out: set[int] = set()  # a port given twice here would be shared or lost
+
+
+def free_port(host: str = "127.0.0.1", span: int = 12000) -> int:
+    """A TCP port that is free on ``host`` now, chosen outside the kernel's ephemeral range.
 
     A port the kernel picks (``bind(0)``) lies in that range, so between this check and the
     server's own bind any outgoing connection on the machine — a SuperNode's retries, a poll
-    of the SuperLink — may take it as its source port ("address already in use"). Below the
-    range only another listener can take it.
+    of the SuperLink — may take it as its source port ("address already in use"). Outside the
+    range only another listener can take it. The port is drawn from up to ``span`` ports below
+    the range (or above it, where the range starts too low); ``bind(0)`` where neither has room.
+    A process never gets the same port twice, as two services started together would.
     """
-    low = _ephemeral_low()
+    low, high = ephemeral_range()
+    below, above = (max(1024, low - span), low), (high + 1, min(65536, high + 1 + span))
+    choices = [r for r in (below, above) if r[1] - r[0] >= 1000]
     rng = random.SystemRandom()
-    for _ in range(100):
-        port = rng.randrange(max(1024, low - 12000), low)
+    for _ in range(100 if choices else 0):
+        port = rng.randrange(*choices[0])
+        if port in _handed_out:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -27,6 +27,7 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.common.config import parse_config_args
 
 from fedmoe.fl.bridge import overrides_from_run_config
+from fedmoe.launch import processes
 from fedmoe.launch.certs import TlsFiles, generate_supernode_keys, generate_tls_certificates
 from fedmoe.launch.commands import node_config_arg, superlink_command, supernode_command
 from fedmoe.launch.control import Control, stage_app
@@ -51,14 +52,24 @@ def test_server_certificate_is_signed_by_the_ca_for_localhost(tmp_path):
     assert stat.S_IMODE(os.stat(tls.server_key).st_mode) == 0o600
 
 
-def test_free_ports_lie_below_the_range_outgoing_connections_take_source_ports_from():
+@pytest.mark.parametrize("ephemeral", [None, (1024, 60999), (1024, 65000)])
+def test_free_ports_lie_outside_the_range_outgoing_connections_take_source_ports_from(
+        ephemeral, monkeypatch):
     # A port in the ephemeral range can be taken, between the check and the server's bind,
-    # by any outgoing connection's source port (a SuperNode failed so in CI).
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    # by any outgoing connection's source port (a SuperNode failed so in CI). None: this
+    # machine's range; then ranges that leave no room below, and no room on either side.
+    if ephemeral is not None:
+        monkeypatch.setattr(processes, "ephemeral_range", lambda: ephemeral)
+    low, high = processes.ephemeral_range()
     # Execute
     ports = [free_port() for _ in range(20)]
     # Assert
-    assert all(1024 <= port < low for port in ports), (low, ports)
+    if high - low > 60000:  # no room outside: the kernel's choice, still a free port
+        assert all(1024 <= port <= 65535 for port in ports)
+    else:
+        assert all(1024 <= port < low or high < port <= 65535 for port in ports), ports
+    if high - low <= 60000:
+        assert len(set(ports)) == len(ports)  # never the same port twice in a process
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports[0]))  # free now
 
