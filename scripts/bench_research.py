@@ -51,9 +51,11 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +246,13 @@ def routing_figures(routing) -> dict[str, float]:
 
 
 # ---- statistics ---------------------------------------------------------------------------
+def recorded_seeds(out: Path, variant: str) -> list[int]:
+    """Every seed with a folder in the record (the default seeds and any other run since)."""
+    found = {int(m.group(1)) for path in (out / variant).glob("*/seed*")
+             if (m := re.fullmatch(r"seed(\d+)(\.json)?", path.name))}
+    return sorted(found | set(SEEDS))
+
+
 def load_runs(out: Path, variant: str,
               seeds: tuple[int, ...] = SEEDS) -> dict[str, dict[int, dict]]:
     """strategy -> seed -> results.json, for the runs of ``seeds`` that finished."""
@@ -319,6 +328,7 @@ def strategy_table(runs: dict[str, dict[int, dict]]) -> list[dict]:
         if strategy != BASE and trained:
             row["better_than_base"] = float(np.mean([trained[u] < untrained[u]
                                                      for u in trained]))
+            row["better_than_base_units"] = len(trained)
         if strategy != REFERENCE and reference:
             ours, theirs = matched(reference, ppl)
             if ours:
@@ -351,7 +361,8 @@ def plot_gains(runs: dict[str, dict[int, dict]], path: Path) -> Path | None:
     return plot_gains_by_setting(gains, intervals, path, baseline="the strategy named below")
 
 
-def pruning_summary(out: Path, variant: str, runs: dict[str, dict[int, dict]]) -> dict:
+def pruning_summary(out: Path, variant: str, runs: dict[str, dict[int, dict]],
+                    seeds: tuple[int, ...] = SEEDS) -> dict:
     from fedmoe.reporting.stats import bootstrap_ci, crossed, win_rate
 
     summary: dict = {}
@@ -364,7 +375,7 @@ def pruning_summary(out: Path, variant: str, runs: dict[str, dict[int, dict]]) -
                                              "goal_met": cost.mean <= 100 * PRUNE_GOAL}
     personal, pooled, cost_pct = {}, {}, []
     coverage: dict[str, dict] = {"personalized": {}, "global": {}}
-    for seed in SEEDS:
+    for seed in seeds:
         path = out / variant / "pruning" / f"seed{seed}" / "bench_pruning.json"
         if not path.is_file():
             continue
@@ -393,11 +404,11 @@ def pruning_summary(out: Path, variant: str, runs: dict[str, dict[int, dict]]) -
     return summary
 
 
-def consistency_summary(out: Path, variant: str) -> dict:
+def consistency_summary(out: Path, variant: str, seeds: tuple[int, ...] = SEEDS) -> dict:
     from fedmoe.reporting.stats import bootstrap_ci, crossed
 
     rows = {}
-    for seed in SEEDS:
+    for seed in seeds:
         path = out / variant / "consistency" / f"seed{seed}.json"
         if path.is_file():
             rows |= {(str(seed), str(r["client"])): r for r in json.loads(path.read_text())}
@@ -450,8 +461,9 @@ def markdown(variant: str, table: list[dict], pruning: dict, routing: dict) -> s
         for mode in ("personalized", "global"):
             if f"{mode}_coverage" in pruning:
                 c = pruning[f"{mode}_coverage"]
-                lines.append(f"| share of the client's routing choices that land on its "
-                             f"{mode} TCESS half, before pruning | {fmt_ci(c['mean'], c['ci'])} "
+                lines.append(f"| share of the client's routing choices (its unpruned model "
+                             f"after round 4) that land on its {mode} TCESS half "
+                             f"| {fmt_ci(c['mean'], c['ci'])} "
                              f"| (1.0: the other half unused; 0.5: uniform routing) |")
     if routing:
         lines += ["", "| routing on the client's own domain | base | personalized | "
@@ -485,17 +497,19 @@ def run_record(out: Path, variants: list[str], strategies: list[str], seeds: lis
     return failed
 
 
-def write_report(out: Path) -> None:
-    """The tables of every run in the record ``out``, whatever subset a command ran."""
+def write_report(out: Path, variants: Iterable[str] = VARIANTS) -> None:
+    """The tables of every run of ``variants`` in the record ``out``, whatever subset of them
+    a command ran."""
     report: dict = {}
     text = []
-    for variant in VARIANTS:
-        runs = load_runs(out, variant, SEEDS)
+    for variant in variants:
+        seeds = tuple(recorded_seeds(out, variant))
+        runs = load_runs(out, variant, seeds)
         if not runs:
             continue
         table = strategy_table(runs)
-        pruning = pruning_summary(out, variant, runs)
-        routing = consistency_summary(out, variant)
+        pruning = pruning_summary(out, variant, runs, seeds)
+        routing = consistency_summary(out, variant, seeds)
         report[variant] = {"strategies": table, "pruning": pruning, "routing": routing}
         plot_gains(runs, out / f"research_{variant}_client_gains.png")
         text.append(markdown(variant, table, pruning, routing))
@@ -537,7 +551,10 @@ def main(argv: list[str] | None = None) -> None:
         if not args.report_only:
             failed += run_record(out, its_variants, strategies, seeds, args.overrides,
                                  args.recover_steps)
-        write_report(out)
+        # A record of its own reports its own variants (the natural record also holds the
+        # superseded Dirichlet runs); another folder reports every variant in it.
+        write_report(out, VARIANTS if args.out else
+                     [v for v in VARIANTS if RECORDS[v].resolve() == out])
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
 

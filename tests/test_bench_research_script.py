@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,13 +40,13 @@ def write_run(out: Path, strategy: str, seed: int, ppl: list[float], up_mb: floa
 
 
 def write_record(out: Path) -> None:
-    """local is 10% worse than fedmoe on every client of both seeds, and fedmoe moved one
-    client from the base by -20%, the other by +25%; fedavg's one run failed
+    """local is 10% worse than fedmoe on every client of both seeds; from the base, fedmoe
+    moved client 0 by -20% and client 1 by +122%; fedavg's one run failed
     (results.json without the done marker); a personalized-vs-global pruning file where
     personalized wins on 3 of 4 clients and its kept half carries 0.8 of the routing (global:
     0.6); routing where personalization adds 0.1."""
     for seed in (0, 1):
-        write_run(out, "fedmoe", seed, [10.0, 20.0], up_mb=1.5, base=[12.5, 16.0])
+        write_run(out, "fedmoe", seed, [10.0, 20.0], up_mb=1.5, base=[12.5, 9.0])
         write_run(out, "local", seed, [11.0, 22.0], up_mb=0.0)
     write_run(out, "fedavg", 0, [1.0, 1.0], up_mb=9.0, done=False)
     pruning = out / "natural" / "pruning" / "seed0"
@@ -80,11 +81,14 @@ def test_report_pairs_clients_across_seeds_and_skips_failed_runs(bench, tmp_path
     rows = {r["strategy"]: r for r in report["strategies"]}
     assert set(rows) == {"fedmoe", "local", bench.BASE}  # the failed fedavg run does not count
     base = rows[bench.BASE]  # the starting point, from the base_ppl the fedmoe runs measured
-    assert base["ppl_mean"] == pytest.approx(14.25) and base["ppl_worst"] == 16.0
-    assert base["fedmoe_vs_pct"] == pytest.approx(2.5) and base["fedmoe_wins"] == 0.5
-    assert base["upload_mb_per_client_round"] == 0.0 and "better_than_base" not in base
-    assert rows["fedmoe"]["better_than_base"] == 0.5  # client 0 of each seed
-    assert rows["local"]["better_than_base"] == 0.5  # against the base of the same client
+    assert base["ppl_mean"] == pytest.approx(10.75) and base["ppl_worst"] == 12.5
+    assert base["fedmoe_vs_pct"] == pytest.approx(50 * (10 / 12.5 + 20 / 9 - 2))
+    assert base["fedmoe_wins"] == 0.5 and base["upload_mb_per_client_round"] == 0.0
+    assert "better_than_base" not in base
+    # client 0 of each seed (paired per client: 11 and 22 beat neither 9 nor 12.5 swapped)
+    assert rows["fedmoe"]["better_than_base"] == 0.5
+    assert rows["local"]["better_than_base"] == 0.5
+    assert rows["local"]["better_than_base_units"] == 4
     local = rows["local"]
     assert local["units"] == 4
     assert local["fedmoe_vs_pct"] == pytest.approx(100 * (10 / 11 - 1))
@@ -219,18 +223,24 @@ def test_the_record_keeps_its_base_model_and_holds_a_continuation_to_it(bench, t
     assert recorded["sha256"][:12] in message
 
 
-def test_the_readmes_research_tables_are_rows_of_the_recorded_reports(bench):
-    # The README's numbers are copied from a record's research.md; a rerun of the report
-    # (or a hand edit) that changes a number must show here, not drift silently.
-    readme = (bench.RECORD.parents[1] / "README.md").read_text()
+def test_the_readmes_research_tables_are_the_recorded_reports_tables(bench):
+    # The README's numbers are copied from the records' research.md; a rerun of the report
+    # (or a hand edit) that changes a number must show here, not drift silently. Each README
+    # table is a block of the report section of the split its paragraph names.
+    readme = (REPO / "README.md").read_text()
     section = readme.split("## Research benchmark", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines()
-            if line.startswith("| ") and any(ch.isdigit() for ch in line)]
-    recorded = {line for report in bench.RECORD.parent.glob("*/research.md")
-                for line in report.read_text().splitlines()}
-    # Assert
-    assert len(rows) >= 20  # the strategy, pruning and routing tables of both splits
-    assert [row for row in rows if row not in recorded] == []
+    reports = {variant: (record / "research.md").read_text().split(f"### {variant} split", 1)[1]
+               .split("\n### ", 1)[0] for variant, record in bench.RECORDS.items()}
+    checked = 0
+    for part in re.split(r"\nResults, ", section)[1:]:
+        variant = "natural" if part.startswith("natural") else "dirichlet"
+        assert part.startswith(("natural split", "Dirichlet(0.5) split")), part[:40]
+        tables = re.findall(r"(?m)^(\|.*\n(?:\|.*\n)+)", part.split("Reading the numbers")[0])
+        assert len(tables) == 3, (variant, len(tables))  # strategies, pruning, routing
+        for table in tables:
+            assert table in reports[variant] + "\n", (variant, table[:200])
+            checked += 1
+    assert checked == 6
 
 
 def test_each_variants_record_reproduces_its_committed_report(bench, tmp_path, monkeypatch):
