@@ -39,10 +39,10 @@ def free_port(host: str = "127.0.0.1", span: int = 12000) -> int:
     """
     low, high = ephemeral_range()
     below, above = (max(1024, low - span), low), (high + 1, min(65536, high + 1 + span))
-    choices = [r for r in (below, above) if r[1] - r[0] >= 1000]
+    room = next((r for r in (below, above) if r[1] - r[0] >= 1000), None)
     rng = random.SystemRandom()
-    for _ in range(100 if choices else 0):
-        port = rng.randrange(*choices[0])
+    for _ in range(100 if room else 0):
+        port = rng.randrange(*room)
         if port in _handed_out:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
