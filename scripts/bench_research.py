@@ -326,9 +326,10 @@ def strategy_table(runs: dict[str, dict[int, dict]]) -> list[dict]:
                "ppl_worst": float(np.mean(worst)), "upload_mb_per_client_round": upload}
         trained, untrained = matched(ppl, start)
         if strategy != BASE and trained:
-            row["better_than_base"] = float(np.mean([trained[u] < untrained[u]
-                                                     for u in trained]))
-            row["better_than_base_units"] = len(trained)
+            better = win_rate(trained, untrained)
+            row |= {"better_than_base": better.mean,
+                    "better_than_base_ci": [better.low, better.high],
+                    "better_than_base_units": better.n}
         if strategy != REFERENCE and reference:
             ours, theirs = matched(reference, ppl)
             if ours:
@@ -437,12 +438,13 @@ def markdown(variant: str, table: list[dict], pruning: dict, routing: dict) -> s
     lines = [f"### {variant} split", "",
              "| strategy | seeds | mean client ppl [95% CI] | worst client ppl (mean over "
              "seeds) | fedmoe vs it, % [95% CI] | fedmoe better, share of clients [95% CI] "
-             "| better than the base, share of clients | MB up / client / round |",
+             "| better than the base, share of clients [95% CI] | MB up / client / round |",
              "|---|---|---|---|---|---|---|---|"]
     for r in table:
         vs = fmt_ci(r["fedmoe_vs_pct"], r["fedmoe_vs_pct_ci"]) if "fedmoe_vs_pct" in r else "-"
         wins = fmt_ci(r["fedmoe_wins"], r["fedmoe_wins_ci"]) if "fedmoe_wins" in r else "-"
-        improved = f"{r['better_than_base']:.2f}" if "better_than_base" in r else "-"
+        improved = (fmt_ci(r["better_than_base"], r["better_than_base_ci"])
+                    if "better_than_base" in r else "-")
         lines.append(f"| {r['strategy']} | {len(r['seeds'])} | "
                      f"{fmt_ci(r['ppl_mean'], r['ppl_mean_ci'])} | {r['ppl_worst']:.2f} | {vs} "
                      f"| {wins} | {improved} | {r['upload_mb_per_client_round']:.3f} |")

@@ -89,6 +89,7 @@ def test_report_pairs_clients_across_seeds_and_skips_failed_runs(bench, tmp_path
     assert rows["fedmoe"]["better_than_base"] == 0.5
     assert rows["local"]["better_than_base"] == 0.5
     assert rows["local"]["better_than_base_units"] == 4
+    assert rows["local"]["better_than_base_ci"] == [0.0, 1.0]  # 2 clients, one better
     local = rows["local"]
     assert local["units"] == 4
     assert local["fedmoe_vs_pct"] == pytest.approx(100 * (10 / 11 - 1))
