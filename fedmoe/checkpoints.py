@@ -46,6 +46,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from fedmoe.config import TRAIN_DEVICES as DEVICES
 from fedmoe.config import ConfigError
+from fedmoe.memory import release_free_memory
 from fedmoe.moe.adapter import role_of_name
 from fedmoe.moe.families import Role, family_spec
 from fedmoe.moe.graft import add_grafts
@@ -251,6 +252,7 @@ def load_model(
     names: Iterable[str] | None = None,
     skip: Callable[[str], bool] | None = None,
     map_embeddings: bool = False,
+    quantize: str | None = None,
 ) -> PreTrainedModel:
     """The model a ``model`` preset describes, in the preset's dtype, on ``device``.
 
@@ -271,6 +273,10 @@ def load_model(
     map_embeddings : bool
         Keep the input embedding memory-mapped (read-only, CPU, untied, stored in the
         model's dtype; otherwise it is read like the rest).
+    quantize : {"nf4", "int8"}, optional
+        Store the routed experts packed (``train.quantize``, :mod:`fedmoe.train.quantize`),
+        each fused tensor quantized as soon as it is read: the process never holds the
+        experts in full precision, only one layer's tensor at a time.
     """
     m = plain(model_cfg)
     dtype = DTYPES[m.get("dtype") or "float32"]
@@ -281,15 +287,22 @@ def load_model(
     else:
         model = _load_checkpoint(str(source), m["family"], dtype, torch.device(device),
                                  names=set(names) if names is not None else None, skip=skip,
-                                 map_embeddings=map_embeddings)
+                                 map_embeddings=map_embeddings, quantize=quantize)
     if m.get("experts_implementation"):
         model.set_experts_implementation(m["experts_implementation"])
+    if quantize:
+        from fedmoe.train.expert_lora import IMPLEMENTATION
+        from fedmoe.train.quantize import quantize_model
+
+        quantize_model(model, quantize)  # what is still in full precision (not streamed)
+        model.set_experts_implementation(IMPLEMENTATION)  # the one that reads packed experts
     return model
 
 
 def _load_checkpoint(source: str, family: str, dtype: torch.dtype, device: torch.device,
                      names: set[str] | None, skip: Callable[[str], bool] | None,
-                     map_embeddings: bool = False) -> PreTrainedModel:
+                     map_embeddings: bool = False, quantize: str | None = None
+                     ) -> PreTrainedModel:
     path = Path(source)
     config = _checkpoint_config(source)
     if config.model_type != family_spec(family).model_type:
@@ -314,14 +327,37 @@ def _load_checkpoint(source: str, family: str, dtype: torch.dtype, device: torch
         embedding = _embedding_name(model) if map_embeddings and device.type == "cpu" else None
         mapped = {embedding} if embedding in wanted and _map_tensor(model, plan, embedding) \
             else set()
-        _materialize(model, wanted - mapped, device)
-        _stream_weights(model, plan, wanted - mapped, device)
+        packed = _quantized_names(model, quantize) & (wanted - mapped)
+        _materialize(model, wanted - mapped - packed, device)
+        _stream_weights(model, plan, wanted - mapped - packed, device)
+        for name in sorted(packed):  # one fused expert tensor in full precision at a time
+            _materialize(model, {name}, device)
+            _stream_weights(model, plan, {name}, device)
+            _quantize(model, name, quantize)
+        if packed:
+            release_free_memory()  # the full-precision tensors' pages, back to the OS
     except (SafetensorError, EOFError, pickle.UnpicklingError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"checkpoint {source!r}: its weights file is truncated or corrupt "
                          f"({first})") from None
-    _tie_and_check(model, wanted)
+    _tie_and_check(model, wanted - packed)
     return model.eval()
+
+
+def _quantized_names(model: nn.Module, quantize: str | None) -> set[str]:
+    if not quantize:
+        return set()
+    from fedmoe.train.quantize import quantized_names
+
+    return quantized_names(model)
+
+
+def _quantize(model: nn.Module, name: str, kind: str) -> None:
+    from fedmoe.train.quantize import quantize_part
+
+    module_name, _, attr = name.rpartition(".")
+    quantize_part(model.get_submodule(module_name), attr.removesuffix("_proj"),
+                  model.get_parameter(name).detach(), kind)
 
 
 def _checkpoint_config(source: str):

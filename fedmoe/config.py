@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
@@ -35,6 +36,7 @@ STRATEGY_NAMES = ("fedmoe", "fedavg", "local", "fedmoe_sub", "flex",  # conf/str
 SERVER_OPTS = ("adam", "yogi")
 TRAIN_METHODS = ("full", "lora")
 TRAIN_DEVICES = ("auto", "cpu", "cuda", "mps")
+TRAIN_QUANTIZE = ("nf4", "int8")  # fedmoe.train.quantize.KINDS
 DTYPES = ("float32", "float16", "bfloat16")
 LOGGERS = ("none", "wandb")
 LOGGER_MODES = ("auto", "offline", "online", "disabled")
@@ -61,6 +63,7 @@ Rule = _choices("Rule", RULES)
 ServerOpt = _choices("ServerOpt", SERVER_OPTS)
 TrainMethod = _choices("TrainMethod", TRAIN_METHODS)
 TrainDevice = _choices("TrainDevice", TRAIN_DEVICES)
+TrainQuantize = _choices("TrainQuantize", TRAIN_QUANTIZE)
 DType = _choices("DType", DTYPES)
 LoggerName = _choices("LoggerName", LOGGERS)
 LoggerMode = _choices("LoggerMode", LOGGER_MODES)
@@ -178,6 +181,7 @@ class TrainConfig:
     device: TrainDevice = TrainDevice.auto
     gradient_checkpointing: bool = False
     grad_accumulation: int = ranged(1, _at_least(1), "an integer >= 1 (batches per optimizer step)")
+    quantize: TrainQuantize | None = None
 
 
 @dataclass
@@ -512,6 +516,14 @@ def _cross_group_errors(cfg: DictConfig, deployment: bool = False) -> list[str]:
         errors += _top_k_errors(cfg.model)
     if "train" in cfg and not cfg.train.trainable:
         errors.append(f"train.trainable is empty: name at least one of {list(ROLES)}")
+    if "train" in cfg and cfg.train.get("quantize") and cfg.train.method != "lora":
+        errors.append(f"train.quantize={cfg.train.quantize}: a quantized base cannot be "
+                      f"trained in full; use train=lora (train.method={cfg.train.method})")
+    if not deployment and "train" in cfg and cfg.train.get("quantize") \
+            and importlib.util.find_spec("bitsandbytes") is None:
+        from fedmoe.extras import missing_extra_message  # a simulation's clients run here
+
+        errors.append(missing_extra_message("bitsandbytes", f"train.quantize={cfg.train.quantize}"))
     if "fl" in cfg and "graft" in cfg.fl.aggregate:
         errors.append("fl.aggregate names 'graft': a grafted expert is personal and never "
                       "leaves its client (strategy=flex)")

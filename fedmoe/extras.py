@@ -22,9 +22,11 @@ EXTRA_OF: dict[str, str] = {
     "matplotlib": "track",
     "gguf": "gguf",
     "llama_cpp": "gguf",
+    "bitsandbytes": "qlora",
 }
 EXTRA_NAMES: dict[str, str] = {"sim": "simulation", "track": "tracking", "scale": "scale-out",
-                               "gguf": "GGUF (llama.cpp)", "dev": "development"}
+                               "gguf": "GGUF (llama.cpp)", "qlora": "QLoRA (bitsandbytes)",
+                               "dev": "development"}
 
 
 class MissingExtra(ModuleNotFoundError):

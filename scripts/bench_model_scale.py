@@ -13,6 +13,9 @@ no 13 GB of memory. Then, side by side in one run:
    experts per layer, every expert file evicted from the page cache first
    (``POSIX_FADV_DONTNEED``), so misses are disk reads: peak memory (goal <= 4 GB), decode
    tokens/s, bytes read per token, and the disk's cold sequential read speed.
+   With ``--only qlora`` (in the default set), the same simulation again with the routed
+   experts frozen in 4 bits (``train.quantize=nf4``): peak ÷ checkpoint and seconds per step
+   side by side with bf16; its exports are deleted after it.
 3. The tiny model's smoke simulation with this tree and with another checkout
    (``--before``, e.g. a ``git worktree`` of the previous release): seconds, and the ratio.
 
@@ -22,7 +25,7 @@ exports of 6.5 GB during the run; three exports are deleted after it (``--keep-e
 Usage::
 
     .venv/bin/python scripts/bench_model_scale.py --dir /work/bench_scale \\
-        [--before /tmp/fedmoe_before] [--skip-build] [--only sim|edge|tiny]
+        [--before /tmp/fedmoe_before] [--only sim|qlora|edge|tiny|upload]
 """
 
 from __future__ import annotations
@@ -172,9 +175,10 @@ def env_for(tree: Path, cache: Path) -> dict:
 # --- 2. the simulation -----------------------------------------------------------------------
 
 
-def simulate_large(ckpt: Path, work: Path, cache: Path) -> dict:
-    run_dir = work / "sim"
-    result, results = simulate(ROOT, cache, run_dir, [*SIM, f"model.path={ckpt}"])
+def simulate_large(ckpt: Path, work: Path, cache: Path, name: str = "sim",
+                   extra: tuple[str, ...] = ()) -> dict:
+    run_dir = work / name
+    result, results = simulate(ROOT, cache, run_dir, [*SIM, f"model.path={ckpt}", *extra])
     rounds = results["rounds"]
     clients = results["clients"]
     train = [r for r in rounds]
@@ -290,7 +294,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("bench_model_scale"))
     ap.add_argument("--before", type=Path, help="another checkout for the tiny-model ratio")
-    ap.add_argument("--only", choices=["sim", "edge", "tiny", "upload"], action="append")
+    ap.add_argument("--only", choices=["sim", "qlora", "edge", "tiny", "upload"],
+                    action="append")
     ap.add_argument("--edge-tokens", type=int, default=16)
     ap.add_argument("--edge-policy", default="lru")
     ap.add_argument("--keep-exports", type=int, default=1)
@@ -301,7 +306,7 @@ def main() -> None:
     ckpt = work / "olmoe_1b_7b"
     report_path = work / "bench_model_scale.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    only = set(args.only or ["sim", "edge", "tiny"])
+    only = set(args.only or ["sim", "qlora", "edge", "tiny"])
     if not (ckpt / "config.json").is_file():
         print("building the OLMoE-1B-7B-shaped checkpoint ...", flush=True)
         report["checkpoint_bytes"] = build_checkpoint(ckpt, tiny_tokenizer_dir(cache))
@@ -315,6 +320,14 @@ def main() -> None:
         for extra in exports[args.keep_exports:]:
             shutil.rmtree(extra)
         report["simulate"]["exports_kept"] = [str(e) for e in exports[:args.keep_exports]]
+        report_path.write_text(json.dumps(report, indent=2))
+    if "qlora" in only:
+        print("simulate: the same with the routed experts in nf4 (train.quantize=nf4) ...",
+              flush=True)
+        report["simulate_nf4"] = simulate_large(ckpt, work, cache, "sim_nf4",
+                                                ("train.quantize=nf4",))
+        for export in (work / "sim_nf4" / "clients").glob("client_*/model"):
+            shutil.rmtree(export)  # bf16 like the others: the edge uses the first run's
         report_path.write_text(json.dumps(report, indent=2))
     if "upload" in only and "sim" not in only:
         raw, record = raw_aggregated_bytes(ckpt)
@@ -355,6 +368,18 @@ def print_table(report: dict) -> None:
              if "record_bytes" in s else "-"),
             ("clients accepted per round", str([len(a) for a in s["accepted"]])),
         ]
+    if "simulate_nf4" in report:
+        q = report["simulate_nf4"]
+        rows += [
+            ("nf4 experts: simulate peak PSS / checkpoint", f"{q['peak_pss_bytes'] / ck:.3f}"),
+            ("nf4 experts: s per local step",
+             ", ".join(f"{t / 2:.1f}" for t in q["train_seconds_mean_per_client_round"] if t)),
+            ("nf4 experts: clients accepted per round", str([len(a) for a in q["accepted"]])),
+        ]
+        if "simulate" in report:
+            s = report["simulate"]
+            rows += [("nf4 / bf16 peak PSS", f"{q['peak_pss_bytes'] / s['peak_pss_bytes']:.3f}"),
+                     ("nf4 / bf16 seconds per step", f"{_per_step(q) / _per_step(s):.3f}")]
     if "edge" in report:
         e = report["edge"]
         rows += [
@@ -377,6 +402,11 @@ def print_table(report: dict) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+
+
+def _per_step(sim: dict) -> float:
+    train = [t for t in sim["train_seconds_mean_per_client_round"] if t]
+    return sum(train) / len(train) / 2
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from fedmoe.prune.pipeline import plan_pruning
 from fedmoe.prune.scores import compute_scores
 from fedmoe.train.loop import autocast_for, evaluate_lm, set_trainable, train_lm, weight_dtype
 from fedmoe.train.lora import apply_lora
+from fedmoe.train.quantize import check_quantize
 
 
 @dataclass
@@ -60,9 +61,14 @@ def prepare_model(model_cfg, checkpoint: str | Path, train_cfg, seed: int = 0,
     names (and LoRA's starting factors) agree on both sides.
 
     ``skip(name)`` leaves base tensors unloaded on the ``meta`` device (the server builds
-    the model this way, loading only what it aggregates).
+    the model this way, loading only what it aggregates). ``train.quantize`` stores the
+    routed experts in 4 or 8 bits (:mod:`fedmoe.train.quantize`; the server reads none).
     """
-    model = load_model(model_cfg, checkpoint=checkpoint, device=device, skip=skip)
+    quantize = train_cfg.get("quantize")
+    if skip is None:
+        check_quantize(quantize, train_cfg.method, torch.device(device))
+    model = load_model(model_cfg, checkpoint=checkpoint, device=device, skip=skip,
+                       quantize=quantize)
     if Role.GRAFT in {Role(r) for r in train_cfg.trainable}:
         add_grafts(model)  # FLEx: a personal expert beside each MoE block (zero until grafted)
     if train_cfg.get("gradient_checkpointing"):

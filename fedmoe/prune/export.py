@@ -8,7 +8,9 @@ the ORIGINAL ids of each layer's kept experts, their scores and routing statisti
 A PEFT model is exported merged (LoRA folded into the weights of a copy; the live model is
 untouched) and its unmerged adapter goes to ``adapter/``: it loads with
 ``PeftModel.from_pretrained`` onto the base model pruned to the same experts
-(``keep_experts(base, ExpertsInfo.read(path).kept)`` on an unpruned base).
+(``keep_experts(base, ExpertsInfo.read(path).kept)`` on an unpruned base). Routed experts
+a client held in 4 or 8 bits (``train.quantize``) are written dequantized, in the checkpoint's
+dtype, with their factors folded in (as QLoRA merges).
 
 HF configs hold ONE expert count per model, so a model whose MoE layers keep different
 numbers of experts (a ``prune.max_mb`` budget) is refused rather than padded: padding
@@ -50,6 +52,7 @@ from fedmoe.train.expert_lora import (
     has_expert_lora,
     merged_expert_weights,
 )
+from fedmoe.train.quantize import is_quantized
 
 # Exported tensors wait in memory until their file is written, so files are cut at this size
 # (an OLMoE-1B-7B layer's experts, 0.4 GB at 32 kept, go in two files).
@@ -323,7 +326,8 @@ class _Merge(NamedTuple):
 
 
 def _lora_merges(model: nn.Module) -> dict[str, _Merge]:
-    """Base name -> how its LoRA is merged (PEFT layers, fedmoe experts)."""
+    """Base name -> how its LoRA is merged (PEFT layers, fedmoe experts); experts stored
+    packed (``train.quantize``) are exported dequantized, with or without factors."""
     from peft.tuners.lora import LoraLayer
 
     merges: dict[str, _Merge] = {}
@@ -332,7 +336,7 @@ def _lora_merges(model: nn.Module) -> dict[str, _Merge]:
             name = getattr(module, "parameter_name", None) or "weight"
             merges[normalize_name(f"{path}.{name}")] = _Merge(delta=partial(
                 lambda m: sum(m.get_delta_weight(a) for a in m.active_adapters), module))
-        elif has_expert_lora(module):
+        elif has_expert_lora(module) or is_quantized(module):
             for part in PARTS:
                 merges[normalize_name(f"{path}.{part}_proj")] = _Merge(merged=partial(
                     lambda m, p, rows: merged_expert_weights(m, rows, (p,))[f"{p}_proj"],

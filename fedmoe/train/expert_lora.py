@@ -13,7 +13,9 @@ The factors live on the experts module as ``lora_gate_up_A (E, r, H)``, ``lora_g
 like the fused weights, so pruning slices them with the experts and personal state is
 ``E x r x (in + out)`` numbers per tensor, not ``E x in x out``. The forward is transformers'
 eager experts loop plus the low-rank path, registered as the experts implementation
-``"fedmoe_lora"`` of :class:`transformers.integrations.moe.ExpertsInterface`.
+``"fedmoe_lora"`` of :class:`transformers.integrations.moe.ExpertsInterface`; it also runs
+experts stored packed by ``train.quantize`` (:mod:`fedmoe.train.quantize`), with or without
+factors.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ExpertsInterface
+
+from fedmoe.train.quantize import expert_linear, expert_weight, experts_device
 
 IMPLEMENTATION = "fedmoe_lora"
 SCALING_ATTR = "_fedmoe_lora_scaling"
@@ -52,24 +56,30 @@ def add_expert_lora(experts: nn.Module, r: int, alpha: float, generator: torch.G
         bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on (r, in)
         a = (torch.rand(num_experts, r, in_features, generator=generator) * 2 - 1) * bound
         name_a, name_b = factor_names(part)
-        device = weight.device if not weight.is_meta else "cpu"
+        device = experts_device(experts)  # the packed buffers' when quantized
         experts.register_parameter(name_a, nn.Parameter(a.to(device=device, dtype=dtype)))
         experts.register_parameter(name_b, nn.Parameter(
             torch.zeros(num_experts, out_features, r, device=device, dtype=dtype)))
     setattr(experts, SCALING_ATTR, alpha / r)
 
 
-def _project(x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-             scaling: float) -> torch.Tensor:
-    """``x W^T + scaling * (x A^T) B^T`` for one expert; x: (n, in) -> (n, out)."""
-    return F.linear(x, weight) + scaling * F.linear(F.linear(x, a), b)
+def _project(experts: nn.Module, part: str, e: int, x: torch.Tensor,
+             scaling: float | None) -> torch.Tensor:
+    """``x W_e^T + scaling * (x A_e^T) B_e^T`` for expert ``e``'s ``<part>_proj`` (no low-rank
+    path when the experts have no factors); x: (n, in) -> (n, out)."""
+    out = expert_linear(experts, part, e, x)
+    if scaling is None:
+        return out
+    name_a, name_b = factor_names(part)
+    a, b = getattr(experts, name_a)[e], getattr(experts, name_b)[e]
+    return out + scaling * F.linear(F.linear(x, a), b)
 
 
 def lora_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
                          top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """The ``"fedmoe_lora"`` experts implementation: the eager loop with each expert's
     low-rank path (``self``: the experts module; hidden_states (T, H), index/weights (T, k))."""
-    scaling = getattr(self, SCALING_ATTR)
+    scaling = getattr(self, SCALING_ATTR, None)
     final = torch.zeros_like(hidden_states)  # (T, H)
     with torch.no_grad():
         mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # (E, k, T)
@@ -77,11 +87,9 @@ def lora_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
     for e in hit[:, 0].tolist():
         top_k_pos, token_idx = torch.where(mask[e])
         x = hidden_states[token_idx]  # (n, H)
-        gate_up = _project(x, self.gate_up_proj[e], self.lora_gate_up_A[e],
-                           self.lora_gate_up_B[e], scaling)  # (n, 2I)
+        gate_up = _project(self, "gate_up", e, x, scaling)  # (n, 2I)
         gate, up = gate_up.chunk(2, dim=-1)
-        h = _project(self.act_fn(gate) * up, self.down_proj[e], self.lora_down_A[e],
-                     self.lora_down_B[e], scaling)  # (n, H)
+        h = _project(self, "down", e, self.act_fn(gate) * up, scaling)  # (n, H)
         h = h * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, h.to(final.dtype))
     return final
@@ -95,17 +103,20 @@ def merged_expert_weights(experts: nn.Module, select: list[int] | None = None,
                           parts: tuple[str, ...] = PARTS) -> dict[str, torch.Tensor]:
     """``W_e + scaling * B_e @ A_e`` of the ``select``-ed experts (all by default), in the
     weights' dtype; merged one expert at a time (for export: no full-layer fp32 copy).
-    ``parts``: which fused tensors (``gate_up``, ``down``); export asks for one at a time."""
-    scaling = getattr(experts, SCALING_ATTR)
+    ``parts``: which fused tensors (``gate_up``, ``down``); export asks for one at a time.
+    Packed experts (``train.quantize``) are dequantized; without factors, ``W_e`` alone."""
+    scaling = getattr(experts, SCALING_ATTR, None)
     out = {}
     for part in parts:
-        weight = getattr(experts, f"{part}_proj")  # (E, out, in)
+        weight = getattr(experts, f"{part}_proj")  # (E, out, in); meta when packed
         ids = list(range(weight.shape[0])) if select is None else list(select)
         name_a, name_b = factor_names(part)
-        a, b = getattr(experts, name_a), getattr(experts, name_b)
         merged = torch.empty((len(ids), *weight.shape[1:]), dtype=weight.dtype)
         for j, e in enumerate(ids):
-            delta = b[e].float() @ a[e].float()  # (out, r) @ (r, in)
-            merged[j] = (weight[e].float() + scaling * delta).to(weight.dtype)
+            value = expert_weight(experts, part, e).float()  # (out, in)
+            if scaling is not None:
+                a, b = getattr(experts, name_a)[e], getattr(experts, name_b)[e]
+                value = value + scaling * (b.float() @ a.float())  # (out, r) @ (r, in)
+            merged[j] = value.to(weight.dtype)
         out[f"{part}_proj"] = merged
     return out

@@ -30,13 +30,14 @@ from fedmoe.fl.bridge import compose
 from fedmoe.fl.server_app import initial_arrays
 from fedmoe.client.local import LocalClient
 
-ckpt, cache, state, out = sys.argv[1:5]
+ckpt, cache, state, out, *extra = sys.argv[1:]
 cfg = compose(["experiment=smoke", "model=olmoe_1b_7b", f"model.path={ckpt}",
                f"fl.base_model={ckpt}", f"cache_dir={cache}", "train=lora",
                "train.local_steps=1", "train.batch_size=1", "train.device=cpu",
                "train.gradient_checkpointing=true", "data.block_size=64",
                "data.max_train_blocks_per_client=4", "data.max_eval_blocks_per_client=2",
-               "prune=default", "prune.keep=0.5", "fl.num_rounds=1", "fl.export=false"])
+               "prune=default", "prune.keep=0.5", "fl.num_rounds=1", "fl.export=false",
+               *extra])
 import fedmoe.data, datasets  # noqa: F401  (the interpreter's libraries, before any model)
 baseline = tree_pss()
 after = []
@@ -68,19 +69,24 @@ def olmoe_shaped(tmp_path_factory, fedmoe_cache):
     return root
 
 
+def _two_clients(checkpoint, cache, tmp_path, *overrides: str) -> dict:
+    """Run CHILD in a fresh process (nothing else this suite loaded is counted)."""
+    out = tmp_path / "memory.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(checkpoint), str(cache), str(tmp_path / "state"),
+         str(out), *overrides],
+        capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_two_clients_in_one_process_hold_one_model(olmoe_shaped, fedmoe_cache, tmp_path):
     # Prepare
     model_bytes = sum(f.stat().st_size for f in olmoe_shaped.glob("*.safetensors"))
-    out = tmp_path / "memory.json"
-    # Execute: a fresh process, so nothing else this suite loaded is counted
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(olmoe_shaped), str(fedmoe_cache),
-         str(tmp_path / "state"), str(out)],
-        capture_output=True, text=True, timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(out.read_text())
+    # Execute
+    result = _two_clients(olmoe_shaped, fedmoe_cache, tmp_path)
     # Assert: the run added at most 1.3x the checkpoint to the interpreter, and the second
     # client nothing beyond 5% of it (it reuses the first one's model)
     assert model_bytes > 3.5e9 and result["samples"] > 10
@@ -92,3 +98,22 @@ def test_two_clients_in_one_process_hold_one_model(olmoe_shaped, fedmoe_cache, t
         assert m["steps"] == 1 and m["eval_ppl"] > 1
         assert 0 < m["personal_mb"] < 64
     assert set(result["held"].values()) == {32}  # pruned to half of 64 experts, as a view
+
+
+@pytest.mark.slow
+def test_experts_in_four_bits_need_less_than_the_checkpoint(olmoe_shaped, fedmoe_cache,
+                                                             tmp_path):
+    # Prepare
+    model_bytes = sum(f.stat().st_size for f in olmoe_shaped.glob("*.safetensors"))
+    # Execute: the same two clients with the routed experts (86% of this checkpoint) in nf4
+    result = _two_clients(olmoe_shaped, fedmoe_cache, tmp_path, "train.quantize=nf4")
+    # Assert: the run adds under 0.8x the checkpoint -- a bf16 copy of the weights alone is
+    # 1x; nf4 experts are 0.28x of their bf16 bytes, the rest stays bf16 (0.39x together) --
+    # and both clients trained, were evaluated and were pruned
+    added = result["peak"] - result["baseline"]
+    assert added <= 0.8 * model_bytes, (added / model_bytes, result)
+    assert result["wire"] == ["bfloat16"]
+    for m in result["metrics"]:
+        assert m["steps"] == 1 and 1 < m["eval_ppl"] < 1e6
+        assert 0 < m["personal_mb"] < 64
+    assert set(result["held"].values()) == {32}
