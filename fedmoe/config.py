@@ -516,9 +516,9 @@ def _cross_group_errors(cfg: DictConfig, deployment: bool = False) -> list[str]:
         errors += _top_k_errors(cfg.model)
     if "train" in cfg and not cfg.train.trainable:
         errors.append(f"train.trainable is empty: name at least one of {list(ROLES)}")
-    if "train" in cfg and cfg.train.get("quantize") and cfg.train.method != "lora":
-        errors.append(f"train.quantize={cfg.train.quantize}: a quantized base cannot be "
-                      f"trained in full; use train=lora (train.method={cfg.train.method})")
+    if "train" in cfg and (error := quantize_method_error(cfg.train.get("quantize"),
+                                                          cfg.train.method)):
+        errors.append(error)
     if not deployment and "train" in cfg and cfg.train.get("quantize") \
             and importlib.util.find_spec("bitsandbytes") is None:
         from fedmoe.extras import missing_extra_message  # a simulation's clients run here
@@ -544,6 +544,14 @@ def _cross_group_errors(cfg: DictConfig, deployment: bool = False) -> list[str]:
         errors.append(f"pretraining.warmup_steps={cfg.pretraining.warmup_steps}: must be <= "
                       f"pretraining.steps={cfg.pretraining.steps}")
     return errors
+
+
+def quantize_method_error(quantize: str | None, method: str) -> str | None:
+    """Why ``train.quantize`` cannot go with ``train.method`` (``None``: it can)."""
+    if quantize and method != "lora":
+        return (f"train.quantize={quantize}: a quantized base cannot be trained in full; "
+                f"use train=lora (train.method={method})")
+    return None
 
 
 def _dp_with_pruning(cfg: DictConfig) -> bool:

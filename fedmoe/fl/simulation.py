@@ -138,12 +138,17 @@ def max_concurrent(cfg: DictConfig, base: str | Path, cpus: int,
     Each actor holds one base model (``fedmoe.client.local.SharedModel``); two copies side by
     side must never be what kills a run that fits once. ``fl.max_concurrent_clients`` wins;
     otherwise as many as fit in 80% of MemAvailable (the server and driver load no model),
-    at most as many as the CPUs allow.
+    at most as many as the CPUs allow. A model counts its checkpoint's bytes, its routed
+    experts at their packed size under ``train.quantize``.
     """
     by_cpu = max(int(cpus // float(cfg.fl.client_resources.num_cpus)), 1)
     if cfg.fl.get("max_concurrent_clients"):
         return min(int(cfg.fl.max_concurrent_clients), by_cpu), "fl.max_concurrent_clients"
     model = checkpoint_bytes(base)
+    if model is not None and cfg.train.get("quantize"):  # routed experts at 4 or 8 bits
+        from fedmoe.train.quantize import loaded_bytes
+
+        model = loaded_bytes(base, cfg.model.family, cfg.train.quantize) or model
     if model is None:
         return by_cpu, "CPUs (model size unknown)"
     per_actor = model * ACTOR_MODEL_FACTOR + ACTOR_OVERHEAD_BYTES

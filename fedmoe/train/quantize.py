@@ -26,16 +26,20 @@ lost to the activations otherwise).
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedmoe.config import TRAIN_QUANTIZE as KINDS
-from fedmoe.config import ConfigError
+from fedmoe.config import ConfigError, quantize_method_error
 
 BLOCKSIZE = {"nf4": 64, "int8": 256}
+# Bytes a packed weight takes: its code plus its share of the block's float32 absmax.
+BYTES_PER_WEIGHT = {"nf4": 4 / 8 + 4 / BLOCKSIZE["nf4"], "int8": 8 / 8 + 4 / BLOCKSIZE["int8"]}
 PARTS = ("gate_up", "down")  # as in fedmoe.train.expert_lora
 KIND_ATTR = "_fedmoe_quantized"
 
@@ -46,9 +50,8 @@ def check_quantize(kind: str | None, method: str, device: torch.device) -> None:
         return
     if kind not in KINDS:
         raise ConfigError(f"train.quantize={kind!r}: expected null or one of {list(KINDS)}")
-    if method != "lora":
-        raise ConfigError(f"train.quantize={kind}: a quantized base cannot be trained in full; "
-                          f"use train=lora (train.method={method})")
+    if error := quantize_method_error(kind, method):
+        raise ConfigError(error)
     if importlib.util.find_spec("bitsandbytes") is None:
         from fedmoe.extras import missing_extra_message
 
@@ -56,6 +59,37 @@ def check_quantize(kind: str | None, method: str, device: torch.device) -> None:
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"train.quantize={kind}: bitsandbytes runs on cpu and cuda, not "
                           f"on {device.type} (train.device)")
+
+
+def loaded_bytes(checkpoint: str | Path, family: str, kind: str) -> int | None:
+    """Bytes a local safetensors checkpoint takes once loaded with ``train.quantize=kind``
+    (routed experts packed, the rest as stored), from the files' headers alone; ``None`` for
+    anything else (a hub id, ``.bin`` files)."""
+    from safetensors import safe_open
+
+    from fedmoe.checkpoints import safetensors_files
+    from fedmoe.moe.adapter import role_of_name
+    from fedmoe.moe.families import Role, family_spec
+
+    files = safetensors_files(Path(checkpoint)) if Path(checkpoint).is_dir() else []
+    if not files:
+        return None
+    model_type = family_spec(family).model_type
+    total = 0.0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                numel = math.prod(tensor.get_shape())
+                if role_of_name(model_type, key) == Role.ROUTED_EXPERTS:
+                    total += numel * BYTES_PER_WEIGHT[kind]
+                else:
+                    total += numel * _DTYPE_BYTES.get(tensor.get_dtype(), 4)
+    return int(total)
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2,
+                "U8": 1, "I8": 1, "BOOL": 1}
 
 
 def fused_experts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -223,6 +223,9 @@ def test_meta_written_before_state_ids_still_loads(tmp_path):
     (["fl.fraction_train=1.5"], "fl.fraction_train=1.5"),
     (["fl.resume=maybe"], "fl.resume: Value 'maybe' is not a valid bool"),
     (["train.method=qlora"], "train.method: Invalid value 'qlora'"),
+    (["train.quantize=nf4"], "train.quantize=nf4: a quantized base cannot be trained in full; "
+                             "use train=lora (train.method=full)"),
+    (["train=lora", "train.quantize=int4"], "train.quantize: Invalid value 'int4'"),
 ])
 def test_invalid_config_is_rejected_naming_the_key(overrides, message):
     with pytest.raises(ValueError) as error:

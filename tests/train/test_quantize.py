@@ -8,12 +8,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fedmoe.config import ConfigError
+from fedmoe.compose import compose
+from fedmoe.config import ConfigError, validate
 from fedmoe.moe.adapter import MoEAdapter
 from fedmoe.prune.export import export_checkpoint
 from fedmoe.train.expert_lora import IMPLEMENTATION
 from fedmoe.train.lora import apply_lora
-from fedmoe.train.quantize import check_quantize, dequantize, fused_experts, quantize_model
+from fedmoe.train.quantize import (
+    check_quantize,
+    dequantize,
+    fused_experts,
+    loaded_bytes,
+    quantize_model,
+)
 from tests.helpers.models import tiny_model
 
 ALL = ["router", "shared_expert", "routed_experts"]
@@ -151,6 +158,11 @@ def test_the_loader_packs_experts_as_it_streams_them(smoke_base):
     with torch.no_grad():
         a, b = full(ids).logits, packed(ids).logits
     assert float((a - b).norm() / a.norm()) < 0.01
+    # what fl.max_concurrent_clients' default counts per client, read from the files'
+    # headers, is what the loaded model holds
+    held = sum(t.numel() * t.element_size() for t in [*packed.parameters(), *packed.buffers()]
+               if not t.is_meta)
+    assert loaded_bytes(smoke_base, cfg.model.family, "int8") == pytest.approx(held, rel=0.01)
 
 
 def test_refused_where_it_cannot_run(monkeypatch):
@@ -167,6 +179,11 @@ def test_refused_where_it_cannot_run(monkeypatch):
                         lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
     with pytest.raises(ConfigError, match=r"pip install 'fedmoe\[qlora\]'"):
         check_quantize("nf4", "lora", torch.device("cpu"))
+    # ... and a simulation says so before it starts; a deployment's server needs none
+    cfg = compose("simulate", ["experiment=smoke", "train=lora", "train.quantize=nf4"])
+    with pytest.raises(ConfigError, match=r"train.quantize=nf4 needs the QLoRA \(bitsandbytes\)"):
+        validate(cfg)
+    validate(cfg, deployment=True)
 
 
 @pytest.mark.gpu
