@@ -14,8 +14,9 @@ no 13 GB of memory. Then, side by side in one run:
    (``POSIX_FADV_DONTNEED``), so misses are disk reads: peak memory (goal <= 4 GB), decode
    tokens/s, bytes read per token, and the disk's cold sequential read speed.
    With ``--only qlora`` (in the default set), the same simulation again with the routed
-   experts frozen in 4 bits (``train.quantize=nf4``): peak ÷ checkpoint and seconds per step
-   side by side with bf16; its exports are deleted after it.
+   experts frozen in 4 bits (``train.quantize=nf4``), one client actor at a time like the
+   bf16 run: peak ÷ checkpoint and seconds per step side by side with bf16; its exports are
+   deleted after it.
 3. The tiny model's smoke simulation with this tree and with another checkout
    (``--before``, e.g. a ``git worktree`` of the previous release): seconds, and the ratio.
 
@@ -324,8 +325,11 @@ def main() -> None:
     if "qlora" in only:
         print("simulate: the same with the routed experts in nf4 (train.quantize=nf4) ...",
               flush=True)
+        # One client actor at a time, as the bf16 run (its memory allows no second one), so
+        # the two peaks compare one client each; by default this machine would run two.
         report["simulate_nf4"] = simulate_large(ckpt, work, cache, "sim_nf4",
-                                                ("train.quantize=nf4",))
+                                                ("train.quantize=nf4",
+                                                 "fl.max_concurrent_clients=1"))
         for export in (work / "sim_nf4" / "clients").glob("client_*/model"):
             shutil.rmtree(export)  # bf16 like the others: the edge uses the first run's
         report_path.write_text(json.dumps(report, indent=2))

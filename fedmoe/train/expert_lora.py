@@ -114,9 +114,9 @@ def merged_expert_weights(experts: nn.Module, select: list[int] | None = None,
         merged = torch.empty((len(ids), *weight.shape[1:]), dtype=weight.dtype)
         for j, e in enumerate(ids):
             value = expert_weight(experts, part, e).float()  # (out, in)
-            if scaling is not None:
+            if scaling is not None:  # W + scaling * B @ A: (out, r) @ (r, in), one new tensor
                 a, b = getattr(experts, name_a)[e], getattr(experts, name_b)[e]
-                value = value + scaling * (b.float() @ a.float())  # (out, r) @ (r, in)
+                value = torch.addmm(value, b.float(), a.float(), alpha=scaling)
             merged[j] = value.to(weight.dtype)
         out[f"{part}_proj"] = merged
     return out

@@ -37,10 +37,11 @@ def _quantized(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.parametrize("hidden", [32, 64])  # rows shorter than a block, rows of whole blocks
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_each_expert_dequantizes_to_its_own_weights(family, kind):
+def test_each_expert_dequantizes_to_its_own_weights(family, kind, hidden):
     # Prepare
-    model = tiny_model(family)
+    model = tiny_model(family, hidden_size=hidden)
     originals = {path: {p: getattr(m, f"{p}_proj").detach().clone() for p in ("gate_up", "down")}
                  for path, m in fused_experts(model)}
     # Execute
