@@ -138,10 +138,15 @@ def max_concurrent(cfg: DictConfig, base: str | Path, cpus: int,
     Each actor holds one base model (``fedmoe.client.local.SharedModel``); two copies side by
     side must never be what kills a run that fits once. ``fl.max_concurrent_clients`` wins;
     otherwise as many as fit in 80% of MemAvailable (the server and driver load no model),
-    at most as many as the CPUs allow. A model counts its checkpoint's bytes, its routed
-    experts at their packed size under ``train.quantize``.
+    at most as many as the CPUs allow (each actor counting the larger of its
+    ``client_resources.num_cpus`` and its ``client_threads``). A model counts its checkpoint's
+    bytes, its routed experts at their packed size under ``train.quantize``.
     """
-    by_cpu = max(int(cpus // float(cfg.fl.client_resources.num_cpus)), 1)
+    # An actor runs fl.client_threads torch threads: more threads than cores in all makes
+    # them wait on each other (two 2-thread QLoRA clients on two cores: several times slower
+    # a step than one client alone).
+    per_actor_cpus = max(float(cfg.fl.client_resources.num_cpus), cfg.fl.client_threads or 1)
+    by_cpu = max(int(cpus // per_actor_cpus), 1)
     if cfg.fl.get("max_concurrent_clients"):
         return min(int(cfg.fl.max_concurrent_clients), by_cpu), "fl.max_concurrent_clients"
     model = checkpoint_bytes(base)

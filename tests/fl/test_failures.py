@@ -54,6 +54,10 @@ def test_clients_at_once_follow_memory(tmp_path):
                             tmp_path, cpus=8, available=2**50)
     assert (n, why) == (3, "fl.max_concurrent_clients")
     assert max_concurrent(cfg, "some/hub-id", cpus=2)[0] == 2  # unknown size: the CPUs
+    # an actor running two torch threads takes two CPUs
+    threads = compose(["experiment=smoke", "fl.client_threads=2"])
+    assert max_concurrent(threads, "some/hub-id", cpus=2)[0] == 1
+    assert max_concurrent(threads, "some/hub-id", cpus=8)[0] == 4
 
 
 def test_simulate_exits_non_zero_when_no_client_trained(fedmoe_cache, tmp_path):
