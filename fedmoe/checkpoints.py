@@ -14,7 +14,9 @@ streams the weights itself instead of calling ``from_pretrained``:
   model, not the model), the rest stays on ``meta``; ``skip`` leaves some out (the edge
   runtime streams routed experts from its own store);
 - ``map_embeddings`` leaves the input embedding in the file's memory mapping: a lookup pages
-  in only the rows of the tokens seen (0.2 GB of an OLMoE-1B-7B stays on disk at the edge).
+  in only the rows of the tokens seen (0.2 GB of an OLMoE-1B-7B stays on disk at the edge);
+- ``quantize`` packs each fused routed-expert tensor in 4 or 8 bits as soon as it is read
+  (``train.quantize``, :mod:`fedmoe.train.quantize`).
 
 A checkpoint holding grafted experts (a ``strategy=flex`` client's export,
 :mod:`fedmoe.moe.graft`) loads as the grafted model: the grafts are added to the model before
