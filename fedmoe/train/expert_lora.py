@@ -27,11 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ExpertsInterface
 
-from fedmoe.train.quantize import expert_linear, expert_weight, experts_device
+from fedmoe.train.quantize import PARTS, expert_linear, expert_weight, experts_device
 
 IMPLEMENTATION = "fedmoe_lora"
 SCALING_ATTR = "_fedmoe_lora_scaling"
-PARTS = ("gate_up", "down")  # the fused tensors `<part>_proj`, each with an A and a B
 
 
 def factor_names(part: str) -> tuple[str, str]:

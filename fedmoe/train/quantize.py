@@ -18,9 +18,9 @@ spans two experts and one expert dequantizes alone -- and ``<part>_proj_code`` (
 shape and dtype are those of the checkpoint tensor (state-dict keys, sizes and export work as
 before) and any code that would read its values fails loudly instead of reading nothing.
 
-Forward and backward dequantize one expert at a time (:class:`_FrozenLinear`): autograd keeps
-the packed bytes, not a full-precision copy per expert hit (QLoRA's memory saving would be
-lost to the activations otherwise).
+Forward and backward dequantize one expert at a time (:class:`_FrozenLinear`): backward
+decodes the weight again instead of autograd keeping a full-precision copy per expert hit
+(QLoRA's memory saving would be lost to the activations otherwise).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from fedmoe.config import ConfigError, quantize_method_error
 BLOCKSIZE = {"nf4": 64, "int8": 256}
 # Bytes a packed weight takes: its code plus its share of the block's float32 absmax.
 BYTES_PER_WEIGHT = {"nf4": 4 / 8 + 4 / BLOCKSIZE["nf4"], "int8": 8 / 8 + 4 / BLOCKSIZE["int8"]}
-PARTS = ("gate_up", "down")  # as in fedmoe.train.expert_lora
+PARTS = ("gate_up", "down")  # the fused expert tensors `<part>_proj`
 KIND_ATTR = "_fedmoe_quantized"
 
 
@@ -175,7 +175,6 @@ def dequantize(experts: nn.Module, part: str, e: int) -> torch.Tensor:
     return dequantize_blockwise(packed, state).reshape(shape)
 
 
-
 def expert_weight(experts: nn.Module, part: str, e: int) -> torch.Tensor:
     """Expert ``e``'s ``<part>_proj`` (out, in): a view, or dequantized when stored packed."""
     if is_quantized(experts):
@@ -201,7 +200,7 @@ def experts_device(experts: nn.Module) -> torch.device:
 # Decoded weights are freed at once, but glibc keeps freed blocks of their size (8 MB for an
 # OLMoE-1B-7B expert's gate/up) in its heap, fragmented among activations: on a 4-layer
 # OLMoE-shaped client that grew the training peak by 0.9 GB. Handing them back to the OS
-# every TRIM_BYTES decoded (malloc_trim) cost about 6% of a step; a fixed mmap threshold
+# every TRIM_BYTES decoded (malloc_trim) cost 6-11% of a step; a fixed mmap threshold
 # (MALLOC_MMAP_THRESHOLD_) cost 47%.
 TRIM_BYTES = 256 * 2**20
 _decoded = 0
@@ -222,7 +221,8 @@ def _decode(experts: nn.Module, part: str, e: int) -> torch.Tensor:
 
 class _FrozenLinear(torch.autograd.Function):
     """``x W^T`` with ``W`` dequantized in forward and again in backward (frozen: no weight
-    gradient), so autograd saves only the input -- not a full-precision weight per expert."""
+    gradient, and the input is not needed either), so autograd saves no tensor at all --
+    least of all a full-precision weight per expert."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, experts: nn.Module, part: str, e: int) -> torch.Tensor:

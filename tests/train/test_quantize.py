@@ -174,6 +174,11 @@ def test_refused_where_it_cannot_run(monkeypatch):
         check_quantize("nf4", "full", torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"train.quantize=int8: .* not on mps"):
         check_quantize("int8", "lora", torch.device("mps"))
+    # experts whose weights are no whole number of blocks: refused, naming the tensor
+    model = tiny_model("olmoe", intermediate_size=3)  # down_proj: 32 x 3 = 96 values
+    with pytest.raises(ValueError, match=r"train.quantize=nf4: an expert's down_proj holds "
+                                         r"32x3 values, not a multiple of the 64-value blocks"):
+        quantize_model(model, "nf4")
     # bitsandbytes missing: the extra that brings it
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
